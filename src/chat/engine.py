@@ -1,0 +1,80 @@
+"""Token generation with a Hugging Face causal LM: a plain loop over the KV cache.
+
+We write the loop instead of calling ``model.generate`` so that streaming, cancellation and
+stop sequences are ordinary Python between two tokens (no background thread, no streamer
+queue), and so the same loop can later batch several requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from src.chat.params import GenerationParams
+from src.chat.sampling import choose_next_token
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends a reply: the tokenizer's EOS and the generation config's (which for
+    chat models is often the end-of-turn token, e.g. <|im_end|>)."""
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def max_positions(config: Any) -> int:
+    """The longest sequence the model was trained for (names differ between families)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"cannot tell the context length of {type(config).__name__}")
+
+
+class HFEngine:
+    """Generates token ids one at a time from a transformers model."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+        self.max_positions = max_positions(model.config)
+
+    @torch.inference_mode()
+    def generate_token_ids(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[int]:
+        """Yield new token ids until EOS (yielded too), max_new_tokens, or ``should_stop()``."""
+        generator = None
+        if not params.is_greedy:
+            generator = torch.Generator()
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+        previous_ids = torch.tensor(prompt_ids, dtype=torch.long)  # for the repetition penalty
+        next_input = previous_ids.unsqueeze(0)  # (1, T): the whole prompt on the first step
+        cache = None  # the KV cache: keys and values of every position seen so far
+        for _ in range(params.max_new_tokens):
+            if should_stop():
+                return
+            # logits_to_keep=1: only the last position's logits are needed, which saves a
+            # (T, vocab) projection on the prompt.
+            output = self.model(input_ids=next_input, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = output.cache
+            token_id = choose_next_token(output.logits[0, -1], previous_ids, params, generator)
+            yield token_id
+            if token_id in self.eos_token_ids:
+                return
+            previous_ids = torch.cat([previous_ids, torch.tensor([token_id])])
+            next_input = torch.tensor([[token_id]])  # (1, 1): only the new token from now on

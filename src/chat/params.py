@@ -1,0 +1,76 @@
+"""Generation parameters: one validated, immutable object shared by every front end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from src.errors import InvalidRequestError
+
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_SEQUENCE_CHARS = 64
+
+
+class GenerationParams(BaseModel):
+    """How to decode one reply. Unknown names are rejected, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(128, ge=1, le=4096, description="Most tokens to generate.")
+    temperature: float = Field(0.7, ge=0.0, le=5.0, description="0 means greedy.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 disables.")
+    top_k: int = Field(50, ge=0, le=10_000, description="Keep the k likeliest tokens; 0 disables.")
+    repetition_penalty: float = Field(
+        1.1, gt=0.0, le=10.0, description="CTRL-style penalty on seen tokens; 1 disables."
+    )
+    do_sample: bool = Field(True, description="Sample; false means greedy decoding.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling.")
+    stop: tuple[str, ...] = Field(
+        (), max_length=MAX_STOP_SEQUENCES, description="Strings that end the reply."
+    )
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, value: Any) -> Any:
+        # A single string is a common (OpenAI-style) shorthand for a one-element list.
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            if not item:
+                raise ValueError("stop sequences must not be empty strings")
+            if len(item) > MAX_STOP_SEQUENCE_CHARS:
+                raise ValueError(f"stop sequences are at most {MAX_STOP_SEQUENCE_CHARS} characters")
+        return value
+
+    @property
+    def is_greedy(self) -> bool:
+        """Greedy decoding is deterministic: the same prompt always gives the same reply."""
+        return not self.do_sample or self.temperature == 0.0
+
+    def updated(self, **changes: Any) -> GenerationParams:
+        """A copy with some values changed, validated (``model_copy`` would skip validation)."""
+        return make_params({**self.model_dump(), **changes})
+
+
+def make_params(values: dict[str, Any]) -> GenerationParams:
+    """Validate raw values (strings from the CLI or JSON numbers) into ``GenerationParams``."""
+    try:
+        return GenerationParams.model_validate(values)
+    except ValidationError as exc:
+        raise InvalidRequestError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError, name_of=lambda field: field) -> str:
+    """One line per problem: the field, the value given and what is allowed."""
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "value"
+        if error["type"] == "extra_forbidden":
+            lines.append(f"{name_of(field)}: unknown parameter")
+            continue
+        lines.append(f"{name_of(field)}={error.get('input')!r}: {error['msg']}")
+    return "; ".join(lines)

@@ -1,0 +1,92 @@
+"""Conversation history -> token ids, in the model's own format, fitted to the context window.
+
+Two formats, chosen from the tokenizer (never from the model's name):
+- CHAT_TEMPLATE: the tokenizer's Jinja chat template (SmolLM2, Llama, most instruct models),
+  with an optional system prompt.
+- EOS_JOINED: DialoGPT's format, each turn's text followed by the EOS token, no roles and no
+  system prompt (Zhang et al., 2020, "DialoGPT").
+
+Training formats conversations with ``encode_conversation`` too, so training and chat agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from src.errors import ContextOverflowError, ModelLoadingError
+
+Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": "..."}
+
+
+class PromptFormat(str, Enum):
+    CHAT_TEMPLATE = "chat_template"
+    EOS_JOINED = "eos_joined"
+
+
+def detect_prompt_format(tokenizer: Any) -> PromptFormat:
+    if getattr(tokenizer, "chat_template", None):
+        return PromptFormat.CHAT_TEMPLATE
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadingError(
+            "The tokenizer has neither a chat template nor an EOS token, so turns cannot be "
+            "separated. Use a chat model, or add a chat_template to tokenizer_config.json."
+        )
+    return PromptFormat.EOS_JOINED
+
+
+def encode_conversation(
+    tokenizer: Any,
+    prompt_format: PromptFormat,
+    system_prompt: str | None,
+    messages: list[Message],
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Token ids of the whole conversation, ready for the model to write the next reply."""
+    if prompt_format is PromptFormat.CHAT_TEMPLATE:
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        encoded = tokenizer.apply_chat_template(
+            system + list(messages),
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=True,
+        )
+        return list(encoded["input_ids"])
+    ids: list[int] = []
+    for message in messages:
+        ids += tokenizer.encode(message["content"], add_special_tokens=False)
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@dataclass
+class PromptBuild:
+    input_ids: list[int]
+    dropped_messages: int  # oldest messages left out to fit the context window
+
+
+def build_prompt(
+    tokenizer: Any,
+    prompt_format: PromptFormat,
+    system_prompt: str | None,
+    messages: list[Message],
+    max_prompt_tokens: int,
+) -> PromptBuild:
+    """Encode ``messages`` (ending with the new user message), dropping the oldest turns first.
+
+    The system prompt and the newest user message are always kept; earlier messages go a
+    user/assistant pair at a time, so the prompt still starts with a user turn.
+    """
+    start = 0
+    while True:
+        ids = encode_conversation(tokenizer, prompt_format, system_prompt, messages[start:])
+        if len(ids) <= max_prompt_tokens:
+            return PromptBuild(ids, dropped_messages=start)
+        if start >= len(messages) - 1:
+            raise ContextOverflowError(
+                f"The message needs {len(ids)} prompt tokens, but only {max_prompt_tokens} fit "
+                "the context window after reserving max_new_tokens. Shorten the message (or the "
+                "system prompt), lower max_new_tokens, or raise MAX_LENGTH."
+            )
+        start = min(start + 2, len(messages) - 1)

@@ -1,0 +1,229 @@
+"""ChatService: the one object the CLI, the API and the web UI call.
+
+It owns the model (through an engine), the prompt format, the default generation parameters
+and the response cache. Front ends hand it a ``Conversation`` and a message and get back a
+``ReplyStream``: iterate it for text as it is generated, then read ``.result``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from src.chat.cache import CachedReply, ResponseCache, cache_key
+from src.chat.conversation import Conversation
+from src.chat.engine import HFEngine
+from src.chat.params import GenerationParams
+from src.chat.prompts import PromptBuild, PromptFormat, build_prompt, detect_prompt_format
+from src.chat.streaming import IncrementalDecoder, StopSequenceFilter
+from src.config import Settings
+from src.errors import InvalidRequestError
+
+
+@dataclass
+class ChatResult:
+    text: str
+    finish_reason: str  # "stop" (EOS or stop sequence), "length", or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    dropped_messages: int  # oldest messages left out to fit the context window
+    seconds: float
+    first_token_seconds: float | None
+    cached: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class ReplyStream:
+    """One reply being generated. Iterate once for text deltas; ``cancel()`` from anywhere
+    (a signal handler, another thread) stops it after the current token.
+
+    The exchange is added to the conversation when generation ends, including when it was
+    cancelled (the partial reply is kept, as in other chat UIs). A stream that is abandoned
+    (closed before it ends, e.g. a client that went away) changes nothing.
+    """
+
+    def __init__(
+        self,
+        service: ChatService,
+        conversation: Conversation,
+        user_message: str,
+        prompt: PromptBuild,
+        params: GenerationParams,
+    ) -> None:
+        self.service = service
+        self.conversation = conversation
+        self.user_message = user_message
+        self.prompt = prompt
+        self.params = params
+        self.result: ChatResult | None = None
+        self._cancelled = threading.Event()
+        self._started = False
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        if self._started:
+            raise RuntimeError("a ReplyStream can be iterated only once")
+        self._started = True
+        return self._generate()
+
+    def _generate(self) -> Iterator[str]:
+        started = time.perf_counter()
+        key = self.service.cache_key(self.prompt.input_ids, self.params)
+        cached = self.service.cache.get(key) if key is not None else None
+        if cached is not None:
+            yield cached.text
+            self._finish(cached.text, cached.finish_reason, cached.completion_tokens, started,
+                         time.perf_counter() - started, cached=True)  # fmt: skip
+            return
+
+        decoder = IncrementalDecoder(self.service.tokenizer)
+        stops = StopSequenceFilter(self.params.stop)
+        engine = self.service.engine
+        pieces: list[str] = []
+        completion_tokens = 0
+        first_token_seconds = None
+        finish_reason = "length"
+        tokens = engine.generate_token_ids(
+            self.prompt.input_ids, self.params, should_stop=self._cancelled.is_set
+        )
+        for token_id in tokens:
+            completion_tokens += 1
+            if first_token_seconds is None:
+                first_token_seconds = time.perf_counter() - started
+            if token_id in engine.eos_token_ids:
+                finish_reason = "stop"
+                break
+            shown = stops.push(decoder.push(token_id))
+            if shown:
+                pieces.append(shown)
+                yield shown
+            if stops.stopped:
+                finish_reason = "stop"
+                break
+        tokens.close()
+        tail = stops.push(decoder.flush()) + stops.flush()
+        if tail:
+            pieces.append(tail)
+            yield tail
+        if finish_reason == "length" and self._cancelled.is_set():
+            finish_reason = "cancelled"
+        text = "".join(pieces)
+        if key is not None and finish_reason != "cancelled":
+            self.service.cache.put(key, CachedReply(text, completion_tokens, finish_reason))
+        self._finish(text, finish_reason, completion_tokens, started, first_token_seconds)
+
+    def _finish(
+        self,
+        text: str,
+        finish_reason: str,
+        completion_tokens: int,
+        started: float,
+        first_token_seconds: float | None,
+        cached: bool = False,
+    ) -> None:
+        self.conversation.add_exchange(self.user_message, text)
+        self.result = ChatResult(
+            text=text,
+            finish_reason=finish_reason,
+            prompt_tokens=len(self.prompt.input_ids),
+            completion_tokens=completion_tokens,
+            dropped_messages=self.prompt.dropped_messages,
+            seconds=time.perf_counter() - started,
+            first_token_seconds=first_token_seconds,
+            cached=cached,
+        )
+
+
+class ChatService:
+    def __init__(
+        self,
+        engine: HFEngine,
+        model_name: str,
+        default_params: GenerationParams | None = None,
+        max_length: int = 1024,
+        cache_size: int = 256,
+        default_system_prompt: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = model_name
+        self.default_params = default_params or GenerationParams()
+        self.default_system_prompt = default_system_prompt
+        # MAX_LENGTH caps the window (prompt + reply); the model's own limit caps MAX_LENGTH.
+        self.context_window = min(max_length, engine.max_positions)
+        self.prompt_format: PromptFormat = detect_prompt_format(self.tokenizer)
+        self.cache = ResponseCache(cache_size)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, model_name: str | None = None, adapter_path: Any = None
+    ) -> ChatService:
+        """Load the configured model (see ``src.models.loader``) and wrap it in a service."""
+        from src.models.loader import load_model
+
+        loaded = load_model(settings, model_name=model_name, adapter_path=adapter_path)
+        name = loaded.name if loaded.adapter is None else f"{loaded.name}+{loaded.adapter.name}"
+        return cls(
+            HFEngine(loaded.model, loaded.tokenizer),
+            model_name=name,
+            default_params=settings.generation_defaults(),
+            max_length=settings.max_length,
+            cache_size=settings.response_cache_size,
+            default_system_prompt=settings.system_prompt,
+        )
+
+    @property
+    def supports_system_prompt(self) -> bool:
+        return self.prompt_format is PromptFormat.CHAT_TEMPLATE
+
+    def new_conversation(self, system_prompt: str | None = None) -> Conversation:
+        return Conversation(system_prompt=system_prompt or self.default_system_prompt)
+
+    def start_reply(
+        self,
+        conversation: Conversation,
+        user_message: str,
+        params: GenerationParams | None = None,
+    ) -> ReplyStream:
+        """Validate and build the prompt now (errors raise here, before any text streams)."""
+        params = params or self.default_params
+        if not isinstance(user_message, str) or not user_message.strip():
+            raise InvalidRequestError("message: must not be empty")
+        max_prompt_tokens = self.context_window - params.max_new_tokens
+        if max_prompt_tokens < 1:
+            raise InvalidRequestError(
+                f"max_new_tokens={params.max_new_tokens} leaves no room for the prompt in the "
+                f"{self.context_window}-token context window; use a smaller max_new_tokens "
+                "(or raise MAX_LENGTH)."
+            )
+        system_prompt = conversation.system_prompt if self.supports_system_prompt else None
+        messages = conversation.messages + [{"role": "user", "content": user_message}]
+        prompt = build_prompt(
+            self.tokenizer, self.prompt_format, system_prompt, messages, max_prompt_tokens
+        )
+        return ReplyStream(self, conversation, user_message, prompt, params)
+
+    def reply(
+        self,
+        conversation: Conversation,
+        user_message: str,
+        params: GenerationParams | None = None,
+    ) -> ChatResult:
+        """Generate a whole reply (no streaming)."""
+        stream = self.start_reply(conversation, user_message, params)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def cache_key(self, prompt_ids: list[int], params: GenerationParams) -> tuple | None:
+        """The cache key for a deterministic request, or None for a sampled one."""
+        return cache_key(self.model_name, prompt_ids, params) if params.is_greedy else None

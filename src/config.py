@@ -1,0 +1,85 @@
+"""Settings from the environment and ``.env``: one place, validated at start-up.
+
+Every variable of the product brief is here, plus the generation defaults. An invalid value
+stops start-up with a ``ConfigError`` naming the variable, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from src.chat.params import GenerationParams, describe_validation_error, make_params
+from src.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Generation defaults that may be set from the environment (e.g. TEMPERATURE=0.2). Unset ones
+# keep GenerationParams' own defaults, so each default lives in exactly one place.
+GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+                     "do_sample", "seed")  # fmt: skip
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # Model
+    model_name: str = Field("microsoft/DialoGPT-medium", min_length=1)
+    model_cache_dir: Path = Path("./models")
+    model_fallback: Literal["bundled", "none"] = "bundled"
+    max_length: int = Field(512, ge=1, le=1024)
+    adapter_path: Path | None = None
+    trust_remote_code: bool = False
+    huggingface_token: SecretStr | None = None
+
+    # Chat
+    system_prompt: str | None = None
+    response_cache_size: int = Field(256, ge=0, le=100_000)
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    do_sample: bool | None = None
+    seed: int | None = None
+
+    # API
+    api_host: str = "0.0.0.0"
+    api_port: int = Field(8000, ge=1, le=65535)
+    debug: bool = False
+
+    # Training
+    batch_size: int = Field(4, ge=1, le=4096)
+    learning_rate: float = Field(2e-5, gt=0.0, le=1.0)
+    lora_rank: int = Field(16, ge=1, le=1024)
+
+    def generation_values(self) -> dict[str, object]:
+        """The generation defaults set in the environment (unset ones are left out)."""
+        values = {name: getattr(self, name) for name in GENERATION_FIELDS}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def generation_defaults(self) -> GenerationParams:
+        return make_params(self.generation_values())
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the settings; raise ``ConfigError`` naming any bad variable."""
+    try:
+        settings = Settings(**overrides)
+        GenerationParams.model_validate(settings.generation_values())
+    except ValidationError as exc:
+        message = describe_validation_error(exc, name_of=str.upper)
+        raise ConfigError(f"Invalid setting: {message}") from None
+    return settings
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (front ends call this once at start-up)."""
+    return load_settings()

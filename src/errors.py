@@ -1,0 +1,29 @@
+"""The project's own exceptions.
+
+The core raises these; front ends translate them (the API into status codes, the CLI into a
+message, the web UI into ``gr.Error``). Each message names the bad value and what to do.
+"""
+
+
+class MiniClaudeError(Exception):
+    """Base class: anything the user can act on."""
+
+
+class ConfigError(MiniClaudeError):
+    """A setting (environment variable or .env entry) has an invalid value."""
+
+
+class ModelLoadingError(MiniClaudeError):
+    """A model could not be found, downloaded, converted or loaded."""
+
+
+class InvalidRequestError(MiniClaudeError):
+    """A chat request or generation parameter is invalid (empty message, bad value, ...)."""
+
+
+class ContextOverflowError(InvalidRequestError):
+    """The prompt cannot fit the context window even after dropping all earlier turns."""
+
+
+class ConversationFileError(MiniClaudeError):
+    """A saved conversation file is missing, unreadable or malformed."""

@@ -1,0 +1,100 @@
+"""Mini-Claude in the terminal: a streaming, multi-turn chatbot.
+
+    python src/mvp_chatbot.py                      # chat with MODEL_NAME (see .env.example)
+    python src/mvp_chatbot.py --model smollm2-135m-instruct --verbose
+    printf 'Hello\\n' | python src/mvp_chatbot.py   # piped: prints the reply and exits
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as `python src/mvp_chatbot.py`: make `import src...` work from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+
+from src.errors import MiniClaudeError  # noqa: E402
+
+BANNER = "Mini-Claude on {model}. Type /help for commands, /quit or Ctrl-D to leave."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Chat with a local language model.")
+    parser.add_argument("--model", help="hub id, local folder, or smollm2-135m-instruct "
+                        "(default: MODEL_NAME)")  # fmt: skip
+    parser.add_argument("--adapter", type=Path, help="a LoRA adapter folder (peft format)")
+    parser.add_argument("--system", help="system prompt (models with a chat template)")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show tokens/s and context-window decisions"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    interactive = sys.stdin.isatty()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr)  # fmt: skip
+    if not args.verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # the 1-second weight load needs none
+
+    from src.cli.commands import ChatSession
+    from src.cli.reader import read_message
+    from src.chat.service import ChatService
+    from src.config import load_settings
+
+    try:
+        settings = load_settings()
+        service = ChatService.from_settings(settings, args.model, args.adapter)
+    except MiniClaudeError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+    session = ChatSession(
+        service,
+        params=service.default_params,
+        conversation=service.new_conversation(args.system),
+        verbose=args.verbose,
+    )
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        session.say(BANNER.format(model=service.model_name))
+        read_line = input
+        prompt, more = "\n> ", "... "
+    else:
+        read_line = _read_piped_line
+        prompt = more = ""
+
+    while True:
+        try:
+            message = read_message(read_line, prompt, more)
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            session.say("\n(Ctrl-D or /quit to leave)")
+            continue
+        if interactive:
+            print("", flush=True)
+        if not session.handle(message):
+            break
+    return 0
+
+
+def _read_piped_line(_prompt: str) -> str:
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
