@@ -26,7 +26,11 @@ GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetit
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        env_ignore_empty=True,  # `ADAPTER_PATH=` in .env means "not set", not Path(".")
     )
 
     # Model

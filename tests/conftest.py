@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random-weight models with the genuine tokenizers, and the real
+bundled SmolLM2 model (converted once into ./models and shared with the CLI)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.chat.engine import HFEngine
+from src.chat.params import GenerationParams
+from src.chat.service import ChatService
+from src.config import REPO_ROOT, Settings, load_settings
+from src.models.bundled import BUNDLED_MODEL_NAME, gpt2_tokenizer_dir
+from src.models.loader import ensure_bundled_model, load_from_folder
+
+# The real model cache of the repository: the bundled model is converted there once per
+# machine (about 25 s) and then loads in about a second, for the tests and the CLI alike.
+REPO_MODEL_CACHE = REPO_ROOT / "models"
+
+GREEDY = GenerationParams(do_sample=False, repetition_penalty=1.0, max_new_tokens=16)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never read a developer's .env or settings from the calling shell."""
+    setting_names = {name.upper() for name in Settings.model_fields}
+    for name in list(os.environ):
+        if name.upper() in setting_names:
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setitem(Settings.model_config, "env_file", None)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return gpt2_tokenizer_dir(tmp_path_factory.mktemp("gpt2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_path(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_path: Path) -> Path:
+    """A 2-layer GPT-2 with DialoGPT conventions: the genuine GPT-2 BPE, turns joined by EOS,
+    no chat template."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=50257)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gpt2_tokenizer_path).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bundled_model_path() -> Path:
+    return ensure_bundled_model(REPO_MODEL_CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, bundled_model_path: Path) -> Path:
+    """A 2-layer Llama (GQA, RoPE, SwiGLU) with SmolLM2's real tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(bundled_model_path).save_pretrained(folder)
+    return folder
+
+
+def make_service(folder: Path, **kwargs: object) -> ChatService:
+    model, tokenizer = load_from_folder(folder)
+    return ChatService(HFEngine(model, tokenizer), model_name=folder.name, **kwargs)
+
+
+@pytest.fixture()
+def tiny_gpt2_service(tiny_gpt2_path: Path) -> ChatService:
+    return make_service(tiny_gpt2_path, default_params=GREEDY)
+
+
+@pytest.fixture()
+def tiny_llama_service(tiny_llama_path: Path) -> ChatService:
+    return make_service(tiny_llama_path, default_params=GREEDY)
+
+
+@pytest.fixture(scope="session")
+def bundled_service(bundled_model_path: Path) -> ChatService:
+    settings = load_settings(
+        _env_file=None, model_name=BUNDLED_MODEL_NAME, model_cache_dir=REPO_MODEL_CACHE
+    )
+    return ChatService.from_settings(settings)

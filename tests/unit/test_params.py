@@ -1,0 +1,46 @@
+import pytest
+
+from src.chat.params import GenerationParams, make_params
+from src.errors import InvalidRequestError
+
+pytestmark = pytest.mark.unit
+
+
+def test_defaults_are_valid_and_sampled():
+    params = GenerationParams()
+    assert params.do_sample and not params.is_greedy
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"temperature": -0.5}, "temperature=-0.5"),
+        ({"top_p": 0}, "top_p=0"),
+        ({"top_k": -1}, "top_k=-1"),
+        ({"max_new_tokens": 0}, "max_new_tokens=0"),
+        ({"repetition_penalty": 0}, "repetition_penalty=0"),
+        ({"seed": -3}, "seed=-3"),
+        ({"temprature": 0.5}, "temprature: unknown parameter"),
+        ({"stop": [""]}, "must not be empty"),
+        ({"stop": ["x"] * 9}, "stop"),
+        ({"do_sample": "sometimes"}, "do_sample='sometimes'"),
+    ],
+)
+def test_invalid_parameters_are_named(values, expected):
+    with pytest.raises(InvalidRequestError, match=expected):
+        make_params(values)
+
+
+def test_cli_strings_are_parsed_and_a_single_stop_string_is_a_list():
+    params = make_params({"temperature": "0.3", "do_sample": "false", "stop": "###"})
+    assert params.temperature == 0.3
+    assert params.do_sample is False and params.is_greedy
+    assert params.stop == ("###",)
+
+
+def test_updated_validates_and_keeps_other_values():
+    params = GenerationParams(top_k=7)
+    assert params.updated(temperature=0.0).top_k == 7
+    assert params.updated(temperature=0.0).is_greedy
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        params.updated(top_p=2)
