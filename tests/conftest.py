@@ -46,7 +46,10 @@ def tiny_gpt2_path(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_path
 
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=50257)
+    # A wide initialisation (GPT-2 uses 0.02) so that random outputs depend on the input.
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=50257, initializer_range=0.3
+    )
     GPT2LMHeadModel(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(gpt2_tokenizer_path).save_pretrained(folder)
     return folder
@@ -75,6 +78,7 @@ def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, bundled_model_path
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=True,
+        initializer_range=0.3,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(bundled_model_path).save_pretrained(folder)

@@ -1,0 +1,185 @@
+"""ChatService and the generation loop on tiny random-weight models with real tokenizers."""
+
+import threading
+
+import pytest
+import torch
+
+from src.chat.params import GenerationParams
+from src.chat.prompts import encode_conversation
+from src.errors import ContextOverflowError, InvalidRequestError
+from tests.conftest import GREEDY, make_service
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(180)]
+
+SERVICES = ["tiny_gpt2_service", "tiny_llama_service"]
+
+
+@pytest.fixture(params=SERVICES)
+def service(request):
+    return request.getfixturevalue(request.param)
+
+
+def hf_greedy(service, prompt_ids, max_new_tokens, repetition_penalty=1.0):
+    model = service.engine.model
+    output = model.generate(
+        torch.tensor([prompt_ids]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        repetition_penalty=repetition_penalty,
+        eos_token_id=list(service.engine.eos_token_ids),
+        pad_token_id=service.tokenizer.eos_token_id,
+    )
+    return output[0, len(prompt_ids) :].tolist()
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_tokens_equal_transformers_generate(service, penalty):
+    conversation = service.new_conversation()
+    params = GREEDY.updated(max_new_tokens=24, repetition_penalty=penalty)
+    stream = service.start_reply(conversation, "Tell me about the sea.", params)
+    ours = list(service.engine.generate_token_ids(stream.prompt.input_ids, params))
+    assert ours == hf_greedy(service, stream.prompt.input_ids, 24, penalty)
+
+
+def test_streamed_deltas_add_up_to_the_reply_and_usage_is_counted(service):
+    conversation = service.new_conversation()
+    stream = service.start_reply(conversation, "Hello!", GREEDY.updated(max_new_tokens=12))
+    deltas = list(stream)
+    result = stream.result
+    assert "".join(deltas) == result.text
+    assert result.completion_tokens <= 12
+    assert result.finish_reason in ("stop", "length")
+    assert result.prompt_tokens == len(stream.prompt.input_ids)
+    assert conversation.messages[-1] == {"role": "assistant", "content": result.text}
+
+
+def test_max_new_tokens_gives_finish_reason_length(tiny_gpt2_service):
+    service = tiny_gpt2_service
+    params = GREEDY.updated(max_new_tokens=5)
+    prompt_ids = service.start_reply(service.new_conversation(), "Hi", params).prompt.input_ids
+    expected = hf_greedy(service, prompt_ids, 5)
+    assert service.engine.tokenizer.eos_token_id not in expected  # random weights: no EOS
+    result = service.reply(service.new_conversation(), "Hi", params)
+    assert result.finish_reason == "length" and result.completion_tokens == 5
+
+
+def test_a_stop_sequence_ends_the_reply_and_is_not_shown(service):
+    full = service.reply(service.new_conversation(), "Go on", GREEDY.updated(max_new_tokens=20))
+    assert len(full.text) > 6
+    stop = full.text[3:6]
+    cut = service.reply(service.new_conversation(), "Go on",
+                        GREEDY.updated(max_new_tokens=20, stop=[stop]))  # fmt: skip
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_two_turns_the_second_prompt_holds_the_first(service):
+    conversation = service.new_conversation()
+    first = service.reply(conversation, "My name is Ada.")
+    stream = service.start_reply(conversation, "What is my name?")
+    expected = encode_conversation(
+        service.tokenizer,
+        service.prompt_format,
+        conversation.system_prompt,
+        [
+            {"role": "user", "content": "My name is Ada."},
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": "What is my name?"},
+        ],
+    )
+    assert stream.prompt.input_ids == expected
+
+
+def test_greedy_replies_are_cached_and_sampled_ones_are_not(service):
+    first = service.reply(service.new_conversation(), "Hi")
+    second = service.reply(service.new_conversation(), "Hi")
+    assert not first.cached and second.cached and second.text == first.text
+    sampled = GenerationParams(max_new_tokens=8, seed=1)
+    service.reply(service.new_conversation(), "Hi", sampled)
+    assert not service.reply(service.new_conversation(), "Hi", sampled).cached
+
+
+def test_sampling_with_a_seed_is_reproducible(service):
+    params = GenerationParams(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0, seed=7)
+    texts = {service.reply(service.new_conversation(), "Hi", params).text for _ in range(2)}
+    other = service.reply(service.new_conversation(), "Hi", params.updated(seed=8)).text
+    assert len(texts) == 1 and other not in texts
+
+
+def test_cancel_stops_after_the_current_token_and_keeps_the_partial_reply(service):
+    conversation = service.new_conversation()
+    params = GREEDY.updated(max_new_tokens=50)
+    stream = service.start_reply(conversation, "Count", params)
+    received = []
+    for delta in stream:
+        received.append(delta)
+        stream.cancel()
+    assert stream.result.finish_reason == "cancelled"
+    assert stream.result.completion_tokens < 50
+    assert conversation.messages[-1]["content"] == "".join(received)
+
+
+def test_cancel_from_another_thread(service):
+    stream = service.start_reply(
+        service.new_conversation(), "Count", GREEDY.updated(max_new_tokens=100)
+    )
+    for _ in stream:
+        canceller = threading.Thread(target=stream.cancel)
+        canceller.start()
+        canceller.join()  # the cancel lands while the stream is mid-reply
+    assert stream.result.finish_reason == "cancelled"
+    assert stream.result.completion_tokens < 100
+
+
+def test_an_abandoned_stream_changes_nothing(service):
+    conversation = service.new_conversation()
+    service.reply(conversation, "First")
+    before = [dict(m) for m in conversation.messages]
+    iterator = iter(service.start_reply(conversation, "Second", GREEDY.updated(max_new_tokens=30)))
+    next(iterator)
+    iterator.close()  # e.g. a web client that went away
+    assert conversation.messages == before
+
+
+def test_empty_message_is_rejected(service):
+    for message in ("", "   \n"):
+        with pytest.raises(InvalidRequestError, match="message: must not be empty"):
+            service.start_reply(service.new_conversation(), message)
+
+
+def test_max_new_tokens_that_fills_the_window_is_rejected(tiny_gpt2_path):
+    service = make_service(tiny_gpt2_path, max_length=64)
+    with pytest.raises(InvalidRequestError, match=r"max_new_tokens=64 leaves no room.*64-token"):
+        service.start_reply(service.new_conversation(), "Hi", GREEDY.updated(max_new_tokens=64))
+
+
+def test_context_window_is_the_smaller_of_max_length_and_the_model_limit(tiny_gpt2_path):
+    assert make_service(tiny_gpt2_path, max_length=1024).context_window == 128  # n_positions
+    assert make_service(tiny_gpt2_path, max_length=100).context_window == 100
+
+
+def test_old_turns_are_dropped_and_reported_when_the_window_is_full(tiny_gpt2_path):
+    service = make_service(tiny_gpt2_path, max_length=60, default_params=GREEDY)
+    conversation = service.new_conversation()
+    for number in range(4):
+        conversation.add_exchange(f"question number {number} " * 3, f"answer {number} " * 3)
+    result = service.reply(conversation, "last one", GREEDY.updated(max_new_tokens=8))
+    assert result.dropped_messages >= 2 and result.dropped_messages % 2 == 0
+    assert result.prompt_tokens <= 60 - 8
+    assert len(conversation.messages) == 10  # dropping is for the prompt only: history stays
+
+
+def test_a_message_too_long_for_the_window_is_a_clear_error(tiny_gpt2_path):
+    service = make_service(tiny_gpt2_path, max_length=64, default_params=GREEDY)
+    conversation = service.new_conversation()
+    with pytest.raises(ContextOverflowError, match="Shorten the message"):
+        service.start_reply(conversation, "word " * 200)
+    assert conversation.messages == []
+
+
+def test_system_prompt_is_used_with_a_chat_template(tiny_llama_service):
+    conversation = tiny_llama_service.new_conversation("You are a pirate.")
+    stream = tiny_llama_service.start_reply(conversation, "Hi")
+    assert "You are a pirate." in tiny_llama_service.tokenizer.decode(stream.prompt.input_ids)
+    assert tiny_llama_service.supports_system_prompt
