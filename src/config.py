@@ -20,8 +20,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Generation defaults that may be set from the environment (e.g. TEMPERATURE=0.2). Unset ones
 # keep GenerationParams' own defaults, so each default lives in exactly one place.
-GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                     "do_sample", "seed")  # fmt: skip
+GENERATION_FIELDS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "do_sample",
+    "seed",
+)
 
 
 class Settings(BaseSettings):

@@ -1,8 +1,8 @@
 """Mini-Claude in the terminal: a streaming, multi-turn chatbot.
 
-    python src/mvp_chatbot.py                      # chat with MODEL_NAME (see .env.example)
-    python src/mvp_chatbot.py --model smollm2-135m-instruct --verbose
-    printf 'Hello\\n' | python src/mvp_chatbot.py   # piped: prints the reply and exits
+python src/mvp_chatbot.py                      # chat with MODEL_NAME (see .env.example)
+python src/mvp_chatbot.py --model smollm2-135m-instruct --verbose
+printf 'Hello\\n' | python src/mvp_chatbot.py   # piped: prints the reply and exits
 """
 
 from __future__ import annotations
@@ -13,18 +13,19 @@ from pathlib import Path
 # Run as `python src/mvp_chatbot.py`: make `import src...` work from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
+import argparse
+import logging
 
-from src.errors import MiniClaudeError  # noqa: E402
+from src.errors import MiniClaudeError
 
 BANNER = "Mini-Claude on {model}. Type /help for commands, /quit or Ctrl-D to leave."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Chat with a local language model.")
-    parser.add_argument("--model", help="hub id, local folder, or smollm2-135m-instruct "
-                        "(default: MODEL_NAME)")  # fmt: skip
+    parser.add_argument(
+        "--model", help="hub id, local folder, or smollm2-135m-instruct (default: MODEL_NAME)"
+    )
     parser.add_argument("--adapter", type=Path, help="a LoRA adapter folder (peft format)")
     parser.add_argument("--system", help="system prompt (models with a chat template)")
     parser.add_argument(
@@ -36,17 +37,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     interactive = sys.stdin.isatty()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(message)s", stream=sys.stderr)  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
     if not args.verbose:
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()  # the 1-second weight load needs none
 
+    from src.chat.service import ChatService
     from src.cli.commands import ChatSession
     from src.cli.reader import read_message
-    from src.chat.service import ChatService
     from src.config import load_settings
 
     try:
@@ -82,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             session.say("\n(Ctrl-D or /quit to leave)")
             continue
-        if interactive:
-            print("", flush=True)
-        if not session.handle(message):
-            break
+        try:
+            if not session.handle(message):
+                break
+        except KeyboardInterrupt:  # Ctrl-C before the reply began streaming (or in a command)
+            session.say("\n(interrupted; the conversation is unchanged)")
     return 0
 
 

@@ -12,7 +12,7 @@ Training formats conversations with ``encode_conversation`` too, so training and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from src.errors import ContextOverflowError, ModelLoadingError
@@ -20,7 +20,7 @@ from src.errors import ContextOverflowError, ModelLoadingError
 Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": "..."}
 
 
-class PromptFormat(str, Enum):
+class PromptFormat(StrEnum):
     CHAT_TEMPLATE = "chat_template"
     EOS_JOINED = "eos_joined"
 

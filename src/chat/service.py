@@ -80,8 +80,14 @@ class ReplyStream:
         cached = self.service.cache.get(key) if key is not None else None
         if cached is not None:
             yield cached.text
-            self._finish(cached.text, cached.finish_reason, cached.completion_tokens, started,
-                         time.perf_counter() - started, cached=True)  # fmt: skip
+            self._finish(
+                cached.text,
+                cached.finish_reason,
+                cached.completion_tokens,
+                started,
+                time.perf_counter() - started,
+                cached=True,
+            )
             return
 
         decoder = IncrementalDecoder(self.service.tokenizer)

@@ -68,8 +68,12 @@ def test_corrupt_config_is_named(model_copy):
 
 def test_missing_shard_of_a_sharded_model_is_named(model_copy):
     (model_copy / "model.safetensors").rename(model_copy / "model-00001-of-00002.safetensors")
-    index = {"weight_map": {"a": "model-00001-of-00002.safetensors",
-                            "b": "model-00002-of-00002.safetensors"}}  # fmt: skip
+    index = {
+        "weight_map": {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+        }
+    }
     (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadingError, match="model-00002-of-00002.safetensors"):
         check_model_folder(model_copy)

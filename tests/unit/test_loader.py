@@ -4,8 +4,8 @@ import logging
 import shutil
 from pathlib import Path
 
-import huggingface_hub
 import httpx
+import huggingface_hub
 import pytest
 
 from src.config import load_settings
@@ -158,7 +158,8 @@ def test_a_saved_lora_adapter_is_attached(tiny_gpt2_path, tmp_path):
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
     get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
 
-    loaded = load_model(load_settings(model_name=str(tiny_gpt2_path)),
-                        adapter_path=tmp_path / "adapter")  # fmt: skip
+    loaded = load_model(
+        load_settings(model_name=str(tiny_gpt2_path)), adapter_path=tmp_path / "adapter"
+    )
     assert isinstance(loaded.model, PeftModel)
     assert loaded.adapter == tmp_path / "adapter"

@@ -41,9 +41,13 @@ def test_dialogpt_format_joins_turns_with_eos(gpt2):
     ids = encode_conversation(gpt2, PromptFormat.EOS_JOINED, "ignored", HISTORY[:3])
     eos = gpt2.eos_token_id
     expected = (
-        gpt2.encode("Hi there") + [eos] + gpt2.encode("Hello! How can I help?") + [eos]
-        + gpt2.encode("Tell me a joke") + [eos]
-    )  # fmt: skip
+        gpt2.encode("Hi there")
+        + [eos]
+        + gpt2.encode("Hello! How can I help?")
+        + [eos]
+        + gpt2.encode("Tell me a joke")
+        + [eos]
+    )
     assert ids == expected
 
 

@@ -68,8 +68,9 @@ def test_a_stop_sequence_ends_the_reply_and_is_not_shown(service):
     full = service.reply(service.new_conversation(), "Go on", GREEDY.updated(max_new_tokens=20))
     assert len(full.text) > 6
     stop = full.text[3:6]
-    cut = service.reply(service.new_conversation(), "Go on",
-                        GREEDY.updated(max_new_tokens=20, stop=[stop]))  # fmt: skip
+    cut = service.reply(
+        service.new_conversation(), "Go on", GREEDY.updated(max_new_tokens=20, stop=[stop])
+    )
     assert cut.text == full.text[: full.text.find(stop)]
     assert cut.finish_reason == "stop"
 

@@ -1,0 +1,129 @@
+"""The CLI as users run it: a real process, the real bundled SmolLM2, a real terminal."""
+
+import signal
+import sys
+
+import pexpect
+import pytest
+
+from src.config import REPO_ROOT
+from tests.integration.conftest import clean_env, run_python
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def test_piped_greedy_answers_paris_via_the_offline_fallback(converted_bundled_model):
+    # Default MODEL_NAME (DialoGPT-medium) cannot be had offline: one notice, then the bundled
+    # model answers.
+    result = run_python(
+        ["src/mvp_chatbot.py"],
+        stdin="What is the capital of France?\n",
+        DO_SAMPLE="false",
+        MAX_NEW_TOKENS="32",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert result.stderr.count("Falling back to the bundled offline model") == 1
+    assert "microsoft/DialoGPT-medium" in result.stderr
+
+
+def test_piped_multi_turn_and_commands(converted_bundled_model, tmp_path):
+    saved = tmp_path / "chat.json"
+    script = f"/set max_new_tokens 12\nHello!\nHow are you?\n/save {saved}\n/quit\nnever sent\n"
+    result = run_python(
+        ["src/mvp_chatbot.py", "--model", "smollm2-135m-instruct"], stdin=script, DO_SAMPLE="false"
+    )
+    assert result.returncode == 0, result.stderr
+    import json
+
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["Hello!", "How are you?"]
+    assert "never sent" not in saved.read_text()
+
+
+def test_fallback_none_stops_with_model_loading_error():
+    result = run_python(["src/mvp_chatbot.py"], stdin="Hi\n", MODEL_FALLBACK="none")
+    assert result.returncode == 2
+    assert "Error: Could not get model 'microsoft/DialoGPT-medium'" in result.stderr
+    assert "MODEL_FALLBACK=none" in result.stderr
+    assert result.stdout == ""
+
+
+def test_invalid_setting_stops_start_up_with_a_clear_message():
+    result = run_python(["src/mvp_chatbot.py"], stdin="Hi\n", MAX_LENGTH="99999")
+    assert result.returncode == 2
+    assert "Invalid setting: MAX_LENGTH='99999'" in result.stderr
+    assert "less than or equal to 1024" in result.stderr
+
+
+def test_two_turns_keep_the_first_turn_in_the_prompt(bundled_service):
+    from src.chat.params import GenerationParams
+
+    params = GenerationParams(do_sample=False, max_new_tokens=16)
+    conversation = bundled_service.new_conversation()
+    first = bundled_service.reply(conversation, "My name is Ada.", params)
+    stream = bundled_service.start_reply(conversation, "What is my name?", params)
+    prompt = bundled_service.tokenizer.decode(stream.prompt.input_ids)
+    assert "<|im_start|>user\nMy name is Ada.<|im_end|>" in prompt
+    assert f"<|im_start|>assistant\n{first.text}<|im_end|>" in prompt
+    assert prompt.endswith("<|im_start|>user\nWhat is my name?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_real_model_streams_a_multibyte_reply_cleanly(bundled_service):
+    from src.chat.params import GenerationParams
+
+    params = GenerationParams(do_sample=False, max_new_tokens=24)
+    stream = bundled_service.start_reply(
+        bundled_service.new_conversation(), "Reply with three flower emoji.", params
+    )
+    deltas = list(stream)
+    assert "".join(deltas) == stream.result.text
+    assert all("\ufffd" not in delta for delta in deltas)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX terminal")
+def test_interactive_ctrl_c_stops_the_reply_and_keeps_the_session(converted_bundled_model):
+    child = pexpect.spawn(
+        sys.executable,
+        ["src/mvp_chatbot.py", "--model", "smollm2-135m-instruct"],
+        cwd=str(REPO_ROOT),
+        env=clean_env(DO_SAMPLE="false", MAX_NEW_TOKENS="400", MAX_LENGTH="1024"),
+        encoding="utf-8",
+        timeout=120,
+    )
+    try:
+        child.expect("Type /help")
+        child.expect("> ")
+        child.sendline("Write a very long story about a dragon and a knight.")
+        child.expect_exact("knight.\r\n")  # the terminal's echo of what we typed
+        child.expect(r"\w+ \w+ \w+")  # the reply has started streaming
+        child.kill(signal.SIGINT)  # what Ctrl-C sends
+        child.expect(r"\(stopped; the partial reply is kept")
+        child.expect("> ")  # the session goes on
+        child.sendline("/undo")
+        child.expect("removed the last exchange")
+        child.sendeof()  # Ctrl-D leaves cleanly
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_interactive_ctrl_c_while_the_prompt_is_built_keeps_the_session(converted_bundled_model):
+    child = pexpect.spawn(
+        sys.executable,
+        ["src/mvp_chatbot.py", "--model", "smollm2-135m-instruct"],
+        cwd=str(REPO_ROOT),
+        env=clean_env(DO_SAMPLE="false"),
+        encoding="utf-8",
+        timeout=120,
+    )
+    try:
+        child.expect("> ")
+        child.kill(signal.SIGINT)  # at the input prompt
+        child.expect_exact("(Ctrl-D or /quit to leave)")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0

@@ -1,0 +1,72 @@
+"""The scripts in scripts/, run as users run them."""
+
+import pytest
+
+from tests.integration.conftest import run_python
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def test_test_tokenizer_prints_tokens_and_ids(converted_bundled_model):
+    result = run_python(
+        ["scripts/test_tokenizer.py", "--text", "Hello, world!", "--model", "smollm2-135m-instruct"]
+    )
+    assert result.returncode == 0, result.stderr
+    assert "4 tokens" in result.stdout
+    assert "ids: [19556, 28, 905, 17]" in result.stdout
+    assert "decoded back: 'Hello, world!'" in result.stdout
+
+
+def test_download_offline_reports_cache_state(converted_bundled_model, tmp_path):
+    ready = run_python(
+        ["scripts/download_models.py", "--offline", "--model", "smollm2-135m-instruct"]
+    )
+    assert ready.returncode == 0 and "cached and complete" in ready.stdout
+    missing = run_python(["scripts/download_models.py", "--offline"], MODEL_CACHE_DIR=str(tmp_path))
+    assert missing.returncode == 1
+    assert "microsoft/DialoGPT-medium: not in the cache" in missing.stdout
+
+
+def test_download_reports_an_unreachable_hub(tmp_path):
+    result = run_python(
+        ["scripts/download_models.py", "--model", "microsoft/DialoGPT-medium"],
+        MODEL_CACHE_DIR=str(tmp_path),
+    )
+    assert result.returncode == 1
+    assert "Could not get model 'microsoft/DialoGPT-medium'" in result.stderr
+
+
+def test_download_offline_flags_an_incomplete_cached_model(tmp_path):
+    snapshot = tmp_path / "models--org--name" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--org--name" / "refs").mkdir()
+    (tmp_path / "models--org--name" / "refs" / "main").write_text("abc")
+    result = run_python(
+        ["scripts/download_models.py", "--offline", "--model", "org/name"],
+        MODEL_CACHE_DIR=str(tmp_path),
+    )
+    assert result.returncode == 1
+    assert "INCOMPLETE" in result.stdout and "has no tokenizer" in result.stdout
+
+
+def test_clean_cache_lists_deletes_only_with_yes_and_never_outside(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "some-model").mkdir(parents=True)
+    (cache / "some-model" / "weights.bin").write_bytes(b"x" * 2048)
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+
+    listing = run_python(["scripts/clean_cache.py"], MODEL_CACHE_DIR=str(cache))
+    assert listing.returncode == 0
+    assert "2.0 KB  some-model" in listing.stdout and "Nothing deleted" in listing.stdout
+    assert (cache / "some-model").exists()
+
+    for name in ("../precious.txt", "..", "/etc"):
+        refused = run_python(["scripts/clean_cache.py", name, "--yes"], MODEL_CACHE_DIR=str(cache))
+        assert refused.returncode == 2 and "outside the cache" in refused.stderr
+    assert outside.read_text() == "keep me"
+
+    deleted = run_python(["scripts/clean_cache.py", "--yes"], MODEL_CACHE_DIR=str(cache))
+    assert deleted.returncode == 0 and "Deleted 1 entries" in deleted.stdout
+    assert not (cache / "some-model").exists() and outside.exists()
