@@ -1,0 +1,158 @@
+"""Find and load the chat model named by MODEL_NAME.
+
+Resolution order:
+1. the bundled offline model (``smollm2-135m-instruct``), converted once into the cache;
+2. a local directory;
+3. the Hugging Face cache in MODEL_CACHE_DIR;
+4. a hub download (with progress bars);
+5. if the model cannot be had, one clear notice and the bundled model
+   (``MODEL_FALLBACK=none`` raises ``ModelLoadingError`` instead).
+
+Safe by default: safetensors preferred, ``trust_remote_code`` off unless the operator sets it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.config import Settings
+from src.errors import ModelLoadingError
+from src.models.bundled import BUNDLED_MODEL_NAME, bundled_model_dir, convert_bundled_model
+from src.models.folder_check import check_model_folder
+
+logger = logging.getLogger(__name__)
+
+# Files worth downloading: configs, tokenizers, chat templates and safetensors weights. Pickle
+# weights are fetched only when a repository has no safetensors (see download_from_hub).
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.safetensors"]
+HUB_PICKLE_PATTERNS = ["pytorch_model*.bin"]
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel (or a peft PeftModel around one)
+    tokenizer: Any  # a transformers tokenizer
+    name: str  # what users see, e.g. "smollm2-135m-instruct"
+    path: Path  # the folder the weights came from
+    source: str  # "bundled", "local", "cache", "hub" or "bundled (fallback)"
+    adapter: Path | None = None
+
+
+def load_model(
+    settings: Settings, model_name: str | None = None, adapter_path: Path | None = None
+) -> LoadedModel:
+    """Resolve, load and (optionally) attach a LoRA adapter. Raises ``ModelLoadingError``."""
+    name = model_name or settings.model_name
+    folder, source = resolve_model(name, settings)
+    model, tokenizer = load_from_folder(folder, trust_remote_code=settings.trust_remote_code)
+    shown_name = BUNDLED_MODEL_NAME if source.startswith("bundled") else name
+    adapter = adapter_path or settings.adapter_path
+    if adapter is not None:
+        from src.models.lora_wrapper import load_adapter
+
+        model = load_adapter(model, Path(adapter))
+    return LoadedModel(model, tokenizer, shown_name, folder, source, adapter)
+
+
+def resolve_model(name: str, settings: Settings) -> tuple[Path, str]:
+    """Return (folder, source) for ``name`` following the order in the module docstring."""
+    cache_dir = Path(settings.model_cache_dir)
+    if name == BUNDLED_MODEL_NAME:
+        return ensure_bundled_model(cache_dir), "bundled"
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local, "local"
+    if name.startswith((".", "/", "~")) or local.exists():
+        # Clearly meant as a path: falling back to another model would hide the typo.
+        raise ModelLoadingError(f"MODEL_NAME={name!r} looks like a path, but no such folder.")
+    cached = find_in_cache(name, cache_dir)
+    if cached is not None:
+        return cached, "cache"
+    try:
+        return download_from_hub(name, cache_dir, settings), "hub"
+    except ModelLoadingError as exc:
+        if settings.model_fallback == "none":
+            raise ModelLoadingError(
+                f"{exc} MODEL_FALLBACK=none, so there is no fallback: fix MODEL_NAME, connect "
+                f"to the hub, or set MODEL_FALLBACK=bundled to use {BUNDLED_MODEL_NAME}."
+            ) from exc
+        logger.warning(
+            "Notice: %s Falling back to the bundled offline model %s "
+            "(set MODEL_FALLBACK=none to make this an error).",
+            exc,
+            BUNDLED_MODEL_NAME,
+        )
+        return ensure_bundled_model(cache_dir), "bundled (fallback)"
+
+
+def ensure_bundled_model(cache_dir: Path) -> Path:
+    """The converted bundled model, converting it on first use (or if the copy is damaged)."""
+    folder = bundled_model_dir(cache_dir)
+    if folder.exists():
+        try:
+            check_model_folder(folder)
+            return folder
+        except ModelLoadingError as exc:
+            logger.warning("Notice: %s Converting the bundled model again.", exc)
+    return convert_bundled_model(folder)
+
+
+def find_in_cache(repo_id: str, cache_dir: Path) -> Path | None:
+    """The cached snapshot folder of a hub model, or None. Reads only the disk."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(repo_id, "config.json", cache_dir=str(cache_dir))
+    except ValueError:  # not a valid repo id: it cannot be in the cache either
+        return None
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def download_from_hub(repo_id: str, cache_dir: Path, settings: Settings) -> Path:
+    """Download a model snapshot into the cache (huggingface_hub shows progress bars)."""
+    from huggingface_hub import snapshot_download
+
+    token = settings.huggingface_token.get_secret_value() if settings.huggingface_token else None
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id, cache_dir=str(cache_dir), token=token, allow_patterns=HUB_PATTERNS
+            )
+        )
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(
+                snapshot_download(
+                    repo_id,
+                    cache_dir=str(cache_dir),
+                    token=token,
+                    allow_patterns=HUB_PATTERNS + HUB_PICKLE_PATTERNS,
+                )
+            )
+    except Exception as exc:  # the hub raises many types (network, auth, not found, bad id)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadingError(
+            f"Could not get model '{repo_id}' from the Hugging Face hub "
+            f"({type(exc).__name__}: {reason})."
+        ) from exc
+    return folder
+
+
+def load_from_folder(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Load tokenizer and causal LM from a checked folder, in fp32 and eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_folder(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadingError(f"Could not load the model in {folder}: {exc}") from exc
+    model.eval()
+    return model, tokenizer
