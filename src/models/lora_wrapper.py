@@ -21,7 +21,7 @@ def load_adapter(model: Any, adapter_dir: Path) -> Any:
         )
     try:
         adapted = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:  # bad files
         raise ModelLoadingError(f"Could not load the adapter in {adapter_dir}: {exc}") from exc
     adapted.eval()
     return adapted
