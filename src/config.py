@@ -60,15 +60,30 @@ class Settings(BaseSettings):
     do_sample: bool | None = None
     seed: int | None = None
 
+    max_message_chars: int = Field(16_000, ge=1, le=1_000_000)
+
     # API
     api_host: str = "0.0.0.0"
     api_port: int = Field(8000, ge=1, le=65535)
     debug: bool = False
+    api_key: SecretStr | None = None  # when set, every route but /health needs it
+    cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser
+    data_dir: Path = Path("./data")  # the sessions database lives here
+    max_body_bytes: int = Field(1_000_000, ge=1_000, le=100_000_000)
+    max_batch_size: int = Field(16, ge=1, le=256)  # requests decoded together
 
     # Training
     batch_size: int = Field(4, ge=1, le=4096)
     learning_rate: float = Field(2e-5, gt=0.0, le=1.0)
     lora_rank: int = Field(16, ge=1, le=1024)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+    @property
+    def sessions_db(self) -> Path:
+        return Path(self.data_dir) / "sessions.sqlite3"
 
     def generation_values(self) -> dict[str, object]:
         """The generation defaults set in the environment (unset ones are left out)."""

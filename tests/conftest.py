@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.chat.batching import BatchingEngine
 from src.chat.engine import HFEngine
 from src.chat.params import GenerationParams
 from src.chat.service import ChatService
@@ -85,9 +86,10 @@ def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, bundled_model_path
     return folder
 
 
-def make_service(folder: Path, **kwargs: object) -> ChatService:
+def make_service(folder: Path, batching: bool = False, **kwargs: object) -> ChatService:
     model, tokenizer = load_from_folder(folder)
-    return ChatService(HFEngine(model, tokenizer), model_name=folder.name, **kwargs)
+    engine = BatchingEngine(model, tokenizer) if batching else HFEngine(model, tokenizer)
+    return ChatService(engine, model_name=folder.name, **kwargs)
 
 
 @pytest.fixture()

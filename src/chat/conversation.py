@@ -30,6 +30,8 @@ class Conversation:
     system_prompt: str | None = None
     messages: list[Message] = field(default_factory=list)
     id: str = field(default_factory=new_conversation_id)
+    # A session kept in the service's store (the API's); the CLI's conversations are not.
+    persistent: bool = field(default=False, compare=False)
 
     def add_exchange(self, user_message: str, reply: str) -> None:
         self.messages += [

@@ -85,8 +85,8 @@ def build_prompt(
             return PromptBuild(ids, dropped_messages=start)
         if start >= len(messages) - 1:
             raise ContextOverflowError(
-                f"The message needs {len(ids)} prompt tokens, but only {max_prompt_tokens} fit "
-                "the context window after reserving max_new_tokens. Shorten the message (or the "
+                f"message: needs {len(ids)} prompt tokens, but only {max_prompt_tokens} fit the "
+                "context window after reserving max_new_tokens. Shorten the message (or the "
                 "system prompt), lower max_new_tokens, or raise MAX_LENGTH."
             )
         start = min(start + 2, len(messages) - 1)

@@ -13,11 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from src.chat.batching import BatchingEngine
 from src.chat.cache import CachedReply, ResponseCache, cache_key
 from src.chat.conversation import Conversation
 from src.chat.engine import HFEngine
 from src.chat.params import GenerationParams
 from src.chat.prompts import PromptBuild, PromptFormat, build_prompt, detect_prompt_format
+from src.chat.store import SessionStore
 from src.chat.streaming import IncrementalDecoder, StopSequenceFilter
 from src.config import Settings
 from src.errors import InvalidRequestError
@@ -43,9 +45,10 @@ class ReplyStream:
     """One reply being generated. Iterate once for text deltas; ``cancel()`` from anywhere
     (a signal handler, another thread) stops it after the current token.
 
-    The exchange is added to the conversation when generation ends, including when it was
-    cancelled (the partial reply is kept, as in other chat UIs). A stream that is abandoned
-    (closed before it ends, e.g. a client that went away) changes nothing.
+    The exchange is added to the conversation (and to the session store, if the service has
+    one) when generation ends, including when it was cancelled: the partial reply is kept, as
+    in other chat UIs. A stream that is abandoned (``abandon()``, or closed before it ends,
+    e.g. a web client that went away) changes nothing.
     """
 
     def __init__(
@@ -63,9 +66,16 @@ class ReplyStream:
         self.params = params
         self.result: ChatResult | None = None
         self._cancelled = threading.Event()
+        self._abandoned = False
         self._started = False
 
     def cancel(self) -> None:
+        """Stop after the current token; the partial reply is kept."""
+        self._cancelled.set()
+
+    def abandon(self) -> None:
+        """Stop after the current token and keep nothing (the client is gone)."""
+        self._abandoned = True
         self._cancelled.set()
 
     def __iter__(self) -> Iterator[str]:
@@ -73,6 +83,13 @@ class ReplyStream:
             raise RuntimeError("a ReplyStream can be iterated only once")
         self._started = True
         return self._generate()
+
+    def complete(self) -> ChatResult:
+        """Generate the whole reply without streaming and return the result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
 
     def _generate(self) -> Iterator[str]:
         started = time.perf_counter()
@@ -135,7 +152,11 @@ class ReplyStream:
         first_token_seconds: float | None,
         cached: bool = False,
     ) -> None:
+        if self._abandoned:
+            return
         self.conversation.add_exchange(self.user_message, text)
+        if self.conversation.persistent and self.service.store is not None:
+            self.service.store.append_exchange(self.conversation, self.user_message, text)
         self.result = ChatResult(
             text=text,
             finish_reason=finish_reason,
@@ -151,14 +172,18 @@ class ReplyStream:
 class ChatService:
     def __init__(
         self,
-        engine: HFEngine,
+        engine: HFEngine | BatchingEngine,
         model_name: str,
         default_params: GenerationParams | None = None,
         max_length: int = 1024,
         cache_size: int = 256,
         default_system_prompt: str | None = None,
+        store: SessionStore | None = None,
+        max_message_chars: int = 16_000,
     ) -> None:
+        self.max_message_chars = max_message_chars
         self.engine = engine
+        self.store = store  # where sessions persist (the API's SQLite file); None in the CLI
         self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.default_params = default_params or GenerationParams()
@@ -170,20 +195,34 @@ class ChatService:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, model_name: str | None = None, adapter_path: Any = None
+        cls,
+        settings: Settings,
+        model_name: str | None = None,
+        adapter_path: Any = None,
+        batching: bool = False,
+        store: SessionStore | None = None,
     ) -> ChatService:
-        """Load the configured model (see ``src.models.loader``) and wrap it in a service."""
+        """Load the configured model (see ``src.models.loader``) and wrap it in a service.
+
+        ``batching=True`` (the API server) decodes concurrent requests together.
+        """
         from src.models.loader import load_model
 
         loaded = load_model(settings, model_name=model_name, adapter_path=adapter_path)
         name = loaded.name if loaded.adapter is None else f"{loaded.name}+{loaded.adapter.name}"
+        if batching:
+            engine = BatchingEngine(loaded.model, loaded.tokenizer, settings.max_batch_size)
+        else:
+            engine = HFEngine(loaded.model, loaded.tokenizer)
         return cls(
-            HFEngine(loaded.model, loaded.tokenizer),
+            engine,
             model_name=name,
             default_params=settings.generation_defaults(),
             max_length=settings.max_length,
             cache_size=settings.response_cache_size,
             default_system_prompt=settings.system_prompt,
+            store=store,
+            max_message_chars=settings.max_message_chars,
         )
 
     @property
@@ -191,7 +230,24 @@ class ChatService:
         return self.prompt_format is PromptFormat.CHAT_TEMPLATE
 
     def new_conversation(self, system_prompt: str | None = None) -> Conversation:
+        """A conversation held by the caller (the CLI, a stateless OpenAI request)."""
         return Conversation(system_prompt=system_prompt or self.default_system_prompt)
+
+    # ---- sessions: conversations kept in the store (the API's) --------------------------------
+
+    def new_session(self, system_prompt: str | None = None) -> Conversation:
+        """A conversation saved to the store with each completed exchange."""
+        if self.store is None:
+            raise RuntimeError("this ChatService has no session store")
+        conversation = self.new_conversation(system_prompt)
+        conversation.persistent = True
+        return conversation
+
+    def get_session(self, session_id: str) -> Conversation | None:
+        return self.store.get(session_id) if self.store is not None else None
+
+    def delete_session(self, session_id: str) -> bool:
+        return self.store.delete(session_id) if self.store is not None else False
 
     def start_reply(
         self,
@@ -203,6 +259,11 @@ class ChatService:
         params = params or self.default_params
         if not isinstance(user_message, str) or not user_message.strip():
             raise InvalidRequestError("message: must not be empty")
+        if len(user_message) > self.max_message_chars:
+            raise InvalidRequestError(
+                f"message: {len(user_message)} characters is over the limit of "
+                f"{self.max_message_chars} (MAX_MESSAGE_CHARS)"
+            )
         max_prompt_tokens = self.context_window - params.max_new_tokens
         if max_prompt_tokens < 1:
             raise InvalidRequestError(
@@ -224,11 +285,7 @@ class ChatService:
         params: GenerationParams | None = None,
     ) -> ChatResult:
         """Generate a whole reply (no streaming)."""
-        stream = self.start_reply(conversation, user_message, params)
-        for _ in stream:
-            pass
-        assert stream.result is not None
-        return stream.result
+        return self.start_reply(conversation, user_message, params).complete()
 
     def cache_key(self, prompt_ids: list[int], params: GenerationParams) -> tuple | None:
         """The cache key for a deterministic request, or None for a sampled one."""

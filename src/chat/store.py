@@ -1,0 +1,97 @@
+"""Where conversations live between requests: a SQLite file, so a restarted server still has
+every conversation.
+
+Each completed exchange is appended in its own transaction (``BEGIN IMMEDIATE``), so two
+requests to one session never overwrite each other, and a crash mid-reply leaves exactly the
+exchanges completed before it. WAL mode lets readers proceed while a writer commits.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from src.chat.conversation import Conversation
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    system_prompt TEXT,
+    messages TEXT NOT NULL DEFAULT '[]',   -- JSON list of {"role", "content"}
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+"""
+
+
+class SessionStore:
+    """Thread-safe: one connection, used under a lock (SQLite serialises writes anyway)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path) if str(path) != ":memory:" else path
+        if isinstance(self.path, Path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across crashes in WAL mode
+        self._db.executescript(SCHEMA)
+
+    def get(self, session_id: str) -> Conversation | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT system_prompt, messages FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        return Conversation(
+            system_prompt=row[0], messages=json.loads(row[1]), id=session_id, persistent=True
+        )
+
+    def append_exchange(self, conversation: Conversation, user_message: str, reply: str) -> None:
+        """Add one (user, assistant) pair atomically. A session is first written with its
+        first completed exchange, so a request that fails leaves no trace."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT messages FROM sessions WHERE id = ?", (conversation.id,)
+                ).fetchone()
+                messages = json.loads(row[0]) if row else []
+                messages += [
+                    {"role": "user", "content": user_message},
+                    {"role": "assistant", "content": reply},
+                ]
+                now = time.time()
+                self._db.execute(
+                    "INSERT INTO sessions (id, system_prompt, messages, created, updated) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "messages = excluded.messages, updated = excluded.updated",
+                    (
+                        conversation.id,
+                        conversation.system_prompt,
+                        json.dumps(messages, ensure_ascii=False),
+                        now,
+                        now,
+                    ),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def delete(self, session_id: str) -> bool:
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        return cursor.rowcount > 0
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

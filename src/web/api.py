@@ -1,0 +1,113 @@
+"""The FastAPI server: ``uvicorn src.web.api:app --port 8000`` (or ``make serve``).
+
+The model loads once, in a background thread started by the lifespan, so the server answers
+at once: ``/health`` says 503 "loading" until the model is ready. Routes get the ChatService
+through ``Depends(get_service)``; tests build an app around their own service with
+``create_app(service_factory=...)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from src.chat.service import ChatService
+from src.chat.store import SessionStore
+from src.config import Settings, load_settings
+from src.errors import MiniClaudeError
+from src.web.errors import BodySizeLimit, install_error_handlers
+from src.web.routes import chat, health, openai
+
+logger = logging.getLogger(__name__)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the UI never calls home
+
+ServiceFactory = Callable[[Settings], ChatService]
+
+
+def default_service_factory(settings: Settings) -> ChatService:
+    """The configured model with batched decoding and sessions in SQLite."""
+    return ChatService.from_settings(
+        settings, batching=True, store=SessionStore(settings.sessions_db)
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    service_factory: ServiceFactory | None = None,
+    mount_ui: bool = True,
+) -> FastAPI:
+    settings = settings or load_settings()
+    factory = service_factory or default_service_factory
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        def load() -> None:
+            try:
+                app.state.service = factory(settings)
+                logger.info("Model %s ready", app.state.service.model_name)
+            except MiniClaudeError as exc:
+                app.state.load_error = str(exc)
+                logger.error("Model failed to load: %s", exc)
+
+        loader = threading.Thread(target=load, name="model-loader", daemon=True)
+        loader.start()
+        yield
+        service = app.state.service
+        if service is not None and service.store is not None:
+            service.store.close()
+
+    app = FastAPI(
+        title="Mini-Claude API",
+        version="0.1.0",
+        description="Chat with a local model: native /chat routes with sessions, and an "
+        "OpenAI-compatible /v1 API.",
+        lifespan=lifespan,
+        debug=settings.debug,
+    )
+    app.state.settings = settings
+    app.state.service = None
+    app.state.load_error = None
+    install_error_handlers(app)
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(chat.router)
+    app.include_router(openai.router)
+    if mount_ui:
+        mount_web_ui(app, settings)
+    return app
+
+
+def mount_web_ui(app: FastAPI, settings: Settings) -> None:
+    """The Gradio UI at /ui. With API_KEY set it asks for a login: any user name, and the
+    API key as the password (browsers cannot send a bearer header on their own)."""
+    import gradio as gr
+
+    from src.web.ui import build_ui
+
+    auth = None
+    if settings.api_key is not None:
+        key = settings.api_key.get_secret_value().encode()
+
+        def auth(_user: str, password: str) -> bool:
+            return secrets.compare_digest(password.encode(), key)
+
+    ui = build_ui(lambda: app.state.service, settings.generation_defaults())
+    ui.queue(default_concurrency_limit=settings.max_batch_size)
+    gr.mount_gradio_app(app, ui, path="/ui", auth=auth)
+
+
+app = create_app()

@@ -1,0 +1,44 @@
+"""Dependencies: the loaded ChatService, the settings, and the optional API key."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from src.chat.service import ChatService
+from src.config import Settings
+from src.web.errors import HTTPProblem
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_service(request: Request) -> ChatService:
+    """The model loads in the background at start-up; until then requests get 503."""
+    service = request.app.state.service
+    if service is None:
+        error = request.app.state.load_error
+        message = f"model failed to load: {error}" if error else "the model is still loading"
+        raise HTTPProblem(503, message, "service_unavailable")
+    return service
+
+
+def require_api_key(request: Request) -> None:
+    """With API_KEY set, require ``Authorization: Bearer <key>`` (compared in constant time)."""
+    expected = get_settings(request).api_key
+    if expected is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        given.strip().encode(), expected.get_secret_value().encode()
+    ):
+        raise HTTPProblem(
+            401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error"
+        )
+
+
+ServiceDep = Annotated[ChatService, Depends(get_service)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -1,0 +1,139 @@
+"""HTTP edge: the core's exceptions become status codes, every error has one JSON shape
+(``{"error": {"message", "type", "param"}}``, as in the OpenAI API), and bodies over the
+size limit are refused with 413 before they are read into memory."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from src.errors import ContextOverflowError, InvalidRequestError, MiniClaudeError
+
+
+class HTTPProblem(Exception):
+    """An error the web layer raises itself (unknown session, missing API key, ...)."""
+
+    def __init__(
+        self, status: int, message: str, error_type: str, param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+        self.param = param
+
+
+def error_response(
+    status: int, message: str, error_type: str, param: str | None = None, headers=None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type, "param": param}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _param_of(message: str) -> str | None:
+    """Our messages start with the field's name ("temperature=-1: ...")."""
+    head = message.split(":", 1)[0].split("=", 1)[0].strip()
+    return head if head.isidentifier() else None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HTTPProblem)
+    async def _problem(_: Request, exc: HTTPProblem) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.message, exc.error_type, exc.param, headers)
+
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:
+        kind = "context_length_exceeded" if isinstance(exc, ContextOverflowError) else None
+        return error_response(400, str(exc), kind or "invalid_request_error", _param_of(str(exc)))
+
+    @app.exception_handler(MiniClaudeError)
+    async def _core(_: Request, exc: MiniClaudeError) -> JSONResponse:
+        return error_response(500, str(exc), type(exc).__name__)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        first_field = None
+        for error in exc.errors():
+            location = [str(part) for part in error["loc"] if part != "body"]
+            field = "body" if error["type"] == "json_invalid" else ".".join(location) or "body"
+            first_field = first_field or field
+            if error["type"] == "extra_forbidden":
+                problems.append(f"{field}: unknown parameter")
+            elif error["type"] == "json_invalid":
+                problems.append(f"body: malformed JSON ({error.get('ctx', {}).get('error', '')})")
+            else:
+                problems.append(f"{field}: {error['msg']}")
+        return error_response(422, "; ".join(problems), "invalid_request_error", first_field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), "http_error")
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, whether or not they declare a
+    Content-Length (chunked bodies are counted as they arrive)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # No declared length (chunked): read the body here, up to the limit, and replay it.
+            # (An exception raised while the app reads it would become a generic 400.)
+            chunks, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > self.max_bytes:
+                    await self._refuse(scope, receive, send)
+                    return
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.app(scope, replay, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            413,
+            f"body: request body is larger than {self.max_bytes} bytes (MAX_BODY_BYTES)",
+            "request_too_large",
+            "body",
+        )
+        await response(scope, receive, send)
+
+
+def sse_event(data: object, event: str | None = None) -> str:
+    """One server-sent event: optional ``event:`` line, a JSON ``data:`` line, blank line."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    prefix = f"event: {event}\n" if event else ""
+    return f"{prefix}data: {payload}\n\n"

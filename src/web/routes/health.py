@@ -1,0 +1,21 @@
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from src.web.schemas import HealthResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+def health(request: Request) -> JSONResponse:
+    """200 with the model's name once it is loaded; 503 while loading or if loading failed."""
+    state = request.app.state
+    if state.service is not None:
+        return JSONResponse(
+            HealthResponse(status="ok", model=state.service.model_name).model_dump()
+        )
+    if state.load_error:
+        body = HealthResponse(status="error", detail=state.load_error)
+    else:
+        body = HealthResponse(status="loading")
+    return JSONResponse(body.model_dump(), status_code=503)

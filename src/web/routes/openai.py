@@ -1,0 +1,143 @@
+"""OpenAI-compatible routes: POST /v1/chat/completions (plain and streamed) and GET /v1/models.
+
+Stateless, as in OpenAI's API: the client sends the whole conversation each time.
+"""
+
+import time
+import uuid
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from src.chat.conversation import Conversation
+from src.chat.params import GenerationParams, make_params
+from src.web.deps import ServiceDep, require_api_key
+from src.web.errors import HTTPProblem, sse_event
+from src.web.openai_schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    ChoiceMessage,
+    CompletionUsage,
+    ModelCard,
+    ModelList,
+)
+from src.web.routes.chat import ERRORS
+from src.web.streaming import deltas_of
+
+router = APIRouter(
+    prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)], responses=ERRORS
+)
+
+
+def split_messages(body: ChatCompletionRequest) -> tuple[Conversation, str]:
+    """(earlier conversation, last user message). System messages may only come first."""
+    messages = list(body.messages)
+    system_prompt = None
+    if messages[0].role == "system":
+        system_prompt = messages.pop(0).content
+    if not messages or messages[-1].role != "user":
+        raise HTTPProblem(
+            400,
+            "messages: the last message must be from the user",
+            "invalid_request_error",
+            "messages",
+        )
+    for number, message in enumerate(messages):
+        expected = "user" if number % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise HTTPProblem(
+                400,
+                f"messages: message {number + (system_prompt is not None)} is "
+                f"{message.role!r}; after an optional system message, roles must alternate "
+                "user/assistant",
+                "invalid_request_error",
+                "messages",
+            )
+    history = [{"role": m.role, "content": m.content} for m in messages[:-1]]
+    return Conversation(system_prompt=system_prompt, messages=history), messages[-1].content
+
+
+def openai_params(body: ChatCompletionRequest, defaults: GenerationParams) -> GenerationParams:
+    values = defaults.model_dump()
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is not None:
+        values["max_new_tokens"] = max_tokens
+    if body.temperature is not None:
+        values["temperature"] = body.temperature
+        values["do_sample"] = body.temperature > 0  # OpenAI: temperature 0 is (near) greedy
+    if body.top_p is not None:
+        values["top_p"] = body.top_p
+    if body.stop is not None:
+        values["stop"] = body.stop
+    if body.seed is not None:
+        values["seed"] = body.seed
+    return make_params(values)
+
+
+@router.get("/models", response_model=ModelList)
+def list_models(service: ServiceDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=service.model_name)])
+
+
+@router.post("/chat/completions", response_model=ChatCompletion)
+async def chat_completions(body: ChatCompletionRequest, service: ServiceDep):
+    conversation, message = split_messages(body)
+    params = openai_params(body, service.default_params)
+    stream = await run_in_threadpool(service.start_reply, conversation, message, params)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if not body.stream:
+        result = await run_in_threadpool(stream.complete)
+        return ChatCompletion(
+            id=completion_id,
+            created=created,
+            model=service.model_name,
+            choices=[
+                Choice(
+                    message=ChoiceMessage(content=result.text),
+                    finish_reason=_finish_reason(result.finish_reason),
+                )
+            ],
+            usage=_usage(result),
+        )
+
+    def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+        return {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": service.model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+
+    async def events():
+        yield sse_event(chunk({"role": "assistant", "content": ""}))
+        try:
+            async for delta in deltas_of(stream):
+                yield sse_event(chunk({"content": delta}))
+        except Exception as exc:
+            yield sse_event({"error": {"message": str(exc), "type": "server_error"}})
+            return
+        yield sse_event(chunk({}, _finish_reason(stream.result.finish_reason)))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            usage_chunk = {**chunk({}), "choices": [], "usage": _usage(stream.result).model_dump()}
+            yield sse_event(usage_chunk)
+        yield sse_event("[DONE]")
+
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def _finish_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _usage(result) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+    )

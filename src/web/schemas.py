@@ -1,0 +1,109 @@
+"""Request and response bodies of the native API (one schema per use)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from src.chat.params import GenerationParams, make_params
+from src.chat.service import ChatResult
+
+
+class GenerationOverrides(BaseModel):
+    """Per-request generation parameters; anything left out uses the server's defaults.
+    Ranges are checked by ``GenerationParams`` and reported with the field's name."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    do_sample: bool | None = None
+    seed: int | None = None
+    stop: list[str] | str | None = None
+
+    def apply_to(self, defaults: GenerationParams) -> GenerationParams:
+        overrides = self.model_dump(
+            exclude_none=True, include=set(GenerationOverrides.model_fields)
+        )
+        return make_params({**defaults.model_dump(), **overrides})
+
+
+class ChatRequest(GenerationOverrides):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(description="The user's message.")
+    session_id: str | None = Field(None, description="Continue this session; omit to start one.")
+    system_prompt: str | None = Field(None, description="System prompt for a new session.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timing(BaseModel):
+    seconds: float
+    first_token_seconds: float | None
+    tokens_per_second: float
+
+
+class ChatResponse(BaseModel):
+    response: str
+    session_id: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    usage: Usage
+    timing: Timing
+    dropped_messages: int = Field(description="Oldest messages left out to fit the context.")
+    cached: bool
+
+    @classmethod
+    def from_result(cls, result: ChatResult, session_id: str) -> ChatResponse:
+        return cls(
+            response=result.text,
+            session_id=session_id,
+            finish_reason=result.finish_reason,
+            usage=Usage(
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                total_tokens=result.prompt_tokens + result.completion_tokens,
+            ),
+            timing=Timing(
+                seconds=round(result.seconds, 4),
+                first_token_seconds=result.first_token_seconds,
+                tokens_per_second=round(result.tokens_per_second, 2),
+            ),
+            dropped_messages=result.dropped_messages,
+            cached=result.cached,
+        )
+
+
+class Message(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str
+
+
+class SessionResponse(BaseModel):
+    session_id: str
+    system_prompt: str | None
+    messages: list[Message]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "loading", "error"]
+    model: str | None = None
+    detail: str | None = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The shape of every error, as in the OpenAI API, so any client can read it."""
+
+    error: ErrorBody

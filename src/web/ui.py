@@ -1,0 +1,150 @@
+"""The Gradio chat UI, on the same ChatService as the CLI and the API.
+
+``build_ui(get_service)`` takes a function rather than a service because, mounted on the
+API, the UI exists before the model has finished loading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gradio as gr
+
+from src.chat.params import GenerationParams, make_params
+from src.chat.service import ChatService
+from src.errors import MiniClaudeError
+from src.web.ui_history import history_to_conversation, history_to_messages, messages_to_history
+
+ServiceGetter = Callable[[], ChatService | None]
+History = list[dict[str, Any]]
+
+
+def _service_or_error(get_service: ServiceGetter) -> ChatService:
+    service = get_service()
+    if service is None:
+        raise gr.Error("The model is still loading. Try again in a few seconds.")
+    return service
+
+
+def stream_reply(
+    get_service: ServiceGetter,
+    message: str,
+    history: History,
+    system_prompt: str,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: float,
+    repetition_penalty: float,
+) -> Iterator[tuple[History, str, str]]:
+    """Yield (chat history, textbox value, status line) as the reply grows."""
+    service = _service_or_error(get_service)
+    conversation = history_to_conversation(history, system_prompt)
+    try:
+        params = make_params(
+            {
+                **service.default_params.model_dump(),
+                "temperature": temperature,
+                "do_sample": temperature > 0,
+                "top_p": top_p,
+                "max_new_tokens": int(max_new_tokens),
+                "repetition_penalty": repetition_penalty,
+            }
+        )
+        stream = service.start_reply(conversation, message, params)
+    except MiniClaudeError as exc:
+        raise gr.Error(str(exc)) from None
+    shown = messages_to_history(conversation.messages) + [
+        {"role": "user", "content": message},
+        {"role": "assistant", "content": ""},
+    ]
+    iterator = iter(stream)
+    try:
+        for delta in iterator:
+            shown[-1]["content"] += delta
+            yield shown, "", "_writing…_"
+    finally:
+        if stream.result is None:  # the Stop button (or a closed tab) ended us early
+            stream.abandon()
+            iterator.close()
+    result = stream.result
+    status = f"**{service.model_name}** · {result.completion_tokens} tokens · "
+    status += f"{result.tokens_per_second:.1f} tokens/s"
+    if result.dropped_messages:
+        status += f" · {result.dropped_messages} oldest messages left out of the context"
+    yield shown, "", status
+
+
+def last_user_message(history: History) -> tuple[History, str]:
+    """History without its last exchange, and that exchange's user message."""
+    messages = history_to_messages(history)
+    if not messages:
+        raise gr.Error("There is no message to answer again.")
+    return messages_to_history(messages[:-2]), messages[-2]["content"]
+
+
+def build_ui(get_service: ServiceGetter, defaults: GenerationParams | None = None) -> gr.Blocks:
+    """The chat page; sliders start at ``defaults`` (the settings' generation defaults)."""
+    defaults = defaults or GenerationParams()
+    with gr.Blocks(title="Mini-Claude") as demo:
+        gr.Markdown(
+            "# Mini-Claude\nA local chatbot: streaming replies from a model on your machine."
+        )
+        chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot")
+        with gr.Row():
+            textbox = gr.Textbox(
+                placeholder="Type a message and press Enter",
+                show_label=False,
+                scale=8,
+                elem_id="message",
+                autofocus=True,
+            )
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            stop = gr.Button("Stop", scale=1, elem_id="stop")
+        with gr.Row():
+            regenerate = gr.Button("Regenerate", size="sm", elem_id="regenerate")
+            undo = gr.Button("Undo", size="sm", elem_id="undo")
+            clear = gr.Button("Clear", size="sm", elem_id="clear")
+        status = gr.Markdown("", elem_id="status")
+        with gr.Accordion("Settings", open=False):
+            system_prompt = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
+            temperature = gr.Slider(
+                0.0,
+                2.0,
+                value=defaults.temperature if defaults.do_sample else 0.0,
+                step=0.05,
+                label="Temperature (0 = greedy)",
+            )
+            top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
+            max_new_tokens = gr.Slider(
+                1, 1024, value=defaults.max_new_tokens, step=1, label="Max new tokens"
+            )
+            repetition_penalty = gr.Slider(
+                1.0, 2.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"
+            )
+        settings = [system_prompt, temperature, top_p, max_new_tokens, repetition_penalty]
+
+        def respond(message, history, *values):
+            yield from stream_reply(get_service, message, history, *values)
+
+        def again(history, *values):
+            earlier, message = last_user_message(history)
+            yield from stream_reply(get_service, message, earlier, *values)
+
+        outputs = [chatbot, textbox, status]
+        submit_args = {"fn": respond, "inputs": [textbox, chatbot, *settings], "outputs": outputs}
+        events = [
+            textbox.submit(**submit_args),
+            send.click(**submit_args),
+            regenerate.click(again, [chatbot, *settings], outputs),
+        ]
+        stop.click(None, cancels=events)
+        undo.click(lambda history: last_user_message(history)[0], chatbot, chatbot)
+        clear.click(lambda: ([], "", ""), None, outputs)
+
+        def show_model() -> str:
+            service = get_service()
+            return f"**{service.model_name}**" if service else "_model loading…_"
+
+        demo.load(show_model, None, status)
+    return demo

@@ -1,0 +1,45 @@
+"""Mini-Claude in the browser: ``python src/web_app.py`` (or ``make web``).
+
+A Gradio chat UI on the same ChatService as the CLI and the API (the API also serves it at
+/ui). Opens on http://127.0.0.1:7860 by default; ``--host``/``--port`` change that.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import os
+
+from src.errors import MiniClaudeError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Chat with a local model in the browser.")
+    parser.add_argument("--model", help="hub id, local folder or smollm2-135m-instruct")
+    parser.add_argument("--adapter", type=Path, help="a LoRA adapter folder (peft format)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
+
+    from src.chat.service import ChatService
+    from src.config import load_settings
+    from src.web.ui import build_ui
+
+    try:
+        settings = load_settings()
+        service = ChatService.from_settings(settings, args.model, args.adapter, batching=True)
+    except MiniClaudeError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    demo = build_ui(lambda: service, service.default_params)
+    demo.queue(default_concurrency_limit=16).launch(server_name=args.host, server_port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""A real uvicorn server on 127.0.0.1 and a free port, in a thread, for the length of a test."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app, wait_until_ready: bool = True) -> None:
+        self.app = app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.wait_until_ready = wait_until_ready
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        if self.wait_until_ready:
+            while httpx.get(f"{self.url}/health").status_code != 200:
+                if time.monotonic() > deadline or self.app.state.load_error:
+                    raise RuntimeError(f"the model did not load: {self.app.state.load_error}")
+                time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120, **kwargs)
+
+
+def read_sse(response: httpx.Response) -> list[tuple[str | None, str]]:
+    """(event, data) pairs of a server-sent event stream."""
+    events, event, data = [], None, []
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif line == "" and data:
+            events.append((event, "\n".join(data)))
+            event, data = None, []
+    return events
