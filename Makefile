@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: setup setup-dev chat serve web test test-slow test-all lint format cov download clean-cache
+.PHONY: setup setup-dev browser chat serve web test test-slow test-all lint format cov download \
+	clean-cache docs-images
 
 $(RUNTIME_STAMP): requirements.txt requirements-assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +22,24 @@ $(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 setup: $(RUNTIME_STAMP)          ## install the runtime into .venv
 setup-dev: $(DEV_STAMP)          ## ... plus test and lint tools
 
+browser:                         ## headless Chromium + driver for the UI test (Debian packages)
+	@command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "note: install chromium and chromium-driver (sudo apt-get install chromium" \
+	         "chromium-driver) to run the browser test; it is skipped without them."; \
+	  fi; }
+
 chat: setup                      ## set up and start the CLI chatbot
 	$(PY) src/mvp_chatbot.py $(ARGS)
+
+serve: setup                     ## set up and start the API (UI at /ui) on API_HOST:API_PORT
+	$(PY) -m src.web
+
+web: setup                       ## set up and start the Gradio UI alone (port 7860)
+	$(PY) src/web_app.py $(ARGS)
 
 download: setup                  ## fetch/prepare MODEL_NAME into MODEL_CACHE_DIR
 	$(PY) scripts/download_models.py $(ARGS)
@@ -30,13 +47,13 @@ download: setup                  ## fetch/prepare MODEL_NAME into MODEL_CACHE_DI
 clean-cache: setup               ## list the model cache (ARGS=--yes deletes)
 	$(PY) scripts/clean_cache.py $(ARGS)
 
-test: setup-dev                  ## set up and run the test suite (not the slow tests)
+test: setup-dev browser          ## set up and run the test suite (not the slow tests)
 	$(PY) -m pytest $(ARGS)
 
-test-slow: setup-dev             ## only the slow tests
+test-slow: setup-dev browser            ## only the slow tests
 	$(PY) -m pytest -m slow $(ARGS)
 
-test-all: setup-dev              ## every test
+test-all: setup-dev browser             ## every test
 	$(PY) -m pytest -m "slow or not slow" $(ARGS)
 
 lint: setup-dev                  ## ruff lint and format check
@@ -47,5 +64,8 @@ format: setup-dev                ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-cov: setup-dev                   ## tests with coverage (HTML in htmlcov/)
+cov: setup-dev browser                  ## tests with coverage (HTML in htmlcov/)
 	$(PY) -m pytest --cov=src --cov-report=term-missing --cov-report=html $(ARGS)
+
+docs-images: setup-dev browser   ## refresh the README's screenshot from the browser test
+	UPDATE_DOCS_IMAGES=1 $(PY) -m pytest tests/integration/test_web_ui.py -q

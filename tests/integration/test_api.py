@@ -5,7 +5,6 @@ import json
 import sqlite3
 import threading
 
-import httpx
 import pytest
 
 from src.chat.store import SessionStore

@@ -79,5 +79,7 @@ def test_everything_fits_nothing_dropped(smollm):
 
 
 def test_a_message_that_cannot_fit_raises_a_clear_error(smollm):
-    with pytest.raises(ContextOverflowError, match=r"message: needs \d+ prompt tokens, but only 5 fit"):
+    with pytest.raises(
+        ContextOverflowError, match=r"message: needs \d+ prompt tokens, but only 5 fit"
+    ):
         build_prompt(smollm, PromptFormat.CHAT_TEMPLATE, None, HISTORY, 5)

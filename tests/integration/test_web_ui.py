@@ -1,0 +1,145 @@
+"""The Gradio UI in a real browser: headless Chromium (Debian's chromium + chromium-driver,
+installed by `make test`) drives the page served by the API at /ui on 127.0.0.1."""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from src.config import REPO_ROOT, load_settings
+from src.models.bundled import BUNDLED_MODEL_NAME
+from src.web.api import create_app
+from tests.conftest import REPO_MODEL_CACHE
+from tests.live_server import LiveServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+CHROMEDRIVER = shutil.which("chromedriver")
+README_SCREENSHOT = REPO_ROOT / "docs" / "images" / "web_ui.png"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMEDRIVER is None:
+        pytest.skip("chromedriver not installed (make test installs chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,900",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, bundled_model_path):
+    settings = load_settings(
+        _env_file=None,
+        model_name=BUNDLED_MODEL_NAME,
+        model_cache_dir=REPO_MODEL_CACHE,
+        data_dir=tmp_path_factory.mktemp("data"),
+        do_sample=False,
+        max_new_tokens=40,
+    )
+    with LiveServer(create_app(settings)) as live:
+        yield live
+
+
+def wait_for(condition, timeout: float = 60, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out waiting for the page")
+
+
+def bot_messages(driver) -> list[str]:
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#chatbot .bot.message'))"
+        ".map(e => e.innerText.trim())"
+    )
+
+
+def send(driver, text: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "#message textarea"))[0]
+    box.send_keys(text)
+    box.send_keys(Keys.ENTER)
+
+
+def click(driver, element_id: str) -> None:
+    driver.execute_script(f"document.getElementById('{element_id}').click()")
+
+
+def test_a_message_gets_a_streamed_reply(browser, server, tmp_path):
+    browser.get(f"{server.url}/ui/")
+    send(browser, "What is the capital of France?")
+    # Sample the reply as it grows: streaming means several different partial texts.
+    versions: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        messages = bot_messages(browser)
+        if messages and messages[-1] and (not versions or versions[-1] != messages[-1]):
+            versions.append(messages[-1])
+        status = browser.execute_script("return document.getElementById('status').innerText")
+        if "tokens/s" in status:
+            break
+        time.sleep(0.02)
+    assert "Paris" in versions[-1]
+    assert len(versions) >= 2, f"the reply did not stream: {versions}"
+    assert all(versions[-1].startswith(partial.rstrip()) for partial in versions)
+    assert BUNDLED_MODEL_NAME in status and "tokens/s" in status
+    target = README_SCREENSHOT if os.environ.get("UPDATE_DOCS_IMAGES") else tmp_path / "ui.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(target))
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_regenerate_undo_clear_and_errors(browser, server):
+    browser.get(f"{server.url}/ui/")
+    send(browser, "Name a planet.")
+    first = wait_for(
+        lambda: (
+            "tokens/s"
+            in browser.execute_script("return document.getElementById('status').innerText")
+            and bot_messages(browser)
+        )
+    )
+    click(browser, "regenerate")
+    time.sleep(0.5)
+    wait_for(
+        lambda: (
+            "tokens/s"
+            in browser.execute_script("return document.getElementById('status').innerText")
+        )
+    )
+    assert bot_messages(browser) == first  # greedy: the same reply again, not a second one
+    click(browser, "undo")
+    wait_for(lambda: bot_messages(browser) == [])
+    send(browser, "Name a planet.")
+    wait_for(lambda: len(bot_messages(browser)) == 1)
+    click(browser, "clear")
+    wait_for(lambda: bot_messages(browser) == [])
+    send(browser, "   ")  # an empty message: a readable error, not a stack trace
+    error = wait_for(
+        lambda: "must not be empty" in browser.execute_script("return document.body.innerText")
+    )
+    assert error
+    assert "Traceback" not in browser.execute_script("return document.body.innerText")
+
+
+def test_readme_screenshot_exists():
+    assert Path(README_SCREENSHOT).is_file(), "run `make docs-images` to create it"
