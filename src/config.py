@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     model_fallback: Literal["bundled", "none"] = "bundled"
     max_length: int = Field(512, ge=1, le=1024)
     adapter_path: Path | None = None
+    adapters_dir: Path = Path("./outputs/adapters")  # adapters users may pick by name
     trust_remote_code: bool = False
     huggingface_token: SecretStr | None = None
 

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
 
+    from src.chat.adapter_pool import AdapterPool
     from src.chat.service import ChatService
     from src.config import load_settings
     from src.web.ui import build_ui
@@ -36,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     except MiniClaudeError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
-    demo = build_ui(lambda: service, service.default_params)
+    pool = AdapterPool(
+        service,
+        settings.adapters_dir,
+        lambda path: ChatService.from_settings(settings, args.model, path, batching=True),
+    )
+    demo = build_ui(lambda: pool, service.default_params)
     demo.queue(default_concurrency_limit=16).launch(server_name=args.host, server_port=args.port)
     return 0
 

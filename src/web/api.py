@@ -14,10 +14,12 @@ import secrets
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from src.chat.adapter_pool import AdapterPool
 from src.chat.service import ChatService
 from src.chat.store import SessionStore
 from src.config import Settings, load_settings
@@ -50,11 +52,20 @@ def create_app(
     async def lifespan(app: FastAPI):
         def load() -> None:
             try:
-                app.state.service = factory(settings)
-                logger.info("Model %s ready", app.state.service.model_name)
+                service = factory(settings)
+                app.state.adapters = AdapterPool(
+                    service, settings.adapters_dir, lambda path: adapter_service(service, path)
+                )
+                app.state.service = service
+                logger.info("Model %s ready", service.model_name)
             except MiniClaudeError as exc:
                 app.state.load_error = str(exc)
                 logger.error("Model failed to load: %s", exc)
+
+        def adapter_service(base: ChatService, adapter: Path) -> ChatService:
+            return ChatService.from_settings(
+                settings, adapter_path=adapter, batching=True, store=base.store
+            )
 
         loader = threading.Thread(target=load, name="model-loader", daemon=True)
         loader.start()
@@ -73,6 +84,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.service = None
+    app.state.adapters = None  # an AdapterPool once the model is loaded (used by the UI)
     app.state.load_error = None
     install_error_handlers(app)
     if settings.cors_origin_list:
@@ -105,7 +117,7 @@ def mount_web_ui(app: FastAPI, settings: Settings) -> None:
         def auth(_user: str, password: str) -> bool:
             return secrets.compare_digest(password.encode(), key)
 
-    ui = build_ui(lambda: app.state.service, settings.generation_defaults())
+    ui = build_ui(lambda: app.state.adapters, settings.generation_defaults())
     ui.queue(default_concurrency_limit=settings.max_batch_size)
     gr.mount_gradio_app(app, ui, path="/ui", auth=auth)
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from src.chat.adapter_pool import AdapterPool
 from src.chat.service import ChatService
 from src.config import Settings
 from src.web.errors import HTTPProblem
@@ -26,6 +27,11 @@ def get_service(request: Request) -> ChatService:
     return service
 
 
+def get_adapter_pool(request: Request, service: Annotated[ChatService, Depends(get_service)]):
+    """The base service and the adapters in ADAPTERS_DIR (available once the model loaded)."""
+    return request.app.state.adapters
+
+
 def require_api_key(request: Request) -> None:
     """With API_KEY set, require ``Authorization: Bearer <key>`` (compared in constant time)."""
     expected = get_settings(request).api_key
@@ -41,4 +47,5 @@ def require_api_key(request: Request) -> None:
 
 
 ServiceDep = Annotated[ChatService, Depends(get_service)]
+AdapterPoolDep = Annotated[AdapterPool, Depends(get_adapter_pool)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -36,6 +36,7 @@ class ChatRequest(GenerationOverrides):
     message: str = Field(description="The user's message.")
     session_id: str | None = Field(None, description="Continue this session; omit to start one.")
     system_prompt: str | None = Field(None, description="System prompt for a new session.")
+    adapter: str | None = Field(None, description="A LoRA adapter from ADAPTERS_DIR, by name.")
 
 
 class Usage(BaseModel):

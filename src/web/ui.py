@@ -1,7 +1,8 @@
 """The Gradio chat UI, on the same ChatService as the CLI and the API.
 
-``build_ui(get_service)`` takes a function rather than a service because, mounted on the
-API, the UI exists before the model has finished loading.
+``build_ui(get_pool)`` takes a function rather than a service because, mounted on the API,
+the UI exists before the model has finished loading. The pool holds the base model's service
+and, when ADAPTERS_DIR has LoRA adapters, one per adapter (a dropdown picks one).
 """
 
 from __future__ import annotations
@@ -11,24 +12,30 @@ from typing import Any
 
 import gradio as gr
 
+from src.chat.adapter_pool import AdapterPool
 from src.chat.params import GenerationParams, make_params
 from src.chat.service import ChatService
 from src.errors import MiniClaudeError
 from src.web.ui_history import history_to_conversation, history_to_messages, messages_to_history
 
-ServiceGetter = Callable[[], ChatService | None]
+PoolGetter = Callable[[], AdapterPool | None]
 History = list[dict[str, Any]]
+BASE_MODEL_CHOICE = "(base model)"
 
 
-def _service_or_error(get_service: ServiceGetter) -> ChatService:
-    service = get_service()
-    if service is None:
+def _service_or_error(get_pool: PoolGetter, adapter: str | None) -> ChatService:
+    pool = get_pool()
+    if pool is None:
         raise gr.Error("The model is still loading. Try again in a few seconds.")
-    return service
+    try:
+        return pool.get(None if adapter in (None, "", BASE_MODEL_CHOICE) else adapter)
+    except MiniClaudeError as exc:
+        raise gr.Error(str(exc)) from None
 
 
 def stream_reply(
-    get_service: ServiceGetter,
+    get_pool: PoolGetter,
+    adapter: str | None,
     message: str,
     history: History,
     system_prompt: str,
@@ -38,7 +45,7 @@ def stream_reply(
     repetition_penalty: float,
 ) -> Iterator[tuple[History, str, str]]:
     """Yield (chat history, textbox value, status line) as the reply grows."""
-    service = _service_or_error(get_service)
+    service = _service_or_error(get_pool, adapter)
     conversation = history_to_conversation(history, system_prompt)
     try:
         params = make_params(
@@ -83,12 +90,19 @@ def last_user_message(history: History) -> tuple[History, str]:
     return messages_to_history(messages[:-2]), messages[-2]["content"]
 
 
-def build_ui(get_service: ServiceGetter, defaults: GenerationParams | None = None) -> gr.Blocks:
+def build_ui(get_pool: PoolGetter, defaults: GenerationParams | None = None) -> gr.Blocks:
     """The chat page; sliders start at ``defaults`` (the settings' generation defaults)."""
     defaults = defaults or GenerationParams()
     with gr.Blocks(title="Mini-Claude") as demo:
         gr.Markdown(
             "# Mini-Claude\nA local chatbot: streaming replies from a model on your machine."
+        )
+        adapter = gr.Dropdown(
+            [BASE_MODEL_CHOICE],
+            value=BASE_MODEL_CHOICE,
+            label="LoRA adapter",
+            visible=False,
+            elem_id="adapter",
         )
         chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot")
         with gr.Row():
@@ -124,27 +138,35 @@ def build_ui(get_service: ServiceGetter, defaults: GenerationParams | None = Non
             )
         settings = [system_prompt, temperature, top_p, max_new_tokens, repetition_penalty]
 
-        def respond(message, history, *values):
-            yield from stream_reply(get_service, message, history, *values)
+        def respond(adapter_name, message, history, *values):
+            yield from stream_reply(get_pool, adapter_name, message, history, *values)
 
-        def again(history, *values):
+        def again(adapter_name, history, *values):
             earlier, message = last_user_message(history)
-            yield from stream_reply(get_service, message, earlier, *values)
+            yield from stream_reply(get_pool, adapter_name, message, earlier, *values)
 
         outputs = [chatbot, textbox, status]
-        submit_args = {"fn": respond, "inputs": [textbox, chatbot, *settings], "outputs": outputs}
+        submit_args = {
+            "fn": respond,
+            "inputs": [adapter, textbox, chatbot, *settings],
+            "outputs": outputs,
+        }
         events = [
             textbox.submit(**submit_args),
             send.click(**submit_args),
-            regenerate.click(again, [chatbot, *settings], outputs),
+            regenerate.click(again, [adapter, chatbot, *settings], outputs),
         ]
         stop.click(None, cancels=events)
         undo.click(lambda history: last_user_message(history)[0], chatbot, chatbot)
         clear.click(lambda: ([], "", ""), None, outputs)
 
-        def show_model() -> str:
-            service = get_service()
-            return f"**{service.model_name}**" if service else "_model loading…_"
+        def on_page_load():
+            pool = get_pool()
+            if pool is None:
+                return "_model loading…_", gr.Dropdown(visible=False)
+            names = pool.names()  # read on each page load: new adapters show up on refresh
+            choices = [BASE_MODEL_CHOICE, *names]
+            return f"**{pool.base.model_name}**", gr.Dropdown(choices=choices, visible=bool(names))
 
-        demo.load(show_model, None, status)
+        demo.load(on_page_load, None, [status, adapter])
     return demo

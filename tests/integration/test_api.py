@@ -322,3 +322,33 @@ def test_openapi_schema_lists_every_route(client):
         "/v1/chat/completions",
         "/v1/models",
     }
+
+
+def test_chat_with_a_lora_adapter_chosen_by_name(settings, tiny_llama_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    # init_lora_weights=False: random A and B, so the adapter visibly changes the output.
+    config = LoraConfig(
+        r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(base_model, config).save_pretrained(settings.adapters_dir / "random-lora")
+    settings = settings.model_copy(update={"model_name": str(tiny_llama_path)})
+    app = create_app(settings, tiny_factory(tiny_llama_path), mount_ui=False)
+    request = {
+        "message": "Hello",
+        "do_sample": False,
+        "repetition_penalty": 1.0,
+        "max_new_tokens": 8,
+    }
+    with LiveServer(app) as live, live.client() as http:
+        base = http.post("/chat", json=request)
+        adapted = http.post("/chat", json={**request, "adapter": "random-lora"})
+        assert base.status_code == adapted.status_code == 200, adapted.text
+        assert adapted.json()["response"] != base.json()["response"]
+        for name in ("../random-lora", "/etc/passwd", "unknown"):
+            refused = http.post("/chat", json={**request, "adapter": name})
+            assert refused.status_code == 400
+            assert refused.json()["error"]["param"] == "adapter"
+            assert "available: random-lora" in refused.json()["error"]["message"]

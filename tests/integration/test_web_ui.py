@@ -32,7 +32,7 @@ def browser():
         "--headless=new",
         "--no-sandbox",
         "--disable-dev-shm-usage",
-        "--window-size=1200,900",
+        "--window-size=1200,1050",
     ):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -42,11 +42,19 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, bundled_model_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapters_dir = tmp_path_factory.mktemp("adapters")
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    base = AutoModelForCausalLM.from_pretrained(bundled_model_path)
+    get_peft_model(base, lora).save_pretrained(adapters_dir / "demo-lora")
     settings = load_settings(
         _env_file=None,
         model_name=BUNDLED_MODEL_NAME,
         model_cache_dir=REPO_MODEL_CACHE,
         data_dir=tmp_path_factory.mktemp("data"),
+        adapters_dir=adapters_dir,
         do_sample=False,
         max_new_tokens=40,
     )
@@ -139,6 +147,34 @@ def test_regenerate_undo_clear_and_errors(browser, server):
     )
     assert error
     assert "Traceback" not in browser.execute_script("return document.body.innerText")
+
+
+def test_an_adapter_can_be_chosen_when_adapters_exist(browser, server):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{server.url}/ui/")
+    dropdown = wait_for(
+        lambda: [
+            e for e in browser.find_elements(By.CSS_SELECTOR, "#adapter input") if e.is_displayed()
+        ]
+    )[0]
+    dropdown.click()
+    option = wait_for(
+        lambda: [
+            e for e in browser.find_elements(By.CSS_SELECTOR, "li") if e.text.strip() == "demo-lora"
+        ]
+    )[0]
+    option.click()
+    send(browser, "Name a planet.")
+    status = wait_for(
+        lambda: (
+            (text := browser.execute_script("return document.getElementById('status').innerText"))
+            and "tokens/s" in text
+            and text
+        )
+    )
+    assert f"{BUNDLED_MODEL_NAME}+demo-lora" in status
+    assert bot_messages(browser)[-1]
 
 
 def test_readme_screenshot_exists():

@@ -6,7 +6,7 @@ from starlette.concurrency import run_in_threadpool
 
 from src.chat.conversation import Conversation
 from src.chat.service import ChatService
-from src.web.deps import ServiceDep, require_api_key
+from src.web.deps import AdapterPoolDep, ServiceDep, require_api_key
 from src.web.errors import HTTPProblem, sse_event
 from src.web.schemas import ChatRequest, ChatResponse, ErrorResponse, SessionResponse
 from src.web.streaming import deltas_of
@@ -34,8 +34,9 @@ def open_session(service: ChatService, body: ChatRequest) -> Conversation:
 
 
 @router.post("/chat", response_model=ChatResponse)
-def chat(body: ChatRequest, service: ServiceDep) -> ChatResponse:
+def chat(body: ChatRequest, pool: AdapterPoolDep) -> ChatResponse:
     """Answer one message; the exchange is saved to the session when the reply is complete."""
+    service = pool.get(body.adapter)
     params = body.apply_to(service.default_params)
     conversation = open_session(service, body)
     result = service.reply(conversation, body.message, params)
@@ -47,9 +48,10 @@ def chat(body: ChatRequest, service: ServiceDep) -> ChatResponse:
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-async def chat_stream(body: ChatRequest, service: ServiceDep) -> StreamingResponse:
+async def chat_stream(body: ChatRequest, pool: AdapterPoolDep) -> StreamingResponse:
     """The same reply as server-sent events: ``delta`` events with text, then one ``done``
     event with the full ChatResponse. A client that disconnects stops the generation."""
+    service = await run_in_threadpool(pool.get, body.adapter)  # may load it the first time
     params = body.apply_to(service.default_params)
     conversation = open_session(service, body)
     stream = await run_in_threadpool(service.start_reply, conversation, body.message, params)
