@@ -1,0 +1,80 @@
+"""The server entry points as users start them: separate processes on 127.0.0.1."""
+
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from src.config import REPO_ROOT
+from tests.integration.conftest import clean_env
+from tests.live_server import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float = 120) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
+                return response
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} never answered 200")
+
+
+def start(args: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env=clean_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_uvicorn_command_from_the_readme(converted_bundled_model, tmp_path):
+    port = free_port()
+    server = start(
+        ["-m", "uvicorn", "src.web.api:app", "--host", "127.0.0.1", "--port", str(port)],
+        MODEL_NAME="smollm2-135m-instruct",
+        DATA_DIR=str(tmp_path),
+        DO_SAMPLE="false",
+    )
+    try:
+        health = wait_for_http(f"http://127.0.0.1:{port}/health", server)
+        assert health.json()["model"] == "smollm2-135m-instruct"
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/chat",
+            timeout=60,
+            json={"message": "What is the capital of France?"},
+        )
+        assert "Paris" in reply.json()["response"]
+        assert httpx.get(f"http://127.0.0.1:{port}/ui/", timeout=10).status_code == 200
+    finally:
+        stop(server)
+    assert (tmp_path / "sessions.sqlite3").is_file()
+
+
+def test_web_app_entry_point_serves_the_ui(converted_bundled_model):
+    port = free_port()
+    web = start(["src/web_app.py", "--port", str(port), "--model", "smollm2-135m-instruct"])
+    try:
+        page = wait_for_http(f"http://127.0.0.1:{port}/", web)
+        assert "Mini-Claude" in page.text or "gradio" in page.text.lower()
+    finally:
+        stop(web)
