@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     adapter_path: Path | None = None
     adapters_dir: Path = Path("./outputs/adapters")  # adapters users may pick by name
     trust_remote_code: bool = False
+    # "hf": transformers' model; "scratch": our own src/models/transformer.py on the same weights
+    engine: Literal["hf", "scratch"] = "hf"
     huggingface_token: SecretStr | None = None
 
     # Chat

@@ -29,6 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapter", type=Path, help="a LoRA adapter folder (peft format)")
     parser.add_argument("--system", help="system prompt (models with a chat template)")
     parser.add_argument(
+        "--engine",
+        choices=["hf", "scratch"],
+        help="hf: transformers' model; scratch: our own transformer on the same "
+        "weights (default: ENGINE)",
+    )
+    parser.add_argument(
         "--verbose", action="store_true", help="show tokens/s and context-window decisions"
     )
     return parser.parse_args(argv)
@@ -55,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = load_settings()
-        service = ChatService.from_settings(settings, args.model, args.adapter)
+        service = ChatService.from_settings(
+            settings, args.model, args.adapter, engine_name=args.engine
+        )
     except MiniClaudeError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from src.chat.prompts import PromptBuild, PromptFormat, build_prompt, detect_pro
 from src.chat.store import SessionStore
 from src.chat.streaming import IncrementalDecoder, StopSequenceFilter
 from src.config import Settings
-from src.errors import InvalidRequestError
+from src.errors import InvalidRequestError, ModelLoadingError
 
 
 @dataclass
@@ -169,6 +169,20 @@ class ReplyStream:
         )
 
 
+def scratch_model(loaded: Any) -> Any:
+    """Our from-scratch transformer with the loaded model's weights."""
+    from src.models.transformer import Transformer
+
+    if loaded.adapter is not None:
+        raise ModelLoadingError(
+            "ENGINE=scratch runs base models only; LoRA adapters need ENGINE=hf."
+        )
+    try:
+        return Transformer.from_hf(loaded.model)
+    except ValueError as exc:
+        raise ModelLoadingError(f"ENGINE=scratch cannot run {loaded.name}: {exc}") from exc
+
+
 class ChatService:
     def __init__(
         self,
@@ -201,19 +215,25 @@ class ChatService:
         adapter_path: Any = None,
         batching: bool = False,
         store: SessionStore | None = None,
+        engine_name: str | None = None,
     ) -> ChatService:
         """Load the configured model (see ``src.models.loader``) and wrap it in a service.
 
         ``batching=True`` (the API server) decodes concurrent requests together.
+        ``engine_name`` ("hf" or "scratch", default ENGINE) picks whose forward pass runs:
+        transformers' or our from-scratch transformer on the same weights.
         """
         from src.models.loader import load_model
 
         loaded = load_model(settings, model_name=model_name, adapter_path=adapter_path)
         name = loaded.name if loaded.adapter is None else f"{loaded.name}+{loaded.adapter.name}"
+        model = loaded.model
+        if (engine_name or settings.engine) == "scratch":
+            model = scratch_model(loaded)
         if batching:
-            engine = BatchingEngine(loaded.model, loaded.tokenizer, settings.max_batch_size)
+            engine = BatchingEngine(model, loaded.tokenizer, settings.max_batch_size)
         else:
-            engine = HFEngine(loaded.model, loaded.tokenizer)
+            engine = HFEngine(model, loaded.tokenizer)
         return cls(
             engine,
             model_name=name,

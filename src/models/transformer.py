@@ -1,0 +1,504 @@
+"""A decoder-only transformer from scratch, in one file, read top to bottom.
+
+It covers the two families users meet, as configuration switches rather than subclasses:
+
+- GPT-2 / DialoGPT (Radford et al., 2019): learned position embeddings, LayerNorm, a GELU MLP,
+  one fused QKV projection with biases, input and output embeddings tied.
+- Llama / SmolLM2 (Touvron et al., 2023): RMSNorm (Zhang & Sennrich, 2019), rotary position
+  embeddings (RoFormer, Su et al., 2021), a SwiGLU MLP (Shazeer, 2020), and grouped-query
+  attention (GQA, Ainslie et al., 2023) where several query heads share one key/value head.
+
+Both are the architecture of "Attention Is All You Need" (Vaswani et al., 2017) with only the
+decoder kept and the normalisation moved before each sub-layer (pre-norm, as in GPT-2).
+
+``Transformer.from_hf`` loads the weights of a Hugging Face GPT2LMHeadModel or LlamaForCausalLM
+(mapping every tensor by name, below), and the tests check that the logits match Hugging
+Face's to 1e-4. ``forward`` takes the same arguments as a transformers model (``input_ids``,
+``attention_mask``, ``position_ids``, ``cache``, ``logits_to_keep``), so the chat engines run
+on it unchanged.
+
+Shapes in comments: B batch, T new tokens, S all tokens (cache + new), C model width,
+nh query heads, nkv key/value heads, hs head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_kv_head: int | None = None  # None: as many as query heads (no GQA)
+    head_dim: int | None = None  # None: n_embd // n_head
+    intermediate_size: int | None = None  # None: 4 * n_embd, as in GPT-2
+    max_position_embeddings: int = 1024
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    positions: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10_000.0
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    attention_bias: bool = True  # biases on the q, k, v and output projections
+    mlp_bias: bool = True  # biases on the MLP projections
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(
+                    f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                    "each head gets n_embd // n_head dimensions"
+                )
+            self.head_dim = self.n_embd // self.n_head
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: "
+                "in grouped-query attention each key/value head serves a whole group of heads"
+            )
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.n_embd
+        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"),
+                   "mlp": ("gelu", "swiglu")}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> TransformerConfig:
+        """Read a transformers GPT2Config or LlamaConfig."""
+        if hf_config.model_type == "gpt2":
+            if hf_config.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ValueError(f"unsupported GPT-2 activation {hf_config.activation_function}")
+            return cls(
+                vocab_size=hf_config.vocab_size,
+                n_layer=hf_config.n_layer,
+                n_head=hf_config.n_head,
+                n_embd=hf_config.n_embd,
+                intermediate_size=hf_config.n_inner,
+                max_position_embeddings=hf_config.n_positions,
+                norm_eps=hf_config.layer_norm_epsilon,
+                tie_embeddings=True,
+            )
+        if hf_config.model_type == "llama":
+            rope = getattr(hf_config, "rope_parameters", None) or {}
+            if rope.get("rope_type", "default") != "default":
+                raise ValueError(f"unsupported rope scaling {rope.get('rope_type')!r}")
+            return cls(
+                vocab_size=hf_config.vocab_size,
+                n_layer=hf_config.num_hidden_layers,
+                n_head=hf_config.num_attention_heads,
+                n_kv_head=hf_config.num_key_value_heads,
+                n_embd=hf_config.hidden_size,
+                head_dim=getattr(hf_config, "head_dim", None),
+                intermediate_size=hf_config.intermediate_size,
+                max_position_embeddings=hf_config.max_position_embeddings,
+                norm="rmsnorm",
+                norm_eps=hf_config.rms_norm_eps,
+                positions="rope",
+                rope_theta=rope.get("rope_theta", getattr(hf_config, "rope_theta", 10_000.0)),
+                mlp="swiglu",
+                attention_bias=hf_config.attention_bias,
+                mlp_bias=hf_config.mlp_bias,
+                tie_embeddings=hf_config.tie_word_embeddings,
+            )
+        raise ValueError(f"model_type {hf_config.model_type!r}: only gpt2 and llama are supported")
+
+
+# ------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Scale by the root mean square (no mean subtraction, no bias): cheaper than LayerNorm
+    and as good in practice (Zhang & Sennrich, 2019)."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in fp32 whatever the input dtype, as in Llama.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: TransformerConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoFormer: rotate each (x_i, x_{i+hs/2}) pair of q and k by an angle proportional to the
+    position, so that q·k depends only on the distance between the two tokens."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        # One frequency per pair of dimensions: theta^(-2i/hs), i = 0 .. hs/2 - 1.
+        inverse_frequency = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.float()[..., None] * self.inverse_frequency  # (B, T, hs/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (B, T, hs): halves share frequencies
+        return angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, T, hs) each
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every position seen so far, per layer: (B, nkv, S, hs).
+
+    The attribute names (``layers[i].keys``, ``.values``, ``batch_select_indices``) follow
+    transformers' DynamicCache, so the batching engine handles both the same way.
+    """
+
+    @dataclass
+    class Layer:
+        keys: torch.Tensor | None = None
+        values: torch.Tensor | None = None
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers = [KVCache.Layer() for _ in range(n_layer)]
+
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self.layers[layer]
+        if entry.keys is not None:
+            keys = torch.cat([entry.keys, keys], dim=2)  # along S
+            values = torch.cat([entry.values, values], dim=2)
+        entry.keys, entry.values = keys, values
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        keys = self.layers[0].keys
+        return 0 if keys is None else keys.shape[2]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for entry in self.layers:
+            entry.keys, entry.values = entry.keys[indices], entry.values[indices]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_head, self.n_kv_head, self.head_dim = (config.n_head, config.n_kv_head,
+                                                      config.head_dim)  # fmt: skip
+        # One matrix makes q, k and v in one multiplication (as GPT-2's c_attn); with GQA the
+        # k and v parts are smaller than the q part.
+        qkv_width = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.qkv = nn.Linear(config.n_embd, qkv_width, bias=config.attention_bias)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd,
+                              bias=config.attention_bias)  # fmt: skip
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        written_out: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)  # (B, nkv, S, hs)
+        # GQA: each key/value head serves n_head // n_kv_head consecutive query heads.
+        group = self.n_head // self.n_kv_head
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(group, dim=1)
+        if written_out:
+            y, weights = self.written_out_attention(q, k, v, mask)
+        else:
+            # The fused kernel computes the same softmax(q k^T / sqrt(hs) + mask) v.
+            y, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hs)
+        return self.proj(y), weights
+
+    def written_out_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled dot-product attention step by step (Vaswani et al., 2017, eq. 1)."""
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, nh, T, S)
+        scores = scores + mask  # 0 where allowed, a huge negative number where not
+        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # rows sum to 1
+        return weights @ v, weights  # (B, nh, T, hs), (B, nh, T, S)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.kind = config.mlp
+        hidden = config.intermediate_size
+        if self.kind == "swiglu":
+            # SwiGLU (Shazeer, 2020): a SiLU-gated linear unit, down(silu(gate(x)) * up(x)).
+            self.gate = nn.Linear(config.n_embd, hidden, bias=config.mlp_bias)
+        self.up = nn.Linear(config.n_embd, hidden, bias=config.mlp_bias)
+        self.down = nn.Linear(hidden, config.n_embd, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new").
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: TransformerConfig, layer_index: int) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attention = Attention(config, layer_index)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask, rotary, cache, written_out):
+        attended, weights = self.attention(self.norm1(x), mask, rotary, cache, written_out)
+        x = x + attended
+        x = x + self.mlp(self.norm2(x))
+        return x, weights
+
+
+# ------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TransformerOutput:
+    logits: torch.Tensor  # (B, T or logits_to_keep, V)
+    cache: KVCache | None = None
+    attentions: list[torch.Tensor] = field(default_factory=list)  # per layer (B, nh, T, S)
+    hidden_states: list[torch.Tensor] = field(default_factory=list)  # embeddings + per layer
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.positions == "learned":
+            self.position_embedding = nn.Embedding(config.max_position_embeddings, config.n_embd)
+        else:
+            self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            # Input and output embeddings share one matrix (Press & Wolf, 2017; GPT-2).
+            self.lm_head.weight = self.token_embedding.weight
+        self.generation_config = None  # set by from_hf: which tokens end a reply
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        sdpa: bool = True,
+    ) -> TransformerOutput:
+        """``input_ids`` (B, T); ``attention_mask`` (B, S) with 0 for padding; ``cache``
+        holds the S - T earlier positions. ``sdpa=False`` (or ``output_attentions``) uses the
+        written-out attention."""
+        B, T = input_ids.shape
+        if use_cache and cache is None:
+            cache = KVCache(self.config.n_layer)
+        past = cache.get_seq_length() if cache is not None else 0
+        S = past + T
+        if S > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {S} tokens is longer than max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")  # fmt: skip
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            # Padding does not count: a row's first real token is at position 0.
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+
+        x = self.token_embedding(input_ids)  # (B, T, C)
+        rotary = None
+        if self.config.positions == "learned":
+            x = x + self.position_embedding(position_ids)
+        else:
+            rotary = self.rotary(position_ids)
+        mask = attention_bias(attention_mask, T, x.dtype)  # (B, 1, T, S)
+
+        written_out = output_attentions or not sdpa
+        output = TransformerOutput(logits=x, cache=cache if use_cache else None)
+        for block in self.blocks:
+            if output_hidden_states:
+                output.hidden_states.append(x)
+            x, weights = block(x, mask, rotary, cache, written_out)
+            if output_attentions:
+                output.attentions.append(weights)
+        x = self.final_norm(x)
+        if output_hidden_states:
+            output.hidden_states.append(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # only the last positions are needed when generating
+        output.logits = self.lm_head(x)  # (B, T, V)
+        return output
+
+    # ---- generation ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop_token_ids: set[int] | frozenset[int] = frozenset(),
+        seed: int | None = None,
+    ) -> Iterator[int]:
+        """Yield new token ids one by one (streaming), reusing the KV cache: the prompt goes
+        through the model once, then each step feeds only the newest token. Temperature 0
+        is greedy decoding. Stops after a stop token (which is yielded) or max_new_tokens."""
+        from src.chat.params import GenerationParams
+        from src.chat.sampling import choose_next_token
+
+        params = GenerationParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, do_sample=temperature > 0, seed=seed,
+        )  # fmt: skip
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        seen = torch.tensor(prompt_ids, dtype=torch.long)
+        next_input = seen[None]  # (1, T)
+        cache = KVCache(self.config.n_layer)
+        for _ in range(max_new_tokens):
+            logits = self(next_input, cache=cache, use_cache=True, logits_to_keep=1).logits
+            token = choose_next_token(logits[0, -1], seen, params, generator)
+            yield token
+            if token in stop_token_ids:
+                return
+            seen = torch.cat([seen, torch.tensor([token])])
+            next_input = torch.tensor([[token]])  # (1, 1)
+
+    # ---- loading Hugging Face weights ----------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, model_or_folder: Any) -> Transformer:
+        """Build from a transformers GPT2LMHeadModel / LlamaForCausalLM (or its folder)."""
+        hf_model = model_or_folder
+        if isinstance(model_or_folder, (str, Path)):
+            from transformers import AutoModelForCausalLM
+
+            hf_model = AutoModelForCausalLM.from_pretrained(model_or_folder, dtype=torch.float32)
+        config = TransformerConfig.from_hf(hf_model.config)
+        model = cls(config)
+        weights = hf_weight_map(config, hf_model.state_dict())
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"} if config.tie_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise ValueError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
+        model.generation_config = getattr(hf_model, "generation_config", None)
+        return model.to(next(hf_model.parameters()).dtype).eval()
+
+
+def attention_bias(attention_mask: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, T, S): 0 where a query may look, the dtype's minimum where not.
+
+    A query may look at a key if the key is not padding and not in the future (causal). We
+    use the minimum rather than -inf so a fully masked row (a padding query) softmaxes to a
+    harmless uniform row instead of NaN, which would leak into every row through ``@ v``.
+    """
+    B, S = attention_mask.shape
+    query_positions = torch.arange(S - T, S, device=attention_mask.device)[:, None]  # (T, 1)
+    key_positions = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
+    causal = key_positions <= query_positions  # (T, S)
+    allowed = causal[None] & attention_mask[:, None, :].bool()  # (B, T, S)
+    bias = torch.zeros(B, 1, T, S, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def hf_weight_map(config: TransformerConfig, hf: dict[str, torch.Tensor]) -> dict:
+    """Rename (and where needed transpose or concatenate) Hugging Face tensors to ours."""
+    ours: dict[str, torch.Tensor] = {}
+    if config.positions == "learned":  # GPT-2
+        ours["token_embedding.weight"] = hf["transformer.wte.weight"]
+        ours["position_embedding.weight"] = hf["transformer.wpe.weight"]
+        ours["final_norm.weight"] = hf["transformer.ln_f.weight"]
+        ours["final_norm.bias"] = hf["transformer.ln_f.bias"]
+        for i in range(config.n_layer):
+            theirs, mine = f"transformer.h.{i}.", f"blocks.{i}."
+            # GPT-2 stores Conv1D weights as (in, out); nn.Linear wants (out, in).
+            renames = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attention.qkv",
+                       "attn.c_proj": "attention.proj", "mlp.c_fc": "mlp.up",
+                       "mlp.c_proj": "mlp.down"}  # fmt: skip
+            for old, new in renames.items():
+                weight = hf[f"{theirs}{old}.weight"]
+                ours[f"{mine}{new}.weight"] = weight if old.startswith("ln") else weight.t()
+                ours[f"{mine}{new}.bias"] = hf[f"{theirs}{old}.bias"]
+        return ours
+    # Llama
+    ours["token_embedding.weight"] = hf["model.embed_tokens.weight"]
+    ours["final_norm.weight"] = hf["model.norm.weight"]
+    if not config.tie_embeddings:
+        ours["lm_head.weight"] = hf["lm_head.weight"]
+    for i in range(config.n_layer):
+        theirs, mine = f"model.layers.{i}.", f"blocks.{i}."
+        ours[f"{mine}norm1.weight"] = hf[f"{theirs}input_layernorm.weight"]
+        ours[f"{mine}norm2.weight"] = hf[f"{theirs}post_attention_layernorm.weight"]
+        projections = [f"{theirs}self_attn.{p}_proj" for p in ("q", "k", "v")]
+        ours[f"{mine}attention.qkv.weight"] = torch.cat([hf[f"{p}.weight"] for p in projections])
+        if config.attention_bias:
+            ours[f"{mine}attention.qkv.bias"] = torch.cat([hf[f"{p}.bias"] for p in projections])
+        renames = {"self_attn.o_proj": ("attention.proj", config.attention_bias),
+                   "mlp.gate_proj": ("mlp.gate", config.mlp_bias),
+                   "mlp.up_proj": ("mlp.up", config.mlp_bias),
+                   "mlp.down_proj": ("mlp.down", config.mlp_bias)}  # fmt: skip
+        for old, (new, has_bias) in renames.items():
+            ours[f"{mine}{new}.weight"] = hf[f"{theirs}{old}.weight"]
+            if has_bias:
+                ours[f"{mine}{new}.bias"] = hf[f"{theirs}{old}.bias"]
+    return ours

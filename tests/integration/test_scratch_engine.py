@@ -1,0 +1,116 @@
+"""The from-scratch transformer on the real bundled SmolLM2 (30 layers, GQA, RoPE, SwiGLU):
+exact against Hugging Face, and serving chat through the same engines."""
+
+import threading
+
+import pytest
+import torch
+
+from src.chat.batching import BatchingEngine
+from src.chat.params import GenerationParams
+from src.chat.service import ChatService
+from src.config import load_settings
+from src.errors import ModelLoadingError
+from src.models.bundled import BUNDLED_MODEL_NAME
+from src.models.transformer import Transformer
+from tests.conftest import REPO_MODEL_CACHE
+from tests.integration.conftest import run_python
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?"]
+GREEDY = GenerationParams(do_sample=False, max_new_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def scratch_service(bundled_model_path):
+    settings = load_settings(
+        _env_file=None, model_name=BUNDLED_MODEL_NAME, model_cache_dir=REPO_MODEL_CACHE
+    )
+    return ChatService.from_settings(settings, engine_name="scratch")
+
+
+def test_logits_equal_hugging_face_on_the_bundled_model(bundled_service):
+    hf = bundled_service.engine.model
+    ours = Transformer.from_hf(hf)
+    tokenizer = bundled_service.tokenizer
+    encoded = [tokenizer.encode(q) for q in QUESTIONS]
+    length = max(map(len, encoded))
+    ids = torch.tensor([[2] * (length - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (length - len(e)) + [1] * len(e) for e in encoded])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        actual = ours(ids, attention_mask=mask).logits
+    assert (actual - expected)[mask.bool()].abs().max() < 1e-4
+
+
+def test_greedy_32_tokens_equal_hugging_face(bundled_service):
+    hf = bundled_service.engine.model
+    ours = Transformer.from_hf(hf)
+    stop = bundled_service.engine.eos_token_ids
+    for question in QUESTIONS:
+        prompt = bundled_service.start_reply(
+            bundled_service.new_conversation(), question, GREEDY
+        ).prompt.input_ids
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)
+        assert list(ours.generate(prompt, 32, stop_token_ids=stop)) == (
+            expected[0, len(prompt) :].tolist()
+        )
+
+
+def test_engine_scratch_gives_the_same_replies_as_the_default_engine(
+    bundled_service, scratch_service
+):
+    assert scratch_service.engine.model.__class__ is Transformer
+    for question in QUESTIONS:
+        default = bundled_service.reply(bundled_service.new_conversation(), question, GREEDY)
+        scratch = scratch_service.reply(scratch_service.new_conversation(), question, GREEDY)
+        assert scratch.text == default.text
+
+
+def test_scratch_model_batches_like_the_hf_model(scratch_service):
+    engine = BatchingEngine(scratch_service.engine.model, scratch_service.tokenizer)
+    prompts = [
+        scratch_service.start_reply(scratch_service.new_conversation(), q, GREEDY).prompt.input_ids
+        for q in QUESTIONS
+    ]
+    alone = [list(scratch_service.engine.generate_token_ids(p, GREEDY)) for p in prompts]
+    together: list = [None] * len(prompts)
+
+    def run(index: int) -> None:
+        together[index] = list(engine.generate_token_ids(prompts[index], GREEDY))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert together == alone
+    assert engine.rows_decoded > engine.steps  # some steps decoded several requests
+
+
+def test_cli_engine_flag(bundled_model_path):
+    result = run_python(
+        ["src/mvp_chatbot.py", "--model", BUNDLED_MODEL_NAME, "--engine", "scratch"],
+        stdin="What is the capital of France?\n",
+        DO_SAMPLE="false",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_scratch_engine_refuses_adapters(bundled_model_path, tmp_path):
+    settings = load_settings(
+        _env_file=None,
+        model_name=BUNDLED_MODEL_NAME,
+        model_cache_dir=REPO_MODEL_CACHE,
+        engine="scratch",
+    )
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(bundled_model_path)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadingError, match="LoRA adapters need ENGINE=hf"):
+        ChatService.from_settings(settings, adapter_path=tmp_path)
