@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Bytes that are not UTF-8 (a pasted binary, a wrong locale) become U+FFFD, not a crash.
+    sys.stdin.reconfigure(errors="replace")
     interactive = sys.stdin.isatty()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
         except KeyboardInterrupt:  # Ctrl-C before the reply began streaming (or in a command)
             session.say("\n(interrupted; the conversation is unchanged)")
+        except Exception as exc:  # a bug must not throw away the user's conversation
+            session.say(f"Error: {type(exc).__name__}: {exc} (the conversation is kept)")
     return 0
 
 

@@ -65,6 +65,7 @@ class BatchingEngine:
         self.max_positions = max_positions(model.config)
         self.max_batch_size = max_batch_size
         self._waiting: queue.Queue[_Request] = queue.Queue()
+        self._requests: dict[int, _Request] = {}  # admitted, not finished: failed on a crash
         self._thread = threading.Thread(target=self._run, name="batching-engine", daemon=True)
         self._thread.start()
         self.steps = 0  # forward passes in the decode phase (for tests and the benchmark)
@@ -100,9 +101,16 @@ class BatchingEngine:
                     batch = self._step(batch)
             except Exception as exc:  # never let one bad step kill the server's engine
                 logger.exception("generation step failed")
-                for request in batch.requests if batch else []:
-                    request.tokens.put(exc)
+                # Fail every admitted request, including any merged during this round, so no
+                # consumer waits forever on its queue.
+                for request in list(self._requests.values()):
+                    self._finish(request, exc)
                 batch = None
+
+    def _finish(self, request: _Request, outcome: object = _DONE) -> None:
+        """Send the last item (end marker or exception) and forget the request."""
+        request.tokens.put(outcome)
+        self._requests.pop(id(request), None)
 
     def _admit(self, batch: _Batch | None) -> _Batch | None:
         """Prefill waiting requests and merge them into the batch (block if idle)."""
@@ -111,10 +119,11 @@ class BatchingEngine:
                 request = self._waiting.get(block=batch is None)
             except queue.Empty:
                 break
+            self._requests[id(request)] = request
             try:
                 single = self._prefill(request)
-            except Exception as exc:
-                request.tokens.put(exc)
+            except Exception as exc:  # this request's own problem: only it fails
+                self._finish(request, exc)
                 continue
             if single is not None:
                 batch = single if batch is None else _merge(batch, single)
@@ -131,7 +140,7 @@ class BatchingEngine:
                 request.generator.manual_seed(params.seed)
         request.previous_ids = torch.tensor(request.prompt_ids, dtype=torch.long)
         if request.should_stop() or request.abandoned:
-            request.tokens.put(_DONE)
+            self._finish(request)
             return None
         output = self.model(
             input_ids=request.previous_ids.unsqueeze(0), use_cache=True, logits_to_keep=1
@@ -171,20 +180,33 @@ class BatchingEngine:
         keep = []
         for row, request in enumerate(batch.requests):
             if request.abandoned or request.should_stop():
-                request.tokens.put(_DONE)
+                self._finish(request)
                 continue
-            token_id = choose_next_token(
-                logits[row], request.previous_ids, request.params, request.generator
-            )
+            try:
+                token_id = choose_next_token(
+                    logits[row], request.previous_ids, request.params, request.generator
+                )
+            except Exception as exc:  # e.g. a sampling error: fail this row, not the batch
+                self._finish(request, exc)
+                continue
             request.generated += 1
             request.tokens.put(token_id)
             if request.finished_by(token_id, self.eos_token_ids):
-                request.tokens.put(_DONE)
+                self._finish(request)
                 continue
             request.previous_ids = torch.cat([request.previous_ids, torch.tensor([token_id])])
             batch.last_tokens[row] = token_id
             keep.append(row)
         return keep
+
+
+def supports_batching(model: Any) -> bool:
+    """Our left-padded shared cache assumes every layer attends to all earlier positions;
+    sliding-window layers keep their own bookkeeping, so such models are not batched."""
+    config = model.config
+    if getattr(config, "sliding_window", None):
+        return False
+    return "sliding_attention" not in (getattr(config, "layer_types", None) or [])
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ class Conversation:
     id: str = field(default_factory=new_conversation_id)
     # A session kept in the service's store (the API's); the CLI's conversations are not.
     persistent: bool = field(default=False, compare=False)
+    saved: bool = field(default=False, compare=False)  # the store holds it already
 
     def add_exchange(self, user_message: str, reply: str) -> None:
         self.messages += [
@@ -82,18 +83,26 @@ class Conversation:
 
 
 def save_conversation_file(path: Path, conversation: Conversation, params: dict) -> None:
-    """Write atomically (temporary file + rename): a crash never leaves half a file."""
+    """Write atomically (temporary file + rename): a crash never leaves half a file, and a
+    failed save leaves the previous file as it was."""
     path = Path(path)
     payload = {"version": FILE_FORMAT_VERSION, **conversation.to_dict(), "params": params}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
+        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, then renamed)
             "w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp"
-        ) as handle:
-            json.dump(payload, handle, ensure_ascii=False, indent=2)
-        os.replace(handle.name, path)
+        )
+        try:
+            with handle:
+                json.dump(payload, handle, ensure_ascii=False, indent=2)
+            os.replace(handle.name, path)
+        except BaseException:
+            Path(handle.name).unlink(missing_ok=True)
+            raise
     except OSError as exc:
         raise ConversationFileError(f"Could not save {path}: {exc.strerror or exc}") from None
+    except UnicodeEncodeError as exc:  # a lone surrogate cannot be written as UTF-8
+        raise ConversationFileError(f"Could not save {path}: invalid Unicode ({exc})") from None
 
 
 def load_conversation_file(path: Path) -> tuple[Conversation, dict]:

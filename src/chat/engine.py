@@ -14,6 +14,7 @@ import torch
 
 from src.chat.params import GenerationParams
 from src.chat.sampling import choose_next_token
+from src.errors import ModelLoadingError
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -35,7 +36,10 @@ def max_positions(config: Any) -> int:
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise ValueError(f"cannot tell the context length of {type(config).__name__}")
+    raise ModelLoadingError(
+        f"cannot tell the context length of {type(config).__name__}: "
+        "it has no max_position_embeddings or n_positions"
+    )
 
 
 class HFEngine:

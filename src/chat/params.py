@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from src.errors import InvalidRequestError
 
 MAX_STOP_SEQUENCES = 8
+MIN_TEMPERATURE = 0.01
 MAX_STOP_SEQUENCE_CHARS = 64
 
 
@@ -18,17 +19,27 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_new_tokens: int = Field(128, ge=1, le=4096, description="Most tokens to generate.")
-    temperature: float = Field(0.7, ge=0.0, le=5.0, description="0 means greedy.")
+    temperature: float = Field(
+        0.7, ge=0.0, le=5.0, description="0 means greedy; otherwise at least 0.01."
+    )
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 disables.")
     top_k: int = Field(50, ge=0, le=10_000, description="Keep the k likeliest tokens; 0 disables.")
     repetition_penalty: float = Field(
-        1.1, gt=0.0, le=10.0, description="CTRL-style penalty on seen tokens; 1 disables."
+        1.1, ge=0.05, le=10.0, description="CTRL-style penalty on seen tokens; 1 disables."
     )
     do_sample: bool = Field(True, description="Sample; false means greedy decoding.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling.")
     stop: tuple[str, ...] = Field(
         (), max_length=MAX_STOP_SEQUENCES, description="Strings that end the reply."
     )
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_zero_or_usable(cls, value: float) -> float:
+        # Dividing logits by a near-zero temperature overflows to inf and sampling fails.
+        if 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -7,13 +7,14 @@ and the response cache. Front ends hand it a ``Conversation`` and a message and 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from src.chat.batching import BatchingEngine
+from src.chat.batching import BatchingEngine, supports_batching
 from src.chat.cache import CachedReply, ResponseCache, cache_key
 from src.chat.conversation import Conversation
 from src.chat.engine import HFEngine
@@ -23,6 +24,8 @@ from src.chat.store import SessionStore
 from src.chat.streaming import IncrementalDecoder, StopSequenceFilter
 from src.config import Settings
 from src.errors import InvalidRequestError, ModelLoadingError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -169,6 +172,17 @@ class ReplyStream:
         )
 
 
+def check_text(field: str, text: str) -> None:
+    """Reject text that is not valid Unicode (a lone surrogate such as JSON's "\ud800"):
+    tokenizers and SQLite cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{field}: invalid Unicode (a lone surrogate) at character {exc.start}"
+        ) from None
+
+
 def scratch_model(loaded: Any) -> Any:
     """Our from-scratch transformer with the loaded model's weights."""
     from src.models.transformer import Transformer
@@ -230,6 +244,12 @@ class ChatService:
         model = loaded.model
         if (engine_name or settings.engine) == "scratch":
             model = scratch_model(loaded)
+        if batching and not supports_batching(model):
+            logger.warning(
+                "Notice: %s uses sliding-window attention; requests will not be batched together.",
+                name,
+            )
+            batching = False
         if batching:
             engine = BatchingEngine(model, loaded.tokenizer, settings.max_batch_size)
         else:
@@ -279,6 +299,10 @@ class ChatService:
         params = params or self.default_params
         if not isinstance(user_message, str) or not user_message.strip():
             raise InvalidRequestError("message: must not be empty")
+        check_text("message", user_message)
+        check_text("system_prompt", conversation.system_prompt or "")
+        for message in conversation.messages:
+            check_text("messages", message["content"])
         if len(user_message) > self.max_message_chars:
             raise InvalidRequestError(
                 f"message: {len(user_message)} characters is over the limit of "

@@ -48,18 +48,26 @@ class SessionStore:
         if row is None:
             return None
         return Conversation(
-            system_prompt=row[0], messages=json.loads(row[1]), id=session_id, persistent=True
+            system_prompt=row[0],
+            messages=json.loads(row[1]),
+            id=session_id,
+            persistent=True,
+            saved=True,
         )
 
-    def append_exchange(self, conversation: Conversation, user_message: str, reply: str) -> None:
+    def append_exchange(self, conversation: Conversation, user_message: str, reply: str) -> bool:
         """Add one (user, assistant) pair atomically. A session is first written with its
-        first completed exchange, so a request that fails leaves no trace."""
+        first completed exchange, so a request that fails leaves no trace. A session deleted
+        while a reply was being written stays deleted (returns False)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(
                     "SELECT messages FROM sessions WHERE id = ?", (conversation.id,)
                 ).fetchone()
+                if row is None and conversation.saved:
+                    self._db.execute("ROLLBACK")
+                    return False
                 messages = json.loads(row[0]) if row else []
                 messages += [
                     {"role": "user", "content": user_message},
@@ -82,6 +90,8 @@ class SessionStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        conversation.saved = True
+        return True
 
     def delete(self, session_id: str) -> bool:
         with self._lock:

@@ -97,25 +97,29 @@ class ChatSession:
             self.say(f"Error: {exc}")
             return True
 
-    def send(self, message: str) -> None:
-        """Stream a reply to ``message``; Ctrl-C stops it and keeps what was written."""
+    def send(self, message: str) -> bool:
+        """Stream a reply to ``message``; Ctrl-C stops it and keeps what was written.
+        Returns whether a reply was added to the conversation."""
         try:
             stream = self.service.start_reply(self.conversation, message, self.params)
         except MiniClaudeError as exc:
             self.say(f"Error: {exc}")
-            return
+            return False
         previous_handler = signal.signal(signal.SIGINT, lambda *_: stream.cancel())
         try:
             for delta in stream:
                 self.out.write(delta)
                 self.out.flush()
+        except Exception as exc:  # a failure mid-reply must not end the whole session
+            self.say(f"\nError while generating: {type(exc).__name__}: {exc}")
+            return False
         finally:
             signal.signal(signal.SIGINT, previous_handler)
         self.out.write("\n")
         self.out.flush()
         result = stream.result
         if result is None:
-            return
+            return False
         if result.finish_reason == "cancelled":
             self.say("(stopped; the partial reply is kept; /undo removes it)")
         if result.dropped_messages:
@@ -130,6 +134,7 @@ class ChatSession:
                 f"{result.tokens_per_second:.1f} tokens/s, first token {first}, "
                 f"finish: {result.finish_reason}{', cached' if result.cached else ''}]"
             )
+        return True
 
     def _reset(self, _: str) -> None:
         self.conversation.messages.clear()
@@ -144,7 +149,12 @@ class ChatSession:
         if removed is None:
             self.say("(nothing to retry)")
             return
-        self.send(removed[0])
+        answered = False
+        try:
+            answered = self.send(removed[0])
+        finally:  # also on Ctrl-C before streaming began: never lose the exchange
+            if not answered:
+                self.conversation.add_exchange(*removed)
 
     def _system(self, text: str) -> None:
         if not text:

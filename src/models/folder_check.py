@@ -42,7 +42,8 @@ def weight_files(folder: Path) -> list[Path]:
         if (folder / single).is_file():
             return [folder / single]
         if (folder / index).is_file():
-            shards = sorted(set(_check_json(folder / index, folder).get("weight_map", {}).values()))
+            weight_map = _check_json(folder / index, folder).get("weight_map")
+            shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
             missing = [name for name in shards if not (folder / name).is_file()]
             if missing or not shards:
                 raise ModelLoadingError(
@@ -74,7 +75,7 @@ def check_safetensors_file(path: Path) -> None:
             (entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
             default=0,
         )
-    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ModelLoadingError(f"Weights file {path} is corrupt ({exc}).") from None
     if 8 + header_length + data_end > size:
         raise ModelLoadingError(f"{truncated} Expected {8 + header_length + data_end} bytes.")
@@ -84,6 +85,9 @@ def _check_json(path: Path, folder: Path) -> dict:
     if not path.is_file():
         raise ModelLoadingError(f"Model folder {folder} is missing {path.name}.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelLoadingError(f"{path} is not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ModelLoadingError(f"{path} should hold a JSON object, not {type(data).__name__}.")
+    return data

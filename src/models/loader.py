@@ -152,7 +152,9 @@ def load_from_folder(folder: Path, trust_remote_code: bool = False) -> tuple[Any
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:  # bad files
-        raise ModelLoadingError(f"Could not load the model in {folder}: {exc}") from exc
+    except Exception as exc:  # transformers raises many types for bad or unusual folders
+        raise ModelLoadingError(
+            f"Could not load the model in {folder}: {type(exc).__name__}: {exc}"
+        ) from exc
     model.eval()
     return model, tokenizer

@@ -61,6 +61,9 @@ def create_app(
             except MiniClaudeError as exc:
                 app.state.load_error = str(exc)
                 logger.error("Model failed to load: %s", exc)
+            except Exception as exc:  # anything else must not leave /health "loading" forever
+                app.state.load_error = f"{type(exc).__name__}: {exc}"
+                logger.exception("Model failed to load")
 
         def adapter_service(base: ChatService, adapter: Path) -> ChatService:
             return ChatService.from_settings(

@@ -5,6 +5,7 @@ size limit are refused with 413 before they are read into memory."""
 from __future__ import annotations
 
 import json
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,6 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from src.errors import ContextOverflowError, InvalidRequestError, MiniClaudeError
+
+logger = logging.getLogger(__name__)
 
 
 class HTTPProblem(Exception):
@@ -71,6 +74,12 @@ def install_error_handlers(app: FastAPI) -> None:
             else:
                 problems.append(f"{field}: {error['msg']}")
         return error_response(422, "; ".join(problems), "invalid_request_error", first_field)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: log it, and answer in the same JSON shape without a traceback.
+        logger.error("Unhandled error", exc_info=exc)
+        return error_response(500, f"internal error ({type(exc).__name__})", "server_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

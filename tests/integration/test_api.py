@@ -352,3 +352,29 @@ def test_chat_with_a_lora_adapter_chosen_by_name(settings, tiny_llama_path):
             assert refused.status_code == 400
             assert refused.json()["error"]["param"] == "adapter"
             assert "available: random-lora" in refused.json()["error"]["message"]
+
+
+def test_invalid_unicode_is_a_400_not_a_500(client):
+    body = b'{"message": "bad \\ud800 text"}'
+    response = client.post("/chat", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "message"
+    openai_body = b'{"messages": [{"role": "user", "content": "\\udc80"}]}'
+    response = client.post(
+        "/v1/chat/completions", content=openai_body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and "invalid Unicode" in response.json()["error"]["message"]
+
+
+def test_an_unexpected_load_failure_is_reported_not_loading_forever(settings):
+    def broken_factory(settings):
+        raise PermissionError("cannot write data/sessions.sqlite3")
+
+    app = create_app(settings, broken_factory, mount_ui=False)
+    with LiveServer(app, wait_until_ready=False) as live, live.client() as http:
+        for _ in range(100):
+            health = http.get("/health").json()
+            if health["status"] == "error":
+                break
+            threading.Event().wait(0.05)
+        assert health["detail"] == "PermissionError: cannot write data/sessions.sqlite3"

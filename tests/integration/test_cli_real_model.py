@@ -127,3 +127,19 @@ def test_interactive_ctrl_c_while_the_prompt_is_built_keeps_the_session(converte
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_undecodable_input_bytes_do_not_crash_the_cli(converted_bundled_model):
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "src/mvp_chatbot.py", "--model", "smollm2-135m-instruct"],
+        input=b"\xff\xfe broken bytes\nWhat is the capital of France?\n",
+        capture_output=True,
+        cwd=REPO_ROOT,
+        timeout=150,
+        env=clean_env(DO_SAMPLE="false", MAX_NEW_TOKENS="24", LC_ALL="C.UTF-8"),
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert "Paris" in result.stdout.decode()
+    assert b"Traceback" not in result.stderr

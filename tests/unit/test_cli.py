@@ -167,3 +167,20 @@ def test_verbose_reports_speed_and_dropped_turns(tiny_llama_path):
         chat.handle(f"message number {number} with some words in it")
     assert "tokens/s" in err.getvalue()
     assert "oldest messages were left out" in err.getvalue()
+
+
+def test_invalid_unicode_is_an_error_not_a_crash(session):
+    chat, _, err = session
+    assert chat.handle("bad byte \udcff here")
+    assert "message: invalid Unicode" in err.getvalue()
+    assert chat.conversation.messages == []
+
+
+def test_a_failed_retry_keeps_the_exchange(session):
+    chat, _, err = session
+    chat.handle("keep me")
+    before = [dict(m) for m in chat.conversation.messages]
+    chat.handle("/set max_new_tokens 4000")
+    chat.handle("/retry")
+    assert "leaves no room" in err.getvalue()
+    assert chat.conversation.messages == before

@@ -73,4 +73,8 @@ def test_a_failed_save_leaves_the_previous_file_intact(tmp_path):
     with pytest.raises(TypeError):
         save_conversation_file(path, Conversation(), {"bad": Unserialisable()})
     assert path.read_text() == before
+    assert not list(tmp_path.glob("*.tmp"))  # the half-written temporary file is gone
+    with pytest.raises(ConversationFileError, match="invalid Unicode"):
+        save_conversation_file(path, Conversation(system_prompt="\ud800"), {})
+    assert path.read_text() == before
     assert json.loads(before)["system_prompt"] == "first"

@@ -77,3 +77,10 @@ def test_missing_shard_of_a_sharded_model_is_named(model_copy):
     (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadingError, match="model-00002-of-00002.safetensors"):
         check_model_folder(model_copy)
+
+
+def test_an_index_that_is_not_an_object_is_reported(model_copy):
+    (model_copy / "model.safetensors").unlink()
+    (model_copy / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadingError, match="should hold a JSON object, not list"):
+        check_model_folder(model_copy)

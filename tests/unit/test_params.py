@@ -19,6 +19,7 @@ def test_defaults_are_valid_and_sampled():
         ({"top_k": -1}, "top_k=-1"),
         ({"max_new_tokens": 0}, "max_new_tokens=0"),
         ({"repetition_penalty": 0}, "repetition_penalty=0"),
+        ({"temperature": 1e-40}, "must be 0 \\(greedy\\) or at least 0.01"),
         ({"seed": -3}, "seed=-3"),
         ({"temprature": 0.5}, "temprature: unknown parameter"),
         ({"stop": [""]}, "must not be empty"),
