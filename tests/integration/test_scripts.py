@@ -70,3 +70,59 @@ def test_clean_cache_lists_deletes_only_with_yes_and_never_outside(tmp_path):
     deleted = run_python(["scripts/clean_cache.py", "--yes"], MODEL_CACHE_DIR=str(cache))
     assert deleted.returncode == 0 and "Deleted 1 entries" in deleted.stdout
     assert not (cache / "some-model").exists() and outside.exists()
+
+
+def test_inspect_model_writes_a_heatmap_and_a_passing_parity_report(
+    converted_bundled_model, tmp_path
+):
+    from PIL import Image
+
+    output = tmp_path / "attention.png"
+    prompt = "The cat sat on the mat."
+    result = run_python(
+        [
+            "scripts/inspect_model.py",
+            "--model",
+            "smollm2-135m-instruct",
+            "--prompt",
+            prompt,
+            "--layer",
+            "3",
+            "--head",
+            "2",
+            "--output",
+            str(output),
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(output) as image:
+        image.verify()  # a complete, valid PNG
+    with Image.open(output) as image:
+        tokens = int(result.stdout.split("Attention map (")[1].split(" tokens")[0])
+        side = int(max(4.0, 0.45 * tokens + 2) * 100)  # figure inches x 100 dpi
+        assert image.format == "PNG" and image.size == (side, side)
+    rows = [
+        line.split()
+        for line in result.stdout.splitlines()
+        if line.startswith(("block", "embeddings", "final", "logits"))
+    ]
+    # embeddings, the outputs of blocks 1..29, block 30 after the final norm, and the logits
+    assert len(rows) == 1 + 29 + 1 + 1
+    assert all(float(row[-1]) <= 1e-4 for row in rows)
+    assert "PASS" in result.stdout
+
+
+def test_inspect_model_names_a_bad_layer(converted_bundled_model, tmp_path):
+    result = run_python(
+        [
+            "scripts/inspect_model.py",
+            "--model",
+            "smollm2-135m-instruct",
+            "--layer",
+            "99",
+            "--output",
+            str(tmp_path / "x.png"),
+        ]
+    )
+    assert result.returncode == 2
+    assert "layer=99: the model has layers 0..29" in result.stderr
