@@ -27,3 +27,11 @@ class ContextOverflowError(InvalidRequestError):
 
 class ConversationFileError(MiniClaudeError):
     """A saved conversation file is missing, unreadable or malformed."""
+
+
+class DatasetError(MiniClaudeError):
+    """A training dataset is missing or has a malformed record (file, line and field named)."""
+
+
+class TrainingConfigError(MiniClaudeError):
+    """A training configuration file or override is invalid."""

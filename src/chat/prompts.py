@@ -90,3 +90,45 @@ def build_prompt(
                 "system prompt), lower max_new_tokens, or raise MAX_LENGTH."
             )
         start = min(start + 2, len(messages) - 1)
+
+
+IGNORE_INDEX = -100  # label of tokens the loss skips (PyTorch's cross_entropy default)
+
+
+def encode_for_training(
+    tokenizer: Any,
+    prompt_format: PromptFormat,
+    system_prompt: str | None,
+    messages: list[Message],
+) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of a whole conversation for fine-tuning.
+
+    Built from ``encode_conversation`` (what chat uses at inference), so the two can never
+    disagree. Labels are the token ids for every assistant reply, including its end-of-turn
+    token (so the model learns to stop), and ``IGNORE_INDEX`` everywhere else: the model is
+    trained to answer, not to write the user's messages.
+    """
+    ids = encode_conversation(
+        tokenizer, prompt_format, system_prompt, messages, add_generation_prompt=False
+    )
+    labels = [IGNORE_INDEX] * len(ids)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = encode_conversation(
+            tokenizer, prompt_format, system_prompt, messages[:index], add_generation_prompt=True
+        )
+        through = encode_conversation(
+            tokenizer,
+            prompt_format,
+            system_prompt,
+            messages[: index + 1],
+            add_generation_prompt=False,
+        )
+        if ids[: len(through)] != through or through[: len(before)] != before:
+            raise ValueError(
+                "the chat template does not encode a conversation's beginning the same way as "
+                "the whole conversation, so assistant tokens cannot be located for training"
+            )
+        labels[len(before) : len(through)] = through[len(before) :]
+    return ids, labels

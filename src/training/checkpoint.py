@@ -1,0 +1,90 @@
+"""Resumable checkpoints, written atomically.
+
+A checkpoint is a folder ``checkpoints/step-000150`` holding the LoRA adapter (peft format),
+the optimizer and scheduler states, every process's random-number states, the step and the
+position in the data. It is written under a temporary name and renamed when complete, so a
+kill at any moment leaves the previous checkpoints intact and never a half-written one under
+a real name. States are loaded with ``weights_only=True``: no pickled code is ever run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from src.errors import TrainingConfigError
+
+STEP_FOLDER = re.compile(r"^step-(\d{6})$")
+TRAINER_STATE = "trainer_state.pt"
+
+
+def checkpoint_root(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),  # the Mersenne Twister state as plain ints
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": np.random.get_state()[1].tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(
+        ("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0)
+    )
+
+
+def save_checkpoint(
+    output_dir: Path, step: int, save_adapter, trainer_state: dict[str, Any], keep: int
+) -> Path:
+    """``save_adapter(folder)`` writes the adapter; ``trainer_state`` goes next to it."""
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    staging = root / f".step-{step:06d}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_adapter(staging)
+    torch.save(trainer_state, staging / TRAINER_STATE)
+    if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(staging, final)  # atomic: the folder appears complete or not at all
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (partial ones are never listed)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_FOLDER.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_FOLDER.match(p.name).group(1)))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    path = Path(checkpoint) / TRAINER_STATE
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise TrainingConfigError(f"checkpoint {checkpoint} is unreadable ({exc})") from None
