@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: setup setup-dev browser chat serve web test test-slow test-all lint format cov download \
+.PHONY: setup setup-dev browser chat serve web train test test-slow test-all lint format cov download \
 	clean-cache docs-images
 
 $(RUNTIME_STAMP): requirements.txt requirements-assets.txt
@@ -40,6 +40,9 @@ serve: setup                     ## set up and start the API (UI at /ui) on API_
 
 web: setup                       ## set up and start the Gradio UI alone (port 7860)
 	$(PY) src/web_app.py $(ARGS)
+
+train: setup                     ## LoRA fine-tuning (configs/lora_default.yaml; ARGS=--resume ...)
+	$(PY) src/training/train_lora.py --config configs/lora_default.yaml $(ARGS)
 
 download: setup                  ## fetch/prepare MODEL_NAME into MODEL_CACHE_DIR
 	$(PY) scripts/download_models.py $(ARGS)

@@ -24,7 +24,7 @@ import torch
 
 from src.chat.engine import eos_token_ids, max_positions
 from src.chat.params import GenerationParams
-from src.chat.sampling import choose_next_token
+from src.chat.sampling import choose_next_token, sampling_generator
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +131,7 @@ class BatchingEngine:
 
     @torch.inference_mode()
     def _prefill(self, request: _Request) -> _Batch | None:
-        params = request.params
-        if not params.is_greedy:
-            request.generator = torch.Generator()
-            if params.seed is None:
-                request.generator.seed()
-            else:
-                request.generator.manual_seed(params.seed)
+        request.generator = sampling_generator(request.params)
         request.previous_ids = torch.tensor(request.prompt_ids, dtype=torch.long)
         if request.should_stop() or request.abandoned:
             self._finish(request)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from src.chat.params import GenerationParams
-from src.chat.sampling import choose_next_token
+from src.chat.sampling import choose_next_token, sampling_generator
 from src.errors import ModelLoadingError
 
 
@@ -59,13 +59,7 @@ class HFEngine:
         should_stop: Callable[[], bool] = lambda: False,
     ) -> Iterator[int]:
         """Yield new token ids until EOS (yielded too), max_new_tokens, or ``should_stop()``."""
-        generator = None
-        if not params.is_greedy:
-            generator = torch.Generator()
-            if params.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(params.seed)
+        generator = sampling_generator(params)
         previous_ids = torch.tensor(prompt_ids, dtype=torch.long)  # for the repetition penalty
         next_input = previous_ids.unsqueeze(0)  # (1, T): the whole prompt on the first step
         cache = None  # the KV cache: keys and values of every position seen so far

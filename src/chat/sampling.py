@@ -59,6 +59,19 @@ def next_token_distribution(
     return filter_top_p(logits, params.top_p)
 
 
+def sampling_generator(params: GenerationParams) -> torch.Generator | None:
+    """The random source of one request: seeded when ``params.seed`` is set (reproducible),
+    fresh otherwise; None for greedy decoding, which draws nothing."""
+    if params.is_greedy:
+        return None
+    generator = torch.Generator()
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
 def choose_next_token(
     logits: torch.Tensor,
     previous_ids: torch.Tensor,

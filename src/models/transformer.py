@@ -405,13 +405,13 @@ class Transformer(nn.Module):
         through the model once, then each step feeds only the newest token. Temperature 0
         is greedy decoding. Stops after a stop token (which is yielded) or max_new_tokens."""
         from src.chat.params import GenerationParams
-        from src.chat.sampling import choose_next_token
+        from src.chat.sampling import choose_next_token, sampling_generator
 
         params = GenerationParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, do_sample=temperature > 0, seed=seed,
         )  # fmt: skip
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = sampling_generator(params)
         seen = torch.tensor(prompt_ids, dtype=torch.long)
         next_input = seen[None]  # (1, T)
         cache = KVCache(self.config.n_layer)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm.auto import tqdm
 
 from src.chat.prompts import IGNORE_INDEX, Message, PromptFormat, encode_for_training
 from src.errors import DatasetError
@@ -222,7 +223,7 @@ def tokenize_examples(
             f"{validation_fraction:.0%} for validation"
         )
     data = TokenizedData(train=[], validation=[])
-    for rank, index in enumerate(order):
+    for rank, index in enumerate(tqdm(order, desc="Tokenizing", unit="example", leave=False)):
         example = examples[index]
         ids, labels = encode_for_training(
             tokenizer, prompt_format, example.system_prompt, example.messages

@@ -4,6 +4,7 @@ SmolLM2 tokenizer and chat template, with sessions in a real SQLite file."""
 import json
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -20,7 +21,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 @pytest.fixture()
 def settings(tmp_path):
     return load_settings(
-        _env_file=None, data_dir=tmp_path / "data", max_message_chars=2000, max_body_bytes=20_000
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        adapters_dir=tmp_path / "adapters",  # never the repository's outputs/
+        max_message_chars=2000,
+        max_body_bytes=20_000,
     )
 
 
@@ -35,6 +40,17 @@ def tiny_factory(tiny_llama_path):
         )
 
     return factory
+
+
+def wait_for_health(http, status: str, timeout: float = 30) -> dict:
+    """Poll /health until it reports ``status``; return its body."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = http.get("/health").json()
+        if body["status"] == status:
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"/health never said {status!r}")
 
 
 @pytest.fixture()
@@ -65,12 +81,8 @@ def test_health_is_503_while_loading_then_200_with_the_model(settings, tiny_llam
         busy = http.post("/chat", json={"message": "hi"})
         assert busy.status_code == 503 and "still loading" in busy.json()["error"]["message"]
         release.set()
-        for _ in range(200):
-            ready = http.get("/health")
-            if ready.status_code == 200:
-                break
-            threading.Event().wait(0.05)
-        assert ready.json() == {"status": "ok", "model": "tiny-llama0", "detail": None}
+        ready = wait_for_health(http, "ok")
+        assert ready == {"status": "ok", "model": "tiny-llama0", "detail": None}
 
 
 def test_a_model_that_fails_to_load_is_reported(settings):
@@ -79,11 +91,7 @@ def test_a_model_that_fails_to_load_is_reported(settings):
 
     app = create_app(settings, failing_factory, mount_ui=False)
     with LiveServer(app, wait_until_ready=False) as live, live.client() as http:
-        for _ in range(100):
-            health = http.get("/health").json()
-            if health["status"] == "error":
-                break
-            threading.Event().wait(0.05)
+        health = wait_for_health(http, "error")
         assert health["detail"] == "Model folder /nowhere does not exist."
         chat = http.post("/chat", json={"message": "hi"})
         assert chat.status_code == 503 and "/nowhere" in chat.json()["error"]["message"]
@@ -372,9 +380,5 @@ def test_an_unexpected_load_failure_is_reported_not_loading_forever(settings):
 
     app = create_app(settings, broken_factory, mount_ui=False)
     with LiveServer(app, wait_until_ready=False) as live, live.client() as http:
-        for _ in range(100):
-            health = http.get("/health").json()
-            if health["status"] == "error":
-                break
-            threading.Event().wait(0.05)
+        health = wait_for_health(http, "error")
         assert health["detail"] == "PermissionError: cannot write data/sessions.sqlite3"

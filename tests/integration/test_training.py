@@ -244,3 +244,113 @@ def test_distributed_data_parallel_with_two_cpu_processes(tiny_llama_path, datas
     assert result.stdout.count("Done: 3 steps") == 1  # printed by the main process only
     assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()
     assert len([r for r in losses(tmp_path / "ddp") if "loss" in r]) == 3
+
+
+def test_setup_training_checks_and_writes_a_starter_config(tiny_llama_path, dataset, tmp_path):
+    output = tmp_path / "configs" / "mine.yaml"
+    ready = run_python(
+        [
+            "scripts/setup_training.py",
+            "--model",
+            str(tiny_llama_path),
+            "--data",
+            str(dataset),
+            "--output",
+            str(output),
+        ]
+    )
+    assert ready.returncode == 0, ready.stdout + ready.stderr
+    assert "8 conversations, every record valid" in ready.stdout and "Ready:" in ready.stdout
+    config = load_training_config(output, environ={})
+    assert config.model == str(tiny_llama_path) and config.data.source == str(dataset)
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": [{"role": "user", "content": "no reply"}]}\n')
+    failed = run_python(
+        [
+            "scripts/setup_training.py",
+            "--model",
+            str(tmp_path / "no-model"),
+            "--data",
+            str(broken),
+            "--output",
+            str(output),
+        ]
+    )
+    assert failed.returncode == 1
+    assert "Fix these first" in failed.stdout
+    assert f"{broken}:1: 'messages' must end with an assistant reply" in failed.stdout
+    assert "looks like a path, but no such folder" in failed.stdout
+
+
+def test_compare_adapter_shows_base_and_adapter_side_by_side(tiny_llama_path, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    lora = LoraConfig(
+        r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(base, lora).save_pretrained(tmp_path / "visible-lora")
+    result = run_python(
+        [
+            "scripts/compare_adapter.py",
+            "--model",
+            str(tiny_llama_path),
+            "--adapter",
+            str(tmp_path / "visible-lora"),
+            "--prompt",
+            "Hello there",
+            "--max-new-tokens",
+            "8",
+        ],
+        COLUMNS="100",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "> Hello there" in result.stdout
+    assert "BASE (" in result.stdout and "WITH ADAPTER (visible-lora)" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if " | " in line][1:]
+    left = " ".join(row.split(" | ")[0].strip() for row in rows)
+    right = " ".join(row.split(" | ")[1].strip() for row in rows)
+    assert left and right and left != right  # the adapter changes the reply
+
+
+def test_merge_adapter_script_writes_a_model_that_chats(tiny_llama_path, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "adapter"
+    )
+    merged = run_python(
+        [
+            "scripts/merge_adapter.py",
+            "--model",
+            str(tiny_llama_path),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--output",
+            str(tmp_path / "merged"),
+        ]
+    )
+    assert merged.returncode == 0, merged.stderr
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    chat = run_python(
+        ["src/mvp_chatbot.py", "--model", str(tmp_path / "merged")],
+        stdin="Hi\n",
+        MAX_NEW_TOKENS="4",
+    )
+    assert chat.returncode == 0, chat.stderr
+    again = run_python(
+        [
+            "scripts/merge_adapter.py",
+            "--model",
+            str(tiny_llama_path),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--output",
+            str(tmp_path / "merged"),
+        ]
+    )
+    assert again.returncode == 2 and "not empty" in again.stderr

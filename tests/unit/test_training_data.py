@@ -140,3 +140,43 @@ def test_too_few_examples_for_a_validation_split(tmp_path, tokenizer):
     examples = load_examples(write_jsonl(tmp_path / "d.jsonl", [ALPACA]))
     with pytest.raises(DatasetError, match="too few"):
         tokenize_examples(examples, tokenizer, detect_prompt_format(tokenizer), 64, 0.5, 0)
+
+
+def test_the_fast_labelling_path_equals_the_exact_one(bundled_model_path):
+    import src.chat.prompts as prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path)
+    examples = load_examples("chitchat")[:60] + load_examples("chatterbot")[:60]
+    examples.append(load_examples("chatterbot")[0])
+    examples[-1].system_prompt = "Answer like a pirate 🏴‍☠️."
+    fast_used = 0
+    for example in examples:
+        fast = prompts._encode_for_training_by_offsets(
+            tokenizer, example.system_prompt, example.messages
+        )
+        exact_ids = prompts.encode_conversation(
+            tokenizer,
+            PromptFormat.CHAT_TEMPLATE,
+            example.system_prompt,
+            example.messages,
+            add_generation_prompt=False,
+        )
+        if fast is None:
+            continue
+        fast_used += 1
+        assert fast[0] == exact_ids
+
+        # the exact path, forced: a tokenizer that does not say it is fast
+        class Slow:
+            def __getattr__(self, name):
+                return getattr(tokenizer, name)
+
+            is_fast = False
+
+        assert (
+            prompts.encode_for_training(
+                Slow(), PromptFormat.CHAT_TEMPLATE, example.system_prompt, example.messages
+            )
+            == fast
+        )
+    assert fast_used > 100
