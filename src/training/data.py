@@ -5,8 +5,9 @@ Formats (detected per record):
 - OpenAI ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``
 - ShareGPT ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}``
 - Alpaca ``{"instruction": ..., "input": ... (optional), "output": ...}``
-in ``.jsonl`` (one record a line) or ``.json`` (a list of records) files, or the bundled
-datasets ``chitchat`` (chitchat-dataset) and ``chatterbot`` (chatterbot-corpus).
+in ``.jsonl`` (one record a line) or ``.json`` (a list of records) files, ``.parquet`` files
+or ``Dataset.save_to_disk`` folders (read with HF datasets), or the bundled datasets
+``chitchat`` (chitchat-dataset) and ``chatterbot`` (chatterbot-corpus).
 
 Every record is checked before anything is tokenized: a bad one raises ``DatasetError`` naming
 the file, the line (or record number) and the field, so no run starts on half-read data.
@@ -52,11 +53,14 @@ def load_examples(source: str) -> list[Example]:
     if source in BUILTIN_DATASETS:
         return read_chitchat() if source == "chitchat" else read_chatterbot()
     path = Path(source)
-    if not path.is_file():
+    if path.is_dir() or path.suffix == ".parquet":
+        records = read_with_datasets(path)
+    elif path.is_file():
+        records = read_records(path)
+    else:
         raise DatasetError(
             f"{source}: no such file (and not a bundled dataset: {', '.join(BUILTIN_DATASETS)})"
         )
-    records = read_records(path)
     if not records:
         raise DatasetError(f"{path}: no records")
     return [parse_record(record, where) for where, record in records]
@@ -85,6 +89,25 @@ def read_records(path: Path) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
     return records
+
+
+def read_with_datasets(path: Path) -> list[tuple[str, Any]]:
+    """Parquet files and folders written by ``Dataset.save_to_disk``, read by HF datasets.
+    (JSON and JSONL are read by ``read_records``, which can name the line of a bad record.)"""
+    import datasets
+
+    try:
+        if path.is_dir():
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if "train" not in loaded:
+                    raise DatasetError(f"{path}: a DatasetDict needs a 'train' split")
+                loaded = loaded["train"]
+        else:
+            loaded = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise DatasetError(f"{path}: cannot read it with datasets ({exc})") from None
+    return [(f"{path}: record {number}", row) for number, row in enumerate(loaded)]
 
 
 def parse_record(record: Any, where: str) -> Example:

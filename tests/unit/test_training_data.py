@@ -180,3 +180,23 @@ def test_the_fast_labelling_path_equals_the_exact_one(bundled_model_path):
             == fast
         )
     assert fast_used > 100
+
+
+def test_parquet_files_and_saved_datasets_are_read_through_hf_datasets(tmp_path):
+    import datasets
+
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in [("Hi", "Hello!"), ("2+2?", "4")]
+    ]
+    dataset = datasets.Dataset.from_list(rows)
+    dataset.to_parquet(str(tmp_path / "d.parquet"))
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "dict"))
+    for source in ("d.parquet", "saved", "dict"):
+        examples = load_examples(str(tmp_path / source))
+        assert [e.messages[1]["content"] for e in examples] == ["Hello!", "4"]
+    bad = datasets.Dataset.from_list([{"instruction": "x", "output": ""}])
+    bad.to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DatasetError, match=r"bad.parquet: record 0: 'output' must be a non-empty"):
+        load_examples(str(tmp_path / "bad.parquet"))
