@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: setup setup-dev browser chat serve web train test test-slow test-all lint format cov download \
+.PHONY: setup setup-dev browser chat serve web train bench test test-slow test-all lint format cov download \
 	clean-cache docs-images
 
 $(RUNTIME_STAMP): requirements.txt requirements-assets.txt
@@ -43,6 +43,9 @@ web: setup                       ## set up and start the Gradio UI alone (port 7
 
 train: setup                     ## LoRA fine-tuning (configs/lora_default.yaml; ARGS=--resume ...)
 	$(PY) src/training/train_lora.py --config configs/lora_default.yaml $(ARGS)
+
+bench: setup                     ## side-by-side benchmark -> outputs/benchmark/benchmark.{json,md,png}
+	$(PY) scripts/benchmark.py $(ARGS)
 
 download: setup                  ## fetch/prepare MODEL_NAME into MODEL_CACHE_DIR
 	$(PY) scripts/download_models.py $(ARGS)

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     trust_remote_code: bool = False
     # "hf": transformers' model; "scratch": our own src/models/transformer.py on the same weights
     engine: Literal["hf", "scratch"] = "hf"
+    # Weights and activations: fp32 (exact, the default) or bf16 (half the memory; see the
+    # benchmark for its speed and perplexity here).
+    precision: Literal["fp32", "bf16"] = "fp32"
     huggingface_token: SecretStr | None = None
 
     # Chat

@@ -49,7 +49,8 @@ def load_model(
     """Resolve, load and (optionally) attach a LoRA adapter. Raises ``ModelLoadingError``."""
     name = model_name or settings.model_name
     folder, source = resolve_model(name, settings)
-    model, tokenizer = load_from_folder(folder, trust_remote_code=settings.trust_remote_code)
+    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
+    model, tokenizer = load_from_folder(folder, settings.trust_remote_code, dtype)
     shown_name = BUNDLED_MODEL_NAME if source.startswith("bundled") else name
     adapter = adapter_path or settings.adapter_path
     if adapter is not None:
@@ -142,15 +143,17 @@ def download_from_hub(repo_id: str, cache_dir: Path, settings: Settings) -> Path
     return folder
 
 
-def load_from_folder(folder: Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """Load tokenizer and causal LM from a checked folder, in fp32 and eval mode."""
+def load_from_folder(
+    folder: Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
+    """Load tokenizer and causal LM from a checked folder, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_folder(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, trust_remote_code=trust_remote_code
+            folder, dtype=dtype, trust_remote_code=trust_remote_code
         )
     except Exception as exc:  # transformers raises many types for bad or unusual folders
         raise ModelLoadingError(

@@ -1,0 +1,156 @@
+"""Measure Mini-Claude side by side: every number is a ratio against a baseline measured in
+the same run, on the bundled SmolLM2-135M.
+
+    python scripts/benchmark.py                       # everything (a few minutes), or: make bench
+    python scripts/benchmark.py --sections decode --new-tokens 32 --repetitions 1   # quick
+
+Sections: decode (our engines and precisions vs plain transformers generate), serving (the
+API with 1/4/8/16 concurrent streaming clients, vs one client), cold (process start to first
+token). Results: outputs/benchmark/benchmark.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import _bootstrap
+
+
+def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from src.benchmarks.decode import (
+        engine_stream,
+        held_out_perplexity,
+        time_stream,
+        transformers_generate_stream,
+    )
+    from src.chat.prompts import detect_prompt_format, encode_conversation
+    from src.models.loader import ensure_bundled_model
+    from src.models.transformer import Transformer
+    from src.training.data import load_examples, tokenize_examples
+
+    folder = ensure_bundled_model(Path(_bootstrap.REPO_ROOT) / "models")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    fp32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    bf16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    prompt_format = detect_prompt_format(tokenizer)
+    prompt = encode_conversation(
+        tokenizer, prompt_format, None, [{"role": "user", "content": "Tell me a long story."}]
+    )
+    held_out = tokenize_examples(
+        load_examples("chitchat")[:40], tokenizer, prompt_format, 128, 0.0, seed=0
+    ).train
+    candidates = [
+        (
+            "transformers generate fp32 (baseline)",
+            fp32,
+            transformers_generate_stream(fp32, prompt, new_tokens),
+        ),
+        ("HF engine fp32", fp32, engine_stream(fp32, tokenizer, prompt, new_tokens)),
+        ("HF engine bf16", bf16, engine_stream(bf16, tokenizer, prompt, new_tokens)),
+        (
+            "scratch engine fp32",
+            Transformer.from_hf(fp32),
+            engine_stream(Transformer.from_hf(fp32), tokenizer, prompt, new_tokens),
+        ),
+        (
+            "scratch engine bf16",
+            Transformer.from_hf(bf16),
+            engine_stream(Transformer.from_hf(bf16), tokenizer, prompt, new_tokens),
+        ),
+    ]
+    rows, baseline_tokens = [], None
+    for name, model, stream in candidates:
+        print(f"  decode: {name}", flush=True)
+        speed, first, tokens = time_stream(stream, repetitions)
+        baseline_tokens = baseline_tokens or tokens
+        rows.append(
+            {
+                "name": name,
+                "tokens_per_second": speed,
+                "first_token_seconds": first,
+                "same_tokens": tokens == baseline_tokens,
+                "perplexity": held_out_perplexity(model, held_out),
+            }
+        )
+    return {"new_tokens": new_tokens, "repetitions": repetitions, "rows": rows}
+
+
+def run_serving(new_tokens: int, clients: list[int]) -> dict:
+    from src.benchmarks.processes import peak_memory_mb, start_server, stop, wait_until_ready
+    from src.benchmarks.serving import measure_concurrency
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        process, url = start_server(Path(data_dir), RESPONSE_CACHE_SIZE="0")
+        try:
+            wait_until_ready(url, process)
+            rows = []
+            for count in clients:
+                print(f"  serving: {count} clients", flush=True)
+                rows.append(measure_concurrency(url, count, new_tokens))
+            memory = peak_memory_mb(process.pid)
+        finally:
+            stop(process)
+    return {"new_tokens": new_tokens, "rows": rows, "peak_memory_mb": memory}
+
+
+def run_cold_start() -> dict:
+    from src.benchmarks.cold_start import cli_first_token_seconds, server_first_token_seconds
+
+    print("  cold start", flush=True)
+    cli = cli_first_token_seconds()
+    ready, first = server_first_token_seconds()
+    return {
+        "cli_first_token_seconds": cli,
+        "server_ready_seconds": ready,
+        "server_first_token_seconds": first,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="decode,serving,cold")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--clients", default="1,4,8,16")
+    parser.add_argument(
+        "--perplexity-examples",
+        type=int,
+        default=40,
+        help="held-out chitchat conversations for the perplexity column",
+    )
+    parser.add_argument("--output", type=Path, default=Path("outputs/benchmark"))
+    args = parser.parse_args(argv)
+    import torch
+
+    from src.benchmarks.report import machine_description, markdown, write_reports
+
+    torch.set_num_threads(torch.get_num_threads())
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = sections - {"decode", "serving", "cold"}
+    if unknown:
+        print(
+            f"Error: unknown sections {sorted(unknown)}; use decode, serving, cold", file=sys.stderr
+        )
+        return 2
+    results: dict = {"machine": machine_description()}
+    if "decode" in sections:
+        results["decode"] = run_decode(args.new_tokens, args.repetitions, args.perplexity_examples)
+    if "serving" in sections:
+        clients = [int(c) for c in args.clients.split(",")]
+        results["serving"] = run_serving(min(args.new_tokens, 64), clients)
+    if "cold" in sections:
+        results["cold_start"] = run_cold_start()
+    paths = write_reports(results, args.output)
+    print(markdown(results))
+    print("Written: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Benchmark results as JSON, a Markdown table and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def machine_description() -> str:
+    import os
+
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"Machine: {results['machine']}", ""]
+    decode = results.get("decode")
+    if decode:
+        baseline = decode["rows"][0]["tokens_per_second"]
+        lines += [
+            f"**Single-stream decode**, {decode['new_tokens']} new tokens, greedy, median of "
+            f"{decode['repetitions']}:",
+            "",
+            "| engine | tokens/s | vs baseline | first token (s) | same tokens as baseline | "
+            "held-out perplexity |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in decode["rows"]:
+            ppl = f"{row['perplexity']:.2f}" if row.get("perplexity") else "-"
+            lines.append(
+                f"| {row['name']} | {row['tokens_per_second']:.1f} | "
+                f"{row['tokens_per_second'] / baseline:.2f}x | {row['first_token_seconds']:.3f} |"
+                f" {'yes' if row['same_tokens'] else 'no'} | {ppl} |"
+            )
+        lines.append("")
+    serving = results.get("serving")
+    if serving:
+        one = serving["rows"][0]["aggregate_tokens_per_second"]
+        lines += [
+            f"**API, concurrent streaming clients**, {serving['new_tokens']} new tokens each; "
+            f"server peak memory {serving['peak_memory_mb']:.0f} MB:",
+            "",
+            "| clients | aggregate tokens/s | vs 1 client | first token p50/p95 (s) | "
+            "latency p50/p95 (s) |",
+            "|---|---|---|---|---|",
+        ]
+        for row in serving["rows"]:
+            lines.append(
+                f"| {row['clients']} | {row['aggregate_tokens_per_second']:.1f} | "
+                f"{row['aggregate_tokens_per_second'] / one:.2f}x | "
+                f"{row['first_token_p50']:.2f} / {row['first_token_p95']:.2f} | "
+                f"{row['latency_p50']:.2f} / {row['latency_p95']:.2f} |"
+            )
+        lines.append("")
+    cold = results.get("cold_start")
+    if cold:
+        lines += [
+            "**Cold start** (model already converted): CLI process start to first token "
+            f"{cold['cli_first_token_seconds']:.2f} s; server start to ready "
+            f"{cold['server_ready_seconds']:.2f} s, to first streamed token "
+            f"{cold['server_first_token_seconds']:.2f} s.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [key for key in ("decode", "serving") if results.get(key)]
+    figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4))
+    axes = [axes] if len(panels) <= 1 else list(axes)
+    for axis, key in zip(axes, panels, strict=False):
+        if key == "decode":
+            rows = results["decode"]["rows"]
+            axis.barh([r["name"] for r in rows], [r["tokens_per_second"] for r in rows])
+            axis.set_xlabel("tokens/s (single stream)")
+            axis.invert_yaxis()
+        else:
+            rows = results["serving"]["rows"]
+            axis.plot(
+                [r["clients"] for r in rows], [r["aggregate_tokens_per_second"] for r in rows], "o-"
+            )
+            axis.set_xlabel("concurrent clients")
+            axis.set_ylabel("aggregate tokens/s")
+        axis.grid(alpha=0.3)
+    figure.suptitle("Mini-Claude benchmark")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def write_reports(results: dict[str, Any], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "benchmark.json").write_text(json.dumps(results, indent=2))
+    (folder / "benchmark.md").write_text(markdown(results))
+    return [
+        folder / "benchmark.json",
+        folder / "benchmark.md",
+        chart(results, folder / "benchmark.png"),
+    ]
