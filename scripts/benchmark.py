@@ -42,9 +42,8 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     prompt = encode_conversation(
         tokenizer, prompt_format, None, [{"role": "user", "content": "Tell me a long story."}]
     )
-    held_out = tokenize_examples(
-        load_examples("chitchat")[:40], tokenizer, prompt_format, 128, 0.0, seed=0
-    ).train
+    conversations = load_examples("chitchat")[-perplexity_examples:]
+    held_out = tokenize_examples(conversations, tokenizer, prompt_format, 128, 0.0, seed=0).train
     candidates = [
         (
             "transformers generate fp32 (baseline)",
@@ -64,17 +63,21 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
             engine_stream(Transformer.from_hf(bf16), tokenizer, prompt, new_tokens),
         ),
     ]
+    stop_ids = {tokenizer.eos_token_id, fp32.generation_config.eos_token_id}
     rows, baseline_tokens = [], None
     for name, model, stream in candidates:
         print(f"  decode: {name}", flush=True)
         speed, first, tokens = time_stream(stream, repetitions)
         baseline_tokens = baseline_tokens or tokens
+        # The baseline's min_new_tokens suppresses EOS while ours generates through it, so
+        # compare the reply a user would see: up to our first end-of-turn token.
+        reply_end = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
         rows.append(
             {
                 "name": name,
                 "tokens_per_second": speed,
                 "first_token_seconds": first,
-                "same_tokens": tokens == baseline_tokens,
+                "same_tokens": tokens[:reply_end] == baseline_tokens[:reply_end],
                 "perplexity": held_out_perplexity(model, held_out),
             }
         )
