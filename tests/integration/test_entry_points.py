@@ -7,9 +7,9 @@ import time
 import httpx
 import pytest
 
+from src.benchmarks.processes import free_port, stop
 from src.config import REPO_ROOT
 from tests.integration.conftest import clean_env
-from tests.live_server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -37,14 +37,6 @@ def start(args: list[str], **env: str) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 def test_uvicorn_command_from_the_readme(converted_bundled_model, tmp_path):
