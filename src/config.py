@@ -9,8 +9,9 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from src.chat.params import GenerationParams, describe_validation_error, make_params
@@ -55,6 +56,14 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "bf16"] = "fp32"
     huggingface_token: SecretStr | None = None
 
+    # Backend: "local" runs the model above on this machine; "remote" sends generation to an
+    # OpenAI-compatible server (vLLM, TGI, another Mini-Claude) and loads no model here.
+    backend: Literal["local", "remote"] = "local"
+    remote_base_url: str | None = None  # e.g. http://gpu-box:8000/v1 (required for remote)
+    remote_model: str | None = None  # unset: the first id from GET {REMOTE_BASE_URL}/models
+    remote_api_key: SecretStr | None = None  # sent as "Authorization: Bearer ..."
+    remote_timeout: float = Field(60.0, gt=0, le=3600)  # seconds to connect, and between chunks
+
     # Chat
     system_prompt: str | None = None
     response_cache_size: int = Field(256, ge=0, le=100_000)
@@ -83,6 +92,20 @@ class Settings(BaseSettings):
     learning_rate: float = Field(2e-5, gt=0.0, le=1.0)
     lora_rank: int = Field(16, ge=1, le=1024)
 
+    @field_validator("remote_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            url = urlsplit(value.strip())
+            valid = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
+        except ValueError:  # e.g. a port that is not a number
+            valid = False
+        if not valid:
+            raise ValueError("must be an http(s) URL such as http://gpu-box:8000/v1")
+        return value.strip().rstrip("/")
+
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
@@ -108,7 +131,31 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         message = describe_validation_error(exc, name_of=str.upper)
         raise ConfigError(f"Invalid setting: {message}") from None
+    check_backend(settings)
     return settings
+
+
+def check_backend(settings: Settings) -> None:
+    """BACKEND=remote needs REMOTE_BASE_URL, and loads no model: settings that only a local
+    model can honour are refused rather than silently ignored."""
+    if settings.backend != "remote":
+        return
+    if settings.remote_base_url is None:
+        raise ConfigError(
+            "Invalid setting: REMOTE_BASE_URL is required when BACKEND=remote (the server's "
+            "OpenAI-compatible base URL, e.g. http://gpu-box:8000/v1)"
+        )
+    local_only = {
+        "ENGINE": settings.engine if settings.engine != "hf" else None,
+        "PRECISION": settings.precision if settings.precision != "fp32" else None,
+        "ADAPTER_PATH": settings.adapter_path,
+    }
+    for name, value in local_only.items():
+        if value is not None:
+            raise ConfigError(
+                f"Invalid setting: {name}={str(value)!r} needs a local model, but BACKEND=remote "
+                f"loads none (the server chooses its own); unset {name} or use BACKEND=local"
+            )
 
 
 @lru_cache(maxsize=1)

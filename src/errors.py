@@ -17,6 +17,11 @@ class ModelLoadingError(MiniClaudeError):
     """A model could not be found, downloaded, converted or loaded."""
 
 
+class RemoteBackendError(MiniClaudeError):
+    """BACKEND=remote: the generation server could not be reached, refused the request, or
+    answered in a format that is not OpenAI's. The message names the URL and the problem."""
+
+
 class InvalidRequestError(MiniClaudeError):
     """A chat request or generation parameter is invalid (empty message, bad value, ...)."""
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from src.chat.service import ChatService
+from src.errors import InvalidRequestError
 from src.models.adapters import list_adapters, resolve_adapter
 
 AdapterLoader = Callable[[Path], ChatService]
@@ -25,13 +26,25 @@ class AdapterPool:
         self._services: dict[str, ChatService] = {}
         self._lock = threading.Lock()
 
+    @property
+    def remote(self) -> bool:
+        """BACKEND=remote: there is no local model to put an adapter on."""
+        return isinstance(self.base, ChatService) and self.base.backend.kind == "remote"
+
     def names(self) -> list[str]:
+        if self.remote:
+            return []  # adapters run on a local model; the UI then shows no picker
         return list_adapters(self.adapters_dir)
 
     def get(self, adapter: str | None) -> ChatService:
         """The service for ``adapter`` (None or "" is the base model)."""
         if not adapter:
             return self.base
+        if self.remote:
+            raise InvalidRequestError(
+                f"adapter: {adapter!r} cannot be used: LoRA adapters run on a local model, "
+                "and this server sends generation to a remote one (BACKEND=remote)"
+            )
         path = resolve_adapter(self.adapters_dir, adapter)  # rejects unknown names and paths
         with self._lock:
             if adapter not in self._services:

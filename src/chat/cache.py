@@ -1,14 +1,15 @@
 """An LRU cache of replies to deterministic (greedy) requests.
 
-The key is the exact prompt token ids plus every parameter that can change a greedy reply, so
-a hit returns exactly what generation would have produced. Sampled requests are never cached:
-users asking twice expect two different samples.
+The key is the exact prompt (token ids, or the messages sent to a remote server) plus every
+parameter that can change a greedy reply, so a hit returns exactly what generation would have
+produced. Sampled requests are never cached: users asking twice expect two different samples.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from src.chat.params import GenerationParams
@@ -19,12 +20,15 @@ class CachedReply:
     text: str
     completion_tokens: int
     finish_reason: str
+    prompt_tokens: int = 0
 
 
-def cache_key(model_id: str, prompt_ids: list[int], params: GenerationParams) -> tuple:
+def cache_key(model_id: str, prompt: Sequence[Hashable], params: GenerationParams) -> tuple:
+    """``prompt`` identifies the prompt exactly: its token ids, or with a remote backend its
+    (role, content) messages."""
     # The seed only matters when sampling, and sampled replies are never cached.
     relevant = params.model_dump(exclude={"seed"})
-    return (model_id, tuple(prompt_ids), tuple(sorted(relevant.items())))
+    return (model_id, tuple(prompt), tuple(sorted(relevant.items())))
 
 
 class ResponseCache:

@@ -1,8 +1,14 @@
 """ChatService: the one object the CLI, the API and the web UI call.
 
-It owns the model (through an engine), the prompt format, the default generation parameters
-and the response cache. Front ends hand it a ``Conversation`` and a message and get back a
-``ReplyStream``: iterate it for text as it is generated, then read ``.result``.
+It owns a backend, the default generation parameters, the response cache and the session
+store. Front ends hand it a ``Conversation`` and a message and get back a ``ReplyStream``:
+iterate it for text as it is generated, then read ``.result``.
+
+The backend is where text comes from, behind one seam (``build_prompt`` and ``start``):
+``LocalBackend`` (``src/chat/local.py``, BACKEND=local) runs a model on this machine through
+an engine; ``RemoteBackend`` (``src/chat/remote.py``, BACKEND=remote) streams from an
+OpenAI-compatible server. Everything else here (validation, streaming, cancellation, the
+cache, sessions, timing) is the same for both.
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ from src.chat.batching import BatchingEngine, supports_batching
 from src.chat.cache import CachedReply, ResponseCache, cache_key
 from src.chat.conversation import Conversation
 from src.chat.engine import HFEngine
+from src.chat.local import LocalBackend
 from src.chat.params import GenerationParams
-from src.chat.prompts import PromptBuild, PromptFormat, build_prompt, detect_prompt_format
+from src.chat.remote import RemoteBackend
 from src.chat.store import SessionStore
-from src.chat.streaming import IncrementalDecoder, StopSequenceFilter
 from src.config import Settings
-from src.errors import InvalidRequestError, ModelLoadingError
+from src.errors import ConfigError, InvalidRequestError, ModelLoadingError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +57,8 @@ class ReplyStream:
     The exchange is added to the conversation (and to the session store, if the service has
     one) when generation ends, including when it was cancelled: the partial reply is kept, as
     in other chat UIs. A stream that is abandoned (``abandon()``, or closed before it ends,
-    e.g. a web client that went away) changes nothing.
+    e.g. a web client that went away) changes nothing. A stream that was started must be
+    iterated or abandoned: with a remote backend it holds an open response.
     """
 
     def __init__(
@@ -59,18 +66,27 @@ class ReplyStream:
         service: ChatService,
         conversation: Conversation,
         user_message: str,
-        prompt: PromptBuild,
+        prompt: Any,
         params: GenerationParams,
     ) -> None:
         self.service = service
         self.conversation = conversation
         self.user_message = user_message
-        self.prompt = prompt
+        self.prompt = prompt  # the backend's: token ids (local) or messages (remote)
         self.params = params
         self.result: ChatResult | None = None
         self._cancelled = threading.Event()
         self._abandoned = False
-        self._started = False
+        self._started = False  # iter() was called
+        self._running = False  # the generator's body began (so its ``finally`` will run)
+        self._started_at = time.perf_counter()
+        self._key = service.cache_key(prompt, params)
+        self._cached = service.cache.get(self._key) if self._key is not None else None
+        # The generation starts now (nothing runs locally until iterated; a remote request is
+        # sent, so a server that cannot be reached raises here, before any text streams).
+        self._generation = None
+        if self._cached is None:
+            self._generation = service.backend.start(prompt, params, self._cancelled.is_set)
 
     def cancel(self) -> None:
         """Stop after the current token; the partial reply is kept."""
@@ -80,6 +96,8 @@ class ReplyStream:
         """Stop after the current token and keep nothing (the client is gone)."""
         self._abandoned = True
         self._cancelled.set()
+        if not self._running and self._generation is not None:
+            self._generation.close()  # never iterated: release it (a remote response) now
 
     def __iter__(self) -> Iterator[str]:
         if self._started:
@@ -95,79 +113,50 @@ class ReplyStream:
         return self.result
 
     def _generate(self) -> Iterator[str]:
-        started = time.perf_counter()
-        key = self.service.cache_key(self.prompt.input_ids, self.params)
-        cached = self.service.cache.get(key) if key is not None else None
+        self._running = True
+        cached = self._cached
         if cached is not None:
             yield cached.text
-            self._finish(
-                cached.text,
-                cached.finish_reason,
-                cached.completion_tokens,
-                started,
-                time.perf_counter() - started,
-                cached=True,
-            )
+            self._finish(cached, None, cached=True)
             return
 
-        decoder = IncrementalDecoder(self.service.tokenizer)
-        stops = StopSequenceFilter(self.params.stop)
-        engine = self.service.engine
+        generation = self._generation
         pieces: list[str] = []
-        completion_tokens = 0
-        first_token_seconds = None
-        finish_reason = "length"
-        tokens = engine.generate_token_ids(
-            self.prompt.input_ids, self.params, should_stop=self._cancelled.is_set
-        )
-        for token_id in tokens:
-            completion_tokens += 1
-            if first_token_seconds is None:
-                first_token_seconds = time.perf_counter() - started
-            if token_id in engine.eos_token_ids:
-                finish_reason = "stop"
-                break
-            shown = stops.push(decoder.push(token_id))
-            if shown:
-                pieces.append(shown)
-                yield shown
-            if stops.stopped:
-                finish_reason = "stop"
-                break
-        tokens.close()
-        tail = stops.push(decoder.flush()) + stops.flush()
-        if tail:
-            pieces.append(tail)
-            yield tail
+        try:
+            for piece in generation:
+                pieces.append(piece)
+                yield piece
+        finally:
+            generation.close()
+        finish_reason = generation.finish_reason
         if finish_reason == "length" and self._cancelled.is_set():
             finish_reason = "cancelled"
-        text = "".join(pieces)
-        if key is not None and finish_reason != "cancelled":
-            self.service.cache.put(key, CachedReply(text, completion_tokens, finish_reason))
-        self._finish(text, finish_reason, completion_tokens, started, first_token_seconds)
+        reply = CachedReply(
+            "".join(pieces), generation.completion_tokens, finish_reason, generation.prompt_tokens
+        )
+        if self._key is not None and finish_reason != "cancelled":
+            self.service.cache.put(self._key, reply)
+        first_token_at = generation.first_token_at
+        first_token_seconds = None if first_token_at is None else first_token_at - self._started_at
+        self._finish(reply, first_token_seconds)
 
     def _finish(
-        self,
-        text: str,
-        finish_reason: str,
-        completion_tokens: int,
-        started: float,
-        first_token_seconds: float | None,
-        cached: bool = False,
+        self, reply: CachedReply, first_token_seconds: float | None, cached: bool = False
     ) -> None:
         if self._abandoned:
             return
-        self.conversation.add_exchange(self.user_message, text)
+        self.conversation.add_exchange(self.user_message, reply.text)
         if self.conversation.persistent and self.service.store is not None:
-            self.service.store.append_exchange(self.conversation, self.user_message, text)
+            self.service.store.append_exchange(self.conversation, self.user_message, reply.text)
+        seconds = time.perf_counter() - self._started_at
         self.result = ChatResult(
-            text=text,
-            finish_reason=finish_reason,
-            prompt_tokens=len(self.prompt.input_ids),
-            completion_tokens=completion_tokens,
+            text=reply.text,
+            finish_reason=reply.finish_reason,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
             dropped_messages=self.prompt.dropped_messages,
-            seconds=time.perf_counter() - started,
-            first_token_seconds=first_token_seconds,
+            seconds=seconds,
+            first_token_seconds=seconds if cached else first_token_seconds,
             cached=cached,
         )
 
@@ -200,7 +189,7 @@ def scratch_model(loaded: Any) -> Any:
 class ChatService:
     def __init__(
         self,
-        engine: HFEngine | BatchingEngine,
+        backend: LocalBackend | RemoteBackend | HFEngine | BatchingEngine,
         model_name: str,
         default_params: GenerationParams | None = None,
         max_length: int = 1024,
@@ -209,16 +198,22 @@ class ChatService:
         store: SessionStore | None = None,
         max_message_chars: int = 16_000,
     ) -> None:
+        """``backend`` may be an engine: it then runs here, in a ``LocalBackend`` whose context
+        window is ``max_length`` (capped by the model's own limit)."""
+        if not isinstance(backend, LocalBackend | RemoteBackend):
+            backend = LocalBackend(backend, max_length)
+        self.backend = backend
+        local = backend if isinstance(backend, LocalBackend) else None
+        # The local model's parts, for tests and scripts (None with a remote backend).
+        self.engine = local.engine if local else None
+        self.tokenizer = local.tokenizer if local else None
+        self.context_window = local.context_window if local else None
+        self.prompt_format = local.prompt_format if local else None
         self.max_message_chars = max_message_chars
-        self.engine = engine
         self.store = store  # where sessions persist (the API's SQLite file); None in the CLI
-        self.tokenizer = engine.tokenizer
         self.model_name = model_name
         self.default_params = default_params or GenerationParams()
         self.default_system_prompt = default_system_prompt
-        # MAX_LENGTH caps the window (prompt + reply); the model's own limit caps MAX_LENGTH.
-        self.context_window = min(max_length, engine.max_positions)
-        self.prompt_format: PromptFormat = detect_prompt_format(self.tokenizer)
         self.cache = ResponseCache(cache_size)
 
     @classmethod
@@ -236,7 +231,20 @@ class ChatService:
         ``batching=True`` (the API server) decodes concurrent requests together.
         ``engine_name`` ("hf" or "scratch", default ENGINE) picks whose forward pass runs:
         transformers' or our from-scratch transformer on the same weights.
+
+        With BACKEND=remote no model is loaded: replies come from REMOTE_BASE_URL, and
+        ``model_name`` (the CLI's --model) overrides REMOTE_MODEL. Local-only choices (an
+        adapter, the scratch engine) are refused with ``ConfigError``.
         """
+        if settings.backend == "remote":
+            if adapter_path is not None or engine_name not in (None, "hf"):
+                raise ConfigError(
+                    "LoRA adapters and --engine need a local model, but BACKEND=remote loads "
+                    "none; drop them or use BACKEND=local"
+                )
+            backend = RemoteBackend.from_settings(settings, model=model_name)
+            return cls(backend, model_name=backend.model, store=store, **service_options(settings))
+
         from src.models.loader import load_model
 
         loaded = load_model(settings, model_name=model_name, adapter_path=adapter_path)
@@ -254,20 +262,11 @@ class ChatService:
             engine = BatchingEngine(model, loaded.tokenizer, settings.max_batch_size)
         else:
             engine = HFEngine(model, loaded.tokenizer)
-        return cls(
-            engine,
-            model_name=name,
-            default_params=settings.generation_defaults(),
-            max_length=settings.max_length,
-            cache_size=settings.response_cache_size,
-            default_system_prompt=settings.system_prompt,
-            store=store,
-            max_message_chars=settings.max_message_chars,
-        )
+        return cls(engine, model_name=name, store=store, **service_options(settings))
 
     @property
     def supports_system_prompt(self) -> bool:
-        return self.prompt_format is PromptFormat.CHAT_TEMPLATE
+        return self.backend.supports_system_prompt
 
     def new_conversation(self, system_prompt: str | None = None) -> Conversation:
         """A conversation held by the caller (the CLI, a stateless OpenAI request)."""
@@ -308,18 +307,8 @@ class ChatService:
                 f"message: {len(user_message)} characters is over the limit of "
                 f"{self.max_message_chars} (MAX_MESSAGE_CHARS)"
             )
-        max_prompt_tokens = self.context_window - params.max_new_tokens
-        if max_prompt_tokens < 1:
-            raise InvalidRequestError(
-                f"max_new_tokens={params.max_new_tokens} leaves no room for the prompt in the "
-                f"{self.context_window}-token context window; use a smaller max_new_tokens "
-                "(or raise MAX_LENGTH)."
-            )
-        system_prompt = conversation.system_prompt if self.supports_system_prompt else None
         messages = conversation.messages + [{"role": "user", "content": user_message}]
-        prompt = build_prompt(
-            self.tokenizer, self.prompt_format, system_prompt, messages, max_prompt_tokens
-        )
+        prompt = self.backend.build_prompt(conversation.system_prompt, messages, params)
         return ReplyStream(self, conversation, user_message, prompt, params)
 
     def reply(
@@ -331,6 +320,19 @@ class ChatService:
         """Generate a whole reply (no streaming)."""
         return self.start_reply(conversation, user_message, params).complete()
 
-    def cache_key(self, prompt_ids: list[int], params: GenerationParams) -> tuple | None:
+    def cache_key(self, prompt: Any, params: GenerationParams) -> tuple | None:
         """The cache key for a deterministic request, or None for a sampled one."""
-        return cache_key(self.model_name, prompt_ids, params) if params.is_greedy else None
+        if not params.is_greedy:
+            return None
+        return cache_key(self.model_name, self.backend.cache_material(prompt), params)
+
+
+def service_options(settings: Settings) -> dict[str, Any]:
+    """The ChatService arguments that come from the settings, whatever the backend."""
+    return {
+        "default_params": settings.generation_defaults(),
+        "max_length": settings.max_length,
+        "cache_size": settings.response_cache_size,
+        "default_system_prompt": settings.system_prompt,
+        "max_message_chars": settings.max_message_chars,
+    }

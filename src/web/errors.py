@@ -13,7 +13,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from src.errors import ContextOverflowError, InvalidRequestError, MiniClaudeError
+from src.errors import (
+    ContextOverflowError,
+    InvalidRequestError,
+    MiniClaudeError,
+    RemoteBackendError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +59,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:
         kind = "context_length_exceeded" if isinstance(exc, ContextOverflowError) else None
         return error_response(400, str(exc), kind or "invalid_request_error", _param_of(str(exc)))
+
+    @app.exception_handler(RemoteBackendError)
+    async def _remote(_: Request, exc: RemoteBackendError) -> JSONResponse:
+        # BACKEND=remote: the generation server failed or refused; we are its gateway.
+        return error_response(502, str(exc), "remote_backend_error")
 
     @app.exception_handler(MiniClaudeError)
     async def _core(_: Request, exc: MiniClaudeError) -> JSONResponse:

@@ -29,6 +29,9 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    # vLLM's sampling extras (BACKEND=remote sends them): top_k -1 or 0 turns it off.
+    top_k: int | None = None
+    repetition_penalty: float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1  # one choice per request

@@ -95,6 +95,9 @@ class SessionResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok", "loading", "error"]
     model: str | None = None
+    backend: Literal["local", "remote"] | None = Field(
+        None, description="Where replies are generated: here, or on REMOTE_BASE_URL."
+    )
     detail: str | None = None
 
 

@@ -70,6 +70,8 @@ def stream_reply(
         for delta in iterator:
             shown[-1]["content"] += delta
             yield shown, "", "_writing…_"
+    except MiniClaudeError as exc:  # e.g. a remote backend that failed mid-reply
+        raise gr.Error(str(exc)) from None
     finally:
         if stream.result is None:  # the Stop button (or a closed tab) ended us early
             stream.abandon()

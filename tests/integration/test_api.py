@@ -82,7 +82,7 @@ def test_health_is_503_while_loading_then_200_with_the_model(settings, tiny_llam
         assert busy.status_code == 503 and "still loading" in busy.json()["error"]["message"]
         release.set()
         ready = wait_for_health(http, "ok")
-        assert ready == {"status": "ok", "model": "tiny-llama0", "detail": None}
+        assert ready == {"status": "ok", "model": "tiny-llama0", "backend": "local", "detail": None}
 
 
 def test_a_model_that_fails_to_load_is_reported(settings):

@@ -66,3 +66,69 @@ def test_invalid_value_names_variable_value_and_what_is_allowed(
     assert variable in message
     assert value in message
     assert allowed in message
+
+
+def test_the_backend_is_local_unless_told_otherwise():
+    settings = load_settings()
+    assert settings.backend == "local" and settings.remote_base_url is None
+    assert settings.remote_model is None and settings.remote_api_key is None
+    assert settings.remote_timeout == 60.0
+
+
+def test_remote_backend_settings_are_read(monkeypatch):
+    monkeypatch.setenv("BACKEND", "remote")
+    monkeypatch.setenv("REMOTE_BASE_URL", "https://gpu-box.example:8443/v1/")
+    monkeypatch.setenv("REMOTE_MODEL", "meta-llama/Llama-3.1-8B-Instruct")
+    monkeypatch.setenv("REMOTE_API_KEY", "sk-remote-secret")
+    monkeypatch.setenv("REMOTE_TIMEOUT", "12.5")
+    settings = load_settings()
+    assert settings.backend == "remote"
+    assert settings.remote_base_url == "https://gpu-box.example:8443/v1"  # no trailing slash
+    assert settings.remote_model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert settings.remote_api_key.get_secret_value() == "sk-remote-secret"
+    assert "sk-remote-secret" not in repr(settings)
+    assert settings.remote_timeout == 12.5
+
+
+def test_remote_backend_needs_a_base_url(monkeypatch):
+    monkeypatch.setenv("BACKEND", "remote")
+    with pytest.raises(ConfigError, match="REMOTE_BASE_URL is required when BACKEND=remote"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "allowed"),
+    [
+        ("REMOTE_BASE_URL", "gpu-box:8000/v1", "http(s) URL"),
+        ("REMOTE_BASE_URL", "ftp://gpu-box/v1", "http(s) URL"),
+        ("REMOTE_BASE_URL", "http://gpu-box:port/v1", "http(s) URL"),
+        ("REMOTE_BASE_URL", "http:///v1", "http(s) URL"),
+        ("REMOTE_TIMEOUT", "0", "greater than 0"),
+        ("REMOTE_TIMEOUT", "soon", "valid number"),
+        ("BACKEND", "cloud", "'local' or 'remote'"),
+    ],
+)
+def test_invalid_remote_settings_name_variable_value_and_what_is_allowed(
+    monkeypatch, variable, value, allowed
+):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    message = str(error.value)
+    assert variable in message and value in message and allowed in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("ENGINE", "scratch"), ("PRECISION", "bf16"), ("ADAPTER_PATH", "outputs/adapters/chat")],
+)
+def test_local_model_settings_are_refused_with_the_remote_backend(monkeypatch, variable, value):
+    monkeypatch.setenv("BACKEND", "remote")
+    monkeypatch.setenv("REMOTE_BASE_URL", "http://gpu-box:8000/v1")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    message = str(error.value)
+    assert f"{variable}={value!r}" in message and "BACKEND=remote loads none" in message
+    monkeypatch.setenv("BACKEND", "local")
+    assert load_settings().backend == "local"  # fine with a local model

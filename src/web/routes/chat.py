@@ -11,7 +11,7 @@ from src.web.errors import HTTPProblem, sse_event
 from src.web.schemas import ChatRequest, ChatResponse, ErrorResponse, SessionResponse
 from src.web.streaming import deltas_of
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 502, 503)}
 router = APIRouter(tags=["chat"], dependencies=[Depends(require_api_key)], responses=ERRORS)
 
 

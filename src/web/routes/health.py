@@ -8,12 +8,13 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
 def health(request: Request) -> JSONResponse:
-    """200 with the model's name once it is loaded; 503 while loading or if loading failed."""
+    """200 with the model's name and the backend (local or remote) once ready; 503 while
+    loading or if loading failed."""
     state = request.app.state
     if state.service is not None:
-        return JSONResponse(
-            HealthResponse(status="ok", model=state.service.model_name).model_dump()
-        )
+        service = state.service
+        body = HealthResponse(status="ok", model=service.model_name, backend=service.backend.kind)
+        return JSONResponse(body.model_dump())
     if state.load_error:
         body = HealthResponse(status="error", detail=state.load_error)
     else:

@@ -73,6 +73,10 @@ def openai_params(body: ChatCompletionRequest, defaults: GenerationParams) -> Ge
         values["stop"] = body.stop
     if body.seed is not None:
         values["seed"] = body.seed
+    if body.top_k is not None:
+        values["top_k"] = 0 if body.top_k == -1 else body.top_k  # vLLM: -1 means off
+    if body.repetition_penalty is not None:
+        values["repetition_penalty"] = body.repetition_penalty
     return make_params(values)
 
 
