@@ -6,7 +6,8 @@ the same run, on the bundled SmolLM2-135M.
 
 Sections: decode (our engines and precisions vs plain transformers generate), serving (the
 API with 1/4/8/16 concurrent streaming clients, vs one client), cold (process start to first
-token). Results: outputs/benchmark/benchmark.{json,md,png}.
+token), training (LoRA tokens/s and peak memory: our trainer vs a plain transformers Trainer +
+peft on the same data, model and settings). Results: outputs/benchmark/benchmark.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -31,41 +32,47 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     )
     from src.chat.prompts import detect_prompt_format, encode_conversation
     from src.models.loader import ensure_bundled_model
+    from src.models.quantize import quantize_model
     from src.models.transformer import Transformer
     from src.training.data import load_examples, tokenize_examples
 
     folder = ensure_bundled_model(Path(_bootstrap.REPO_ROOT) / "models")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     fp32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    bf16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     prompt_format = detect_prompt_format(tokenizer)
     prompt = encode_conversation(
         tokenizer, prompt_format, None, [{"role": "user", "content": "Tell me a long story."}]
     )
     conversations = load_examples("chitchat")[-perplexity_examples:]
     held_out = tokenize_examples(conversations, tokenizer, prompt_format, 128, 0.0, seed=0).train
+
+    def hf(dtype: torch.dtype, quantization: str = "none"):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        return quantize_model(model, quantization)
+
+    def scratch(dtype: torch.dtype, quantization: str = "none"):
+        return quantize_model(Transformer.from_hf(hf(dtype)), quantization)
+
+    # (name, model factory); PRECISION / QUANTIZE / ENGINE select each row in the app.
     candidates = [
-        (
-            "transformers generate fp32 (baseline)",
-            fp32,
-            transformers_generate_stream(fp32, prompt, new_tokens),
-        ),
-        ("HF engine fp32", fp32, engine_stream(fp32, tokenizer, prompt, new_tokens)),
-        ("HF engine bf16", bf16, engine_stream(bf16, tokenizer, prompt, new_tokens)),
-        (
-            "scratch engine fp32",
-            Transformer.from_hf(fp32),
-            engine_stream(Transformer.from_hf(fp32), tokenizer, prompt, new_tokens),
-        ),
-        (
-            "scratch engine bf16",
-            Transformer.from_hf(bf16),
-            engine_stream(Transformer.from_hf(bf16), tokenizer, prompt, new_tokens),
-        ),
+        ("HF engine fp32", lambda: fp32),
+        ("HF engine bf16", lambda: hf(torch.bfloat16)),
+        ("HF engine bf16 + int8", lambda: hf(torch.bfloat16, "int8")),
+        ("HF engine bf16 + int4 (default)", lambda: hf(torch.bfloat16, "int4")),
+        ("scratch engine fp32", lambda: scratch(torch.float32)),
+        ("scratch engine bf16", lambda: scratch(torch.bfloat16)),
+        ("scratch engine bf16 + int4", lambda: scratch(torch.bfloat16, "int4")),
+    ]
+    baseline_stream = transformers_generate_stream(fp32, prompt, new_tokens)
+    baseline = ("transformers generate fp32 (baseline)", fp32, baseline_stream)
+    runs = [baseline] + [
+        (name, model, engine_stream(model, tokenizer, prompt, new_tokens))
+        for name, make in candidates
+        for model in [make()]
     ]
     stop_ids = {tokenizer.eos_token_id, fp32.generation_config.eos_token_id}
     rows, baseline_tokens = [], None
-    for name, model, stream in candidates:
+    for name, model, stream in runs:
         print(f"  decode: {name}", flush=True)
         speed, first, tokens = time_stream(stream, repetitions)
         baseline_tokens = baseline_tokens or tokens
@@ -115,9 +122,17 @@ def run_cold_start() -> dict:
     }
 
 
+def run_training(steps: int, repetitions: int, examples: int, max_length: int | None) -> dict:
+    from src.benchmarks.training import measure_training
+
+    return measure_training(
+        steps, repetitions, examples, max_length, progress=lambda m: print(m, flush=True)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="decode,serving,cold")
+    parser.add_argument("--sections", default="decode,serving,cold,training")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--clients", default="1,4,8,16")
@@ -127,6 +142,29 @@ def main(argv: list[str] | None = None) -> int:
         default=40,
         help="held-out chitchat conversations for the perplexity column",
     )
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=4,
+        help="timed LoRA optimizer steps per trainer (after one untimed warm-up step)",
+    )
+    parser.add_argument(
+        "--train-repetitions",
+        type=int,
+        default=2,
+        help="runs of each trainer (one process each) for the training section",
+    )
+    parser.add_argument(
+        "--train-examples",
+        type=int,
+        default=200,
+        help="chitchat conversations tokenized for the training section",
+    )
+    parser.add_argument(
+        "--train-max-length",
+        type=int,
+        help="cut training examples to this many tokens (default: configs/lora_default.yaml)",
+    )
     parser.add_argument("--output", type=Path, default=Path("outputs/benchmark"))
     args = parser.parse_args(argv)
     import torch
@@ -135,10 +173,18 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(torch.get_num_threads())
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"decode", "serving", "cold"}
+    unknown = sections - {"decode", "serving", "cold", "training"}
     if unknown:
         print(
-            f"Error: unknown sections {sorted(unknown)}; use decode, serving, cold", file=sys.stderr
+            f"Error: unknown sections {sorted(unknown)}; use decode, serving, cold, training",
+            file=sys.stderr,
+        )
+        return 2
+    if min(args.train_steps, args.train_repetitions) < 1 or args.train_examples < 2:
+        print(
+            "Error: --train-steps and --train-repetitions must be at least 1, --train-examples "
+            "at least 2",
+            file=sys.stderr,
         )
         return 2
     results: dict = {"machine": machine_description()}
@@ -149,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         results["serving"] = run_serving(min(args.new_tokens, 64), clients)
     if "cold" in sections:
         results["cold_start"] = run_cold_start()
+    if "training" in sections:
+        results["training"] = run_training(
+            args.train_steps, args.train_repetitions, args.train_examples, args.train_max_length
+        )
     paths = write_reports(results, args.output)
     print(markdown(results))
     print("Written: " + ", ".join(str(p) for p in paths))

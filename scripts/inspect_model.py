@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = load_settings()
-        loaded = load_model(settings, model_name=args.model)
+        loaded = load_model(settings, model_name=args.model, dtype=torch.float32)
         ours = Transformer.from_hf(loaded.model)
         ids = loaded.tokenizer.encode(args.prompt)
         if not ids:

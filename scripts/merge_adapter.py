@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="base model (default: MODEL_NAME)")
     args = parser.parse_args(argv)
 
+    import torch
+
     from src.config import load_settings
     from src.models.loader import load_model
     from src.models.lora_wrapper import merge_and_save
@@ -34,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {args.output} exists and is not empty; choose a new folder", file=sys.stderr)
         return 2
     try:
-        loaded = load_model(load_settings(), model_name=args.model, adapter_path=args.adapter)
+        loaded = load_model(
+            load_settings(), model_name=args.model, adapter_path=args.adapter, dtype=torch.float32
+        )
         folder = merge_and_save(loaded.model, args.adapter.name, args.output, loaded.tokenizer)
     except MiniClaudeError as exc:
         print(f"Error: {exc}", file=sys.stderr)

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         check(False, f"dataset {args.data}", str(exc))
     print("Model")
     try:
-        loaded = load_model(load_settings(), model_name=args.model)
+        loaded = load_model(load_settings(), model_name=args.model, dtype=torch.float32)
         check(True, f"{loaded.name} loads ({loaded.source}, {loaded.path})")
     except MiniClaudeError as exc:
         check(False, f"model {args.model}", str(exc))

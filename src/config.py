@@ -49,11 +49,19 @@ class Settings(BaseSettings):
     adapter_path: Path | None = None
     adapters_dir: Path = Path("./outputs/adapters")  # adapters users may pick by name
     trust_remote_code: bool = False
-    # "hf": transformers' model; "scratch": our own src/models/transformer.py on the same weights
-    engine: Literal["hf", "scratch"] = "hf"
-    # Weights and activations: fp32 (exact, the default) or bf16 (half the memory; see the
-    # benchmark for its speed and perplexity here).
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # Pickle weights (pytorch_model.bin, adapter_model.bin) can run code when loaded: refused,
+    # and never downloaded, unless the operator opts in. Safetensors are always preferred.
+    allow_pickle: bool = False
+    # "hf": transformers' model; "scratch": our own src/models/transformer.py on the same
+    # weights; "auto": scratch for the GPT-2 and Llama families without an adapter, else hf.
+    engine: Literal["auto", "hf", "scratch"] = "auto"
+    # Inference speed and memory (README "Performance" has the measurements behind these).
+    # PRECISION: fp32 (exact) or bf16 (half the memory, faster here; perplexity within 0.1%).
+    # QUANTIZE: weight-only none, int8 or int4 (src/models/quantize.py).
+    # "auto": bf16 + int4 for the bundled model, whose weights come from a 4-bit (Q4_1) file,
+    # so int4 stores them exactly; fp32 + none (exact) for every other model.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    quantize: Literal["auto", "none", "int8", "int4"] = "auto"
     huggingface_token: SecretStr | None = None
 
     # Backend: "local" runs the model above on this machine; "remote" sends generation to an
@@ -76,6 +84,12 @@ class Settings(BaseSettings):
     seed: int | None = None
 
     max_message_chars: int = Field(16_000, ge=1, le=1_000_000)
+    # API request limits (README "Security"): user and assistant messages one request may send
+    # to the model, the new one included (a full session gets 409); the most max_new_tokens a
+    # request may ask for; replies being generated at once for one client (by IP address).
+    max_history_messages: int = Field(200, ge=1, le=100_000)
+    max_new_tokens_limit: int = Field(1024, ge=1, le=4096)
+    max_streams_per_client: int = Field(16, ge=1, le=10_000)
 
     # API
     api_host: str = "0.0.0.0"
@@ -91,6 +105,14 @@ class Settings(BaseSettings):
     batch_size: int = Field(4, ge=1, le=4096)
     learning_rate: float = Field(2e-5, gt=0.0, le=1.0)
     lora_rank: int = Field(16, ge=1, le=1024)
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # A blank key would accept "Authorization: Bearer " (an empty key): refuse it.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be blank (unset API_KEY to turn authentication off)")
+        return value
 
     @field_validator("remote_base_url")
     @classmethod
@@ -131,6 +153,12 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         message = describe_validation_error(exc, name_of=str.upper)
         raise ConfigError(f"Invalid setting: {message}") from None
+    default_tokens = settings.generation_defaults().max_new_tokens
+    if default_tokens > settings.max_new_tokens_limit:
+        raise ConfigError(
+            f"Invalid setting: MAX_NEW_TOKENS={default_tokens} is over MAX_NEW_TOKENS_LIMIT="
+            f"{settings.max_new_tokens_limit}; lower MAX_NEW_TOKENS or raise the limit"
+        )
     check_backend(settings)
     return settings
 
@@ -145,13 +173,12 @@ def check_backend(settings: Settings) -> None:
             "Invalid setting: REMOTE_BASE_URL is required when BACKEND=remote (the server's "
             "OpenAI-compatible base URL, e.g. http://gpu-box:8000/v1)"
         )
-    local_only = {
-        "ENGINE": settings.engine if settings.engine != "hf" else None,
-        "PRECISION": settings.precision if settings.precision != "fp32" else None,
-        "ADAPTER_PATH": settings.adapter_path,
-    }
-    for name, value in local_only.items():
-        if value is not None:
+    # Only what the operator set to something other than the default (e.g. ENGINE=auto
+    # copied from .env.example is harmless).
+    for name in ("ENGINE", "PRECISION", "QUANTIZE", "ADAPTER_PATH"):
+        field = name.lower()
+        value = getattr(settings, field)
+        if field in settings.model_fields_set and value != Settings.model_fields[field].default:
             raise ConfigError(
                 f"Invalid setting: {name}={str(value)!r} needs a local model, but BACKEND=remote "
                 f"loads none (the server chooses its own); unset {name} or use BACKEND=local"

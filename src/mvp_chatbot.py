@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
 import logging
+import os
 
 from src.errors import MiniClaudeError
 
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--system", help="system prompt (models with a chat template)")
     parser.add_argument(
         "--engine",
-        choices=["hf", "scratch"],
+        choices=["auto", "hf", "scratch"],
         help="hf: transformers' model; scratch: our own transformer on the same "
         "weights (default: ENGINE)",
     )
@@ -51,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     if not args.verbose:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()  # the 1-second weight load needs none
+        # Through the environment rather than transformers' functions: importing transformers
+        # costs a second, and the default engine does not need it (src/models/inference.py).
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the 1-second load needs none
 
     from src.chat.service import ChatService
     from src.cli.commands import ChatSession

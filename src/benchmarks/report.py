@@ -68,7 +68,54 @@ def markdown(results: dict[str, Any]) -> str:
             f"{cold['server_first_token_seconds']:.2f} s.",
             "",
         ]
+    training = results.get("training")
+    if training:
+        lines += training_markdown(training)
     return "\n".join(lines)
+
+
+def training_markdown(training: dict[str, Any]) -> list[str]:
+    settings, rows = training["settings"], training["rows"]
+    baseline = rows[0]
+    targets = settings.get("lora_target_modules") or "default"
+    lines = [
+        f"**LoRA training**, {training['steps']} timed optimizer steps after "
+        f"{training['warmup_steps']} warm-up step, batch {settings['batch_size']} x "
+        f"{settings['gradient_accumulation_steps']} accumulation, max length "
+        f"{settings['max_length']}, LoRA r={settings['lora_rank']} "
+        f"alpha={settings['lora_alpha']:g} dropout={settings['lora_dropout']:g} "
+        f"targets {targets}, fp32, {settings['examples']} chitchat conversations; each trainer "
+        f"in its own process, {training['repetitions']} runs each; same micro-batches on both "
+        f"sides: {'yes' if training['same_batches'] else 'NO'}:",
+        "",
+        "| trainer | tokens/s | vs baseline | s/step | peak RSS in training (MB) | "
+        "added by training (MB) | mean train loss | held-out loss after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def number(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    for row in rows:
+        lines.append(
+            f"| {row['name']} | {row['tokens_per_second']:.1f} | "
+            f"{row['tokens_per_second'] / baseline['tokens_per_second']:.2f}x | "
+            f"{row['step_seconds']:.2f} | {number(row['training_peak_memory_mb'], '.0f')} | "
+            f"{number(row['training_extra_memory_mb'], '.0f')} | "
+            f"{number(row['train_loss_mean'], '.4f')} | {number(row['held_out_loss'], '.4f')} |"
+        )
+    lines += [
+        "",
+        "Tokens/s and s/step: medians over every timed step of every run (tokens/s of a step: "
+        "its non-padding tokens over its wall time; the timed steps hold "
+        f"{rows[0]['tokens']:,} tokens for the baseline, {rows[-1]['tokens']:,} for ours). "
+        "Memory, losses: medians over the runs. Peak RSS: the process's VmHWM, reset just "
+        "before training; added by training: that peak minus the resident memory just before "
+        "training (model, data and trainer loaded). Losses: mean training loss over all steps, "
+        "and loss on the held-out split after training.",
+        "",
+    ]
+    return lines
 
 
 def chart(results: dict[str, Any], path: Path) -> Path:
@@ -77,7 +124,7 @@ def chart(results: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [key for key in ("decode", "serving") if results.get(key)]
+    panels = [key for key in ("decode", "serving", "training") if results.get(key)]
     figure, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4))
     axes = [axes] if len(panels) <= 1 else list(axes)
     for axis, key in zip(axes, panels, strict=False):
@@ -85,6 +132,14 @@ def chart(results: dict[str, Any], path: Path) -> Path:
             rows = results["decode"]["rows"]
             axis.barh([r["name"] for r in rows], [r["tokens_per_second"] for r in rows])
             axis.set_xlabel("tokens/s (single stream)")
+            axis.invert_yaxis()
+        elif key == "training":
+            rows = results["training"]["rows"]
+            bars = axis.barh([r["name"] for r in rows], [r["tokens_per_second"] for r in rows])
+            memory = [r["training_peak_memory_mb"] for r in rows]
+            axis.bar_label(bars, [f" peak {m:.0f} MB" if m else "" for m in memory])
+            axis.margins(x=0.45)  # room for the memory labels
+            axis.set_xlabel("LoRA training tokens/s")
             axis.invert_yaxis()
         else:
             rows = results["serving"]["rows"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import tempfile
 from dataclasses import dataclass, field
@@ -20,9 +21,21 @@ from src.errors import ConversationFileError
 FILE_FORMAT_VERSION = 1
 
 
+SESSION_ID_BYTES = 16  # 128 random bits
+# What new_conversation_id makes: 22 URL-safe base64 characters (16 bytes, no padding).
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
+
+
 def new_conversation_id() -> str:
-    # 128 random bits: unguessable, so one client cannot reach another's session by trying.
-    return secrets.token_urlsafe(16)
+    # 128 random bits from the OS's CSPRNG: unguessable, so one client cannot reach another's
+    # session by trying.
+    return secrets.token_urlsafe(SESSION_ID_BYTES)
+
+
+def is_session_id(value: object) -> bool:
+    """Whether ``value`` has the form of an id from ``new_conversation_id`` (the API refuses
+    anything else before it reaches the store)."""
+    return isinstance(value, str) and SESSION_ID_PATTERN.fullmatch(value) is not None
 
 
 @dataclass

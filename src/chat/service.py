@@ -29,7 +29,7 @@ from src.chat.params import GenerationParams
 from src.chat.remote import RemoteBackend
 from src.chat.store import SessionStore
 from src.config import Settings
-from src.errors import ConfigError, InvalidRequestError, ModelLoadingError
+from src.errors import ConfigError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -172,20 +172,6 @@ def check_text(field: str, text: str) -> None:
         ) from None
 
 
-def scratch_model(loaded: Any) -> Any:
-    """Our from-scratch transformer with the loaded model's weights."""
-    from src.models.transformer import Transformer
-
-    if loaded.adapter is not None:
-        raise ModelLoadingError(
-            "ENGINE=scratch runs base models only; LoRA adapters need ENGINE=hf."
-        )
-    try:
-        return Transformer.from_hf(loaded.model)
-    except ValueError as exc:
-        raise ModelLoadingError(f"ENGINE=scratch cannot run {loaded.name}: {exc}") from exc
-
-
 class ChatService:
     def __init__(
         self,
@@ -229,15 +215,16 @@ class ChatService:
         """Load the configured model (see ``src.models.loader``) and wrap it in a service.
 
         ``batching=True`` (the API server) decodes concurrent requests together.
-        ``engine_name`` ("hf" or "scratch", default ENGINE) picks whose forward pass runs:
-        transformers' or our from-scratch transformer on the same weights.
+        ``engine_name`` ("auto", "hf" or "scratch", default ENGINE) picks whose forward pass
+        runs: transformers' or our from-scratch transformer on the same weights (see
+        ``src.models.inference`` for "auto", PRECISION and QUANTIZE).
 
         With BACKEND=remote no model is loaded: replies come from REMOTE_BASE_URL, and
         ``model_name`` (the CLI's --model) overrides REMOTE_MODEL. Local-only choices (an
         adapter, the scratch engine) are refused with ``ConfigError``.
         """
         if settings.backend == "remote":
-            if adapter_path is not None or engine_name not in (None, "hf"):
+            if adapter_path is not None or engine_name not in (None, "auto"):
                 raise ConfigError(
                     "LoRA adapters and --engine need a local model, but BACKEND=remote loads "
                     "none; drop them or use BACKEND=local"
@@ -245,13 +232,11 @@ class ChatService:
             backend = RemoteBackend.from_settings(settings, model=model_name)
             return cls(backend, model_name=backend.model, store=store, **service_options(settings))
 
-        from src.models.loader import load_model
+        from src.models.inference import load_for_inference
 
-        loaded = load_model(settings, model_name=model_name, adapter_path=adapter_path)
-        name = loaded.name if loaded.adapter is None else f"{loaded.name}+{loaded.adapter.name}"
-        model = loaded.model
-        if (engine_name or settings.engine) == "scratch":
-            model = scratch_model(loaded)
+        loaded = load_for_inference(settings, model_name, adapter_path, engine_name)
+        logger.info("Model: %s (%s)", loaded.name, loaded.description)
+        name, model = loaded.name, loaded.model
         if batching and not supports_batching(model):
             logger.warning(
                 "Notice: %s uses sliding-window attention; requests will not be batched together.",

@@ -106,7 +106,8 @@ def gpt2_tokenizer_dir(destination: Path) -> Path:
     shutil.copyfile(source / "vocab.bpe", destination / "merges.txt")
     tokenizer = GPT2TokenizerFast.from_pretrained(destination)
     if len(tokenizer) != 50257:
-        raise ModelLoadingError(f"The GPT-2 tokenizer in {source} has {len(tokenizer)} tokens, "
-                                "expected 50257.")
+        raise ModelLoadingError(
+            f"The GPT-2 tokenizer in {source} has {len(tokenizer)} tokens, expected 50257."
+        )
     tokenizer.save_pretrained(destination)
     return destination

@@ -8,7 +8,8 @@ Resolution order:
 5. if the model cannot be had, one clear notice and the bundled model
    (``MODEL_FALLBACK=none`` raises ``ModelLoadingError`` instead).
 
-Safe by default: safetensors preferred, ``trust_remote_code`` off unless the operator sets it.
+Safe by default: safetensors only (pickle weights need ALLOW_PICKLE=true), ``trust_remote_code``
+off unless the operator sets it (TRUST_REMOTE_CODE=true).
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ import torch
 from src.config import Settings
 from src.errors import ModelLoadingError
 from src.models.bundled import BUNDLED_MODEL_NAME, bundled_model_dir, convert_bundled_model
-from src.models.folder_check import check_model_folder
+from src.models.folder_check import check_model_folder, weight_files
 
 logger = logging.getLogger(__name__)
 
 # Files worth downloading: configs, tokenizers, chat templates and safetensors weights. Pickle
-# weights are fetched only when a repository has no safetensors (see download_from_hub).
+# weights are fetched only when a repository has no safetensors and ALLOW_PICKLE=true.
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.safetensors"]
 HUB_PICKLE_PATTERNS = ["pytorch_model*.bin"]
+PICKLE_REFUSED = (
+    "Pickle weights (pytorch_model.bin) can run code when loaded, so they are neither "
+    "downloaded nor loaded unless you set ALLOW_PICKLE=true (only for a model you trust); "
+    "or convert them to safetensors."
+)
 
 
 @dataclass
@@ -44,20 +50,47 @@ class LoadedModel:
 
 
 def load_model(
-    settings: Settings, model_name: str | None = None, adapter_path: Path | None = None
+    settings: Settings,
+    model_name: str | None = None,
+    adapter_path: Path | None = None,
+    dtype: torch.dtype | None = None,
 ) -> LoadedModel:
-    """Resolve, load and (optionally) attach a LoRA adapter. Raises ``ModelLoadingError``."""
+    """Resolve, load and (optionally) attach a LoRA adapter. Raises ``ModelLoadingError``.
+
+    ``dtype`` defaults to PRECISION's choice for inference; training passes torch.float32."""
     name = model_name or settings.model_name
     folder, source = resolve_model(name, settings)
-    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
-    model, tokenizer = load_from_folder(folder, settings.trust_remote_code, dtype)
+    return load_resolved(settings, name, folder, source, adapter_path, dtype)
+
+
+def load_resolved(
+    settings: Settings,
+    name: str,
+    folder: Path,
+    source: str,
+    adapter_path: Path | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoadedModel:
+    """``load_model`` for a model ``resolve_model`` has already found."""
+    dtype = dtype or inference_dtype(settings.precision, source)
+    model, tokenizer = load_from_folder(
+        folder, settings.trust_remote_code, dtype, allow_pickle=settings.allow_pickle
+    )
     shown_name = BUNDLED_MODEL_NAME if source.startswith("bundled") else name
     adapter = adapter_path or settings.adapter_path
     if adapter is not None:
         from src.models.lora_wrapper import load_adapter
 
-        model = load_adapter(model, Path(adapter))
+        model = load_adapter(model, Path(adapter), allow_pickle=settings.allow_pickle)
     return LoadedModel(model, tokenizer, shown_name, folder, source, adapter)
+
+
+def inference_dtype(precision: str, source: str) -> torch.dtype:
+    """PRECISION's dtype; "auto" is bf16 for the bundled model (its perplexity stays within
+    0.1% of fp32, see README "Performance") and fp32, exact, for any other model."""
+    if precision == "auto":
+        precision = "bf16" if source.startswith("bundled") else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def resolve_model(name: str, settings: Settings) -> tuple[Path, str]:
@@ -125,7 +158,7 @@ def download_from_hub(repo_id: str, cache_dir: Path, settings: Settings) -> Path
                 repo_id, cache_dir=str(cache_dir), token=token, allow_patterns=HUB_PATTERNS
             )
         )
-        if not any(folder.glob("*.safetensors")):
+        if not any(folder.glob("*.safetensors")) and settings.allow_pickle:
             folder = Path(
                 snapshot_download(
                     repo_id,
@@ -140,20 +173,38 @@ def download_from_hub(repo_id: str, cache_dir: Path, settings: Settings) -> Path
             f"Could not get model '{repo_id}' from the Hugging Face hub "
             f"({type(exc).__name__}: {reason})."
         ) from exc
+    if not any(folder.glob("*.safetensors")) and not settings.allow_pickle:
+        raise ModelLoadingError(
+            f"Could not get model '{repo_id}' from the Hugging Face hub: it has no safetensors "
+            f"weights. {PICKLE_REFUSED}"
+        )
     return folder
 
 
 def load_from_folder(
-    folder: Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+    folder: Path,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
 ) -> tuple[Any, Any]:
-    """Load tokenizer and causal LM from a checked folder, in eval mode."""
+    """Load tokenizer and causal LM from a checked folder, in eval mode. Pickle weights are
+    refused unless ``allow_pickle`` (ALLOW_PICKLE=true)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_folder(folder)
+    pickles = [path.name for path in weight_files(folder) if path.suffix != ".safetensors"]
+    if pickles and not allow_pickle:
+        raise ModelLoadingError(
+            f"Model folder {folder} has only pickle weights ({', '.join(pickles)}). "
+            f"{PICKLE_REFUSED}"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=trust_remote_code
+            folder,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,  # never a .bin without opt-in
         )
     except Exception as exc:  # transformers raises many types for bad or unusual folders
         raise ModelLoadingError(

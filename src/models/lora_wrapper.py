@@ -24,6 +24,8 @@ from torch import nn
 from src.errors import ModelLoadingError
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
 
 # Which layers get LoRA by default, per architecture (the linear layers of attention and MLP).
 DEFAULT_TARGET_MODULES = {
@@ -79,14 +81,26 @@ def describe_parameters(model: nn.Module) -> str:
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
 
 
-def load_adapter(model: Any, adapter_dir: Path) -> Any:
-    """Attach a saved peft LoRA adapter to ``model`` for inference."""
+def load_adapter(model: Any, adapter_dir: Path, allow_pickle: bool = False) -> Any:
+    """Attach a saved peft LoRA adapter to ``model`` for inference. Pickle weights
+    (adapter_model.bin) are refused unless ``allow_pickle`` (ALLOW_PICKLE=true)."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise ModelLoadingError(
             f"Adapter folder {adapter_dir} has no {ADAPTER_CONFIG}: is it a peft adapter?"
+        )
+    if not (adapter_dir / ADAPTER_SAFETENSORS).is_file() and not allow_pickle:
+        found = ADAPTER_PICKLE if (adapter_dir / ADAPTER_PICKLE).is_file() else None
+        raise ModelLoadingError(
+            f"Adapter folder {adapter_dir} has no {ADAPTER_SAFETENSORS}"
+            + (
+                f", only pickle weights ({found}), which can run code when loaded; they are "
+                "refused unless you set ALLOW_PICKLE=true (only for an adapter you trust)."
+                if found
+                else "."
+            )
         )
     try:
         adapted = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)

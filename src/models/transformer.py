@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -161,12 +162,15 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        # One frequency per pair of dimensions: theta^(-2i/hs), i = 0 .. hs/2 - 1.
-        inverse_frequency = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
-        self.register_buffer("inverse_frequency", inverse_frequency, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.float()[..., None] * self.inverse_frequency  # (B, T, hs/2)
+        # One frequency per pair of dimensions: theta^(-2i/hs), i = 0 .. hs/2 - 1. Computed
+        # here in fp32 (a handful of numbers) rather than kept as a buffer, which model.to(bf16)
+        # would round: bf16 frequencies shift every angle and cost accuracy.
+        exponents = torch.arange(0, self.head_dim, 2, device=positions.device).float()
+        inverse_frequency = 1.0 / self.theta ** (exponents / self.head_dim)
+        angles = positions.float()[..., None] * inverse_frequency  # (B, T, hs/2)
         angles = torch.cat([angles, angles], dim=-1)  # (B, T, hs): halves share frequencies
         return angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, T, hs) each
 
@@ -231,7 +235,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
         written_out: bool,
@@ -246,16 +250,21 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, nkv, S, hs)
-        # GQA: each key/value head serves n_head // n_kv_head consecutive query heads.
         group = self.n_head // self.n_kv_head
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)  # (B, nh, S, hs)
-            v = v.repeat_interleave(group, dim=1)
         if written_out:
+            # GQA: each key/value head serves n_head // n_kv_head consecutive query heads.
+            if group > 1:
+                k = k.repeat_interleave(group, dim=1)  # (B, nh, S, hs)
+                v = v.repeat_interleave(group, dim=1)
             y, weights = self.written_out_attention(q, k, v, mask)
         else:
-            # The fused kernel computes the same softmax(q k^T / sqrt(hs) + mask) v.
-            y, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+            # The fused kernel computes the same softmax(q k^T / sqrt(hs) + mask) v, sharing
+            # key/value heads itself (enable_gqa) instead of copying them. mask=None means
+            # causal (a prompt with no cache) or nothing to hide (one new token, no padding).
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=group > 1
+            )
+            weights = None
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hs)
         return self.proj(y), weights
 
@@ -354,9 +363,14 @@ class Transformer(nn.Module):
             cache = KVCache(self.config.n_layer)
         past = cache.get_seq_length() if cache is not None else 0
         S = past + T
-        if S > self.config.max_position_embeddings:
+        if self.config.max_position_embeddings < S:
             raise ValueError(f"sequence of {S} tokens is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}")  # fmt: skip
+        written_out = output_attentions or not sdpa
+        # Without padding, the fused kernel needs no mask when the causal rule alone applies
+        # (a prompt with no cache) or hides nothing (one new token): skipping it saves building
+        # a (B, 1, T, S) tensor for every generated token.
+        no_mask_needed = attention_mask is None and (past == 0 or T == 1) and not written_out
         if attention_mask is None:
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         if position_ids is None:
@@ -369,9 +383,7 @@ class Transformer(nn.Module):
             x = x + self.position_embedding(position_ids)
         else:
             rotary = self.rotary(position_ids)
-        mask = attention_bias(attention_mask, T, x.dtype)  # (B, 1, T, S)
-
-        written_out = output_attentions or not sdpa
+        mask = None if no_mask_needed else attention_bias(attention_mask, T, x.dtype)  # (B,1,T,S)
         output = TransformerOutput(logits=x, cache=cache if use_cache else None)
         for block in self.blocks:
             if output_hidden_states:
@@ -427,6 +439,60 @@ class Transformer(nn.Module):
     # ---- loading Hugging Face weights ----------------------------------------------------
 
     @classmethod
+    def from_folder(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
+        """Build straight from a Hugging Face model folder (config.json, *.safetensors and
+        generation_config.json), without importing transformers: the CLI starts a second
+        sooner. Raises ValueError for a folder this cannot read (pickle weights, an
+        architecture or config it does not know); ``from_hf`` handles those through
+        transformers."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"no .safetensors weights in {folder}")
+        model = cls.skeleton_from_folder(folder)
+        hf_weights: dict[str, torch.Tensor] = {}
+        for file in files:
+            hf_weights.update(load_file(file))
+        try:
+            weights = hf_weight_map(model.config, hf_weights)
+        except KeyError as exc:
+            raise ValueError(f"the weights in {folder} have no tensor {exc}") from exc
+        model.load_weights(weights)
+        return model.to(dtype).eval()
+
+    @classmethod
+    def skeleton_from_folder(cls, folder: Path) -> Transformer:
+        """The model of a folder's config.json with no weights yet (on the meta device: no
+        memory, no random initialisation), and its generation config."""
+        import json
+        from types import SimpleNamespace
+
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        try:
+            config = TransformerConfig.from_hf(SimpleNamespace(**raw))
+        except AttributeError as exc:
+            raise ValueError(f"{folder / 'config.json'} lacks a field: {exc}") from exc
+        with torch.device("meta"), without_initialisation():
+            model = cls(config)
+        generation = folder / "generation_config.json"
+        if generation.is_file():
+            values = json.loads(generation.read_text(encoding="utf-8"))
+            model.generation_config = SimpleNamespace(**values)
+        return model
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Put ``weights`` (our names) into a skeleton, tying the embeddings as configured."""
+        missing, unexpected = self.load_state_dict(weights, strict=False, assign=True)
+        tied = {"lm_head.weight"} if self.config.tie_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise ValueError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
+        # (A quantised skeleton's lm_head has its own weights and no .weight to tie.)
+        if self.config.tie_embeddings and type(self.lm_head) is nn.Linear:
+            self.lm_head.weight = self.token_embedding.weight
+
+    @classmethod
     def from_hf(cls, model_or_folder: Any) -> Transformer:
         """Build from a transformers GPT2LMHeadModel / LlamaForCausalLM (or its folder)."""
         hf_model = model_or_folder
@@ -443,6 +509,22 @@ class Transformer(nn.Module):
             raise ValueError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
         model.generation_config = getattr(hf_model, "generation_config", None)
         return model.to(next(hf_model.parameters()).dtype).eval()
+
+
+@contextmanager
+def without_initialisation() -> Iterator[None]:
+    """Build layers without drawing random initial weights (they are overwritten by loading
+    right after). On the meta device this also avoids torch's Python reference kernels for
+    random numbers, whose first use imports a second's worth of modules."""
+    classes = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    saved = {cls: cls.reset_parameters for cls in classes}
+    for cls in classes:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, reset in saved.items():
+            cls.reset_parameters = reset
 
 
 def attention_bias(attention_mask: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:

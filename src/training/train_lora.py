@@ -40,28 +40,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_trainer(config):
-    """Model, data and trainer for ``config`` (a TrainingConfig). Raises MiniClaudeError."""
+def prepare_data(config, tokenizer):
+    """The tokenized training and validation examples of ``config`` (a TrainingConfig)."""
     from src.chat.prompts import detect_prompt_format
-    from src.config import load_settings
-    from src.models.loader import load_model
-    from src.models.lora_wrapper import LoraSettings, apply_lora
     from src.training.data import load_examples, tokenize_examples
-    from src.training.trainer import LoraTrainer, set_seed
 
-    set_seed(config.training.seed)  # LoRA's random A matrices depend on it
-    loaded = load_model(load_settings(), model_name=config.model)
     examples = load_examples(config.data.source)
     if config.data.max_examples and len(examples) > config.data.max_examples:
         examples = random.Random(config.training.seed).sample(examples, config.data.max_examples)
-    data = tokenize_examples(
+    return tokenize_examples(
         examples,
-        loaded.tokenizer,
-        detect_prompt_format(loaded.tokenizer),
+        tokenizer,
+        detect_prompt_format(tokenizer),
         config.data.max_length,
         config.data.validation_fraction,
         config.training.seed,
     )
+
+
+def build_trainer(config):
+    """Model, data and trainer for ``config`` (a TrainingConfig). Raises MiniClaudeError."""
+    import torch
+
+    from src.config import load_settings
+    from src.models.loader import load_model
+    from src.models.lora_wrapper import LoraSettings, apply_lora
+    from src.training.trainer import LoraTrainer, set_seed
+
+    set_seed(config.training.seed)  # LoRA's random A matrices depend on it
+    # fp32 whatever PRECISION says (that is for inference): training has its own precision.
+    loaded = load_model(load_settings(), model_name=config.model, dtype=torch.float32)
+    data = prepare_data(config, loaded.tokenizer)
     model = apply_lora(loaded.model, LoraSettings(**config.lora.model_dump()))
     return LoraTrainer(config, model, loaded.tokenizer, data), loaded
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -26,6 +25,7 @@ from src.config import Settings, load_settings
 from src.errors import MiniClaudeError
 from src.web.errors import BodySizeLimit, install_error_handlers
 from src.web.routes import chat, health, openai
+from src.web.security import APIKeyGuard, ClientSlots
 
 logger = logging.getLogger(__name__)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the UI never calls home
@@ -89,15 +89,19 @@ def create_app(
     app.state.service = None
     app.state.adapters = None  # an AdapterPool once the model is loaded (used by the UI)
     app.state.load_error = None
+    app.state.slots = ClientSlots(settings.max_streams_per_client)
     install_error_handlers(app)
+    # Middleware added last runs first: CORS (answers preflights, labels every answer), then
+    # the API key (before any body is read), then the body size limit.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(APIKeyGuard, api_key=settings.api_key)
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key"],
         )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(openai.router)
@@ -107,22 +111,16 @@ def create_app(
 
 
 def mount_web_ui(app: FastAPI, settings: Settings) -> None:
-    """The Gradio UI at /ui. With API_KEY set it asks for a login: any user name, and the
-    API key as the password (browsers cannot send a bearer header on their own)."""
+    """The Gradio UI at /ui. With API_KEY set, APIKeyGuard keeps every path under /ui behind
+    the key: the browser asks for it (HTTP Basic: any user name, the key as the password) and
+    sends it with each of the page's requests, so no part of Gradio is reachable without it."""
     import gradio as gr
 
     from src.web.ui import build_ui
 
-    auth = None
-    if settings.api_key is not None:
-        key = settings.api_key.get_secret_value().encode()
-
-        def auth(_user: str, password: str) -> bool:
-            return secrets.compare_digest(password.encode(), key)
-
     ui = build_ui(lambda: app.state.adapters, settings.generation_defaults())
     ui.queue(default_concurrency_limit=settings.max_batch_size)
-    gr.mount_gradio_app(app, ui, path="/ui", auth=auth)
+    gr.mount_gradio_app(app, ui, path="/ui")
 
 
 app = create_app()

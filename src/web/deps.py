@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,6 +10,7 @@ from src.chat.adapter_pool import AdapterPool
 from src.chat.service import ChatService
 from src.config import Settings
 from src.web.errors import HTTPProblem
+from src.web.security import API_KEY_HELP, ClientSlots, key_accepted
 
 
 def get_settings(request: Request) -> Settings:
@@ -33,19 +33,17 @@ def get_adapter_pool(request: Request, service: Annotated[ChatService, Depends(g
 
 
 def require_api_key(request: Request) -> None:
-    """With API_KEY set, require ``Authorization: Bearer <key>`` (compared in constant time)."""
-    expected = get_settings(request).api_key
-    if expected is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(
-        given.strip().encode(), expected.get_secret_value().encode()
-    ):
-        raise HTTPProblem(
-            401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error"
-        )
+    """With API_KEY set, require the key (compared in constant time). The APIKeyGuard
+    middleware already checks every path; this keeps the routers safe on their own."""
+    if not key_accepted(request.headers, get_settings(request).api_key):
+        raise HTTPProblem(401, API_KEY_HELP, "authentication_error")
+
+
+def get_slots(request: Request) -> ClientSlots:
+    return request.app.state.slots
 
 
 ServiceDep = Annotated[ChatService, Depends(get_service)]
 AdapterPoolDep = Annotated[AdapterPool, Depends(get_adapter_pool)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+SlotsDep = Annotated[ClientSlots, Depends(get_slots)]

@@ -27,13 +27,19 @@ class HTTPProblem(Exception):
     """An error the web layer raises itself (unknown session, missing API key, ...)."""
 
     def __init__(
-        self, status: int, message: str, error_type: str, param: str | None = None
+        self,
+        status: int,
+        message: str,
+        error_type: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.error_type = error_type
         self.param = param
+        self.headers = headers
 
 
 def error_response(
@@ -52,7 +58,8 @@ def _param_of(message: str) -> str | None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPProblem)
     async def _problem(_: Request, exc: HTTPProblem) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        headers.update(exc.headers or {})
         return error_response(exc.status, exc.message, exc.error_type, exc.param, headers)
 
     @app.exception_handler(InvalidRequestError)
@@ -93,6 +100,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI could not read the body as JSON for a reason other than its syntax
+            # (bytes that are not UTF-8, nesting too deep): malformed JSON all the same.
+            cause = exc.__cause__
+            message = f"body: malformed JSON ({type(cause).__name__}: {cause})"
+            return error_response(422, message, "invalid_request_error", "body")
         return error_response(exc.status_code, str(exc.detail), "http_error")
 
 

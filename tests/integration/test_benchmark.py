@@ -31,10 +31,15 @@ def test_decode_section_writes_json_markdown_and_chart(converted_bundled_model, 
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads((tmp_path / "benchmark.json").read_text())
     names = [row["name"] for row in data["decode"]["rows"]]
-    assert names[0] == "transformers generate fp32 (baseline)" and len(names) == 5
-    fp32_rows = [row for row in data["decode"]["rows"] if "fp32" in row["name"]]
+    assert names[0] == "transformers generate fp32 (baseline)" and len(names) == 8
+    assert "HF engine bf16 + int4 (default)" in names and "scratch engine bf16 + int4" in names
+    rows = data["decode"]["rows"]
+    fp32_rows = [row for row in rows if "fp32" in row["name"]]
     assert all(row["same_tokens"] for row in fp32_rows)  # fp32 engines: identical greedy tokens
-    assert all(row["tokens_per_second"] > 0 and row["perplexity"] > 1 for row in fp32_rows)
+    assert all(row["tokens_per_second"] > 0 and row["perplexity"] > 1 for row in rows)
+    # Lower precision and quantisation: held-out perplexity within the 2% of fp32.
+    exact = rows[0]["perplexity"]
+    assert all(abs(row["perplexity"] - exact) / exact < 0.02 for row in rows), rows
     table = (tmp_path / "benchmark.md").read_text()
     assert "| transformers generate fp32 (baseline) |" in table and "1.00x" in table
     with Image.open(tmp_path / "benchmark.png") as chart:
@@ -46,3 +51,39 @@ def test_unknown_sections_are_refused(tmp_path):
         ["scripts/benchmark.py", "--sections", "decode,speedy", "--output", str(tmp_path)]
     )
     assert result.returncode == 2 and "unknown sections ['speedy']" in result.stderr
+
+
+def test_training_section_runs_both_trainers_on_the_same_batches(converted_bundled_model, tmp_path):
+    result = run_python(
+        [
+            "scripts/benchmark.py",
+            "--sections",
+            "training",
+            "--train-steps",
+            "1",
+            "--train-repetitions",
+            "1",
+            "--train-examples",
+            "12",
+            "--train-max-length",
+            "64",
+            "--output",
+            str(tmp_path),
+        ],
+        timeout=500,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    training = json.loads((tmp_path / "benchmark.json").read_text())["training"]
+    assert training["steps"] == 1 and training["repetitions"] == 1
+    assert training["same_batches"]  # identical micro-batches, in the same order
+    baseline, ours = training["rows"]
+    assert baseline["side"] == "baseline" and ours["side"] == "ours"
+    assert baseline["tokens"] == ours["tokens"] > 0
+    assert baseline["runs"][0]["each_step_tokens"] == ours["runs"][0]["each_step_tokens"]
+    for row in (baseline, ours):
+        assert row["tokens_per_second"] > 0 and len(row["runs"]) == 1
+        assert row["training_peak_memory_mb"] > 0 and row["held_out_loss"] > 0
+    # Same model, data and settings: the two runs end close together.
+    assert abs(baseline["train_loss_mean"] - ours["train_loss_mean"]) < 0.1
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| transformers Trainer + peft (baseline) |" in table and "1.00x" in table

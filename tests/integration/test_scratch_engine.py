@@ -13,7 +13,7 @@ from src.config import load_settings
 from src.errors import ModelLoadingError
 from src.models.bundled import BUNDLED_MODEL_NAME
 from src.models.transformer import Transformer
-from tests.conftest import REPO_MODEL_CACHE
+from tests.conftest import EXACT, REPO_MODEL_CACHE
 from tests.integration.conftest import run_python
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -25,15 +25,15 @@ GREEDY = GenerationParams(do_sample=False, max_new_tokens=32)
 @pytest.fixture(scope="module")
 def scratch_service(bundled_model_path):
     settings = load_settings(
-        _env_file=None, model_name=BUNDLED_MODEL_NAME, model_cache_dir=REPO_MODEL_CACHE
+        _env_file=None, model_name=BUNDLED_MODEL_NAME, model_cache_dir=REPO_MODEL_CACHE, **EXACT
     )
     return ChatService.from_settings(settings, engine_name="scratch")
 
 
-def test_logits_equal_hugging_face_on_the_bundled_model(bundled_service):
-    hf = bundled_service.engine.model
+def test_logits_equal_hugging_face_on_the_bundled_model(bundled_exact_service):
+    hf = bundled_exact_service.engine.model
     ours = Transformer.from_hf(hf)
-    tokenizer = bundled_service.tokenizer
+    tokenizer = bundled_exact_service.tokenizer
     encoded = [tokenizer.encode(q) for q in QUESTIONS]
     length = max(map(len, encoded))
     ids = torch.tensor([[2] * (length - len(e)) + e for e in encoded])
@@ -45,13 +45,13 @@ def test_logits_equal_hugging_face_on_the_bundled_model(bundled_service):
     assert (actual - expected)[mask.bool()].abs().max() < 1e-4
 
 
-def test_greedy_32_tokens_equal_hugging_face(bundled_service):
-    hf = bundled_service.engine.model
+def test_greedy_32_tokens_equal_hugging_face(bundled_exact_service):
+    hf = bundled_exact_service.engine.model
     ours = Transformer.from_hf(hf)
-    stop = bundled_service.engine.eos_token_ids
+    stop = bundled_exact_service.engine.eos_token_ids
     for question in QUESTIONS:
-        prompt = bundled_service.start_reply(
-            bundled_service.new_conversation(), question, GREEDY
+        prompt = bundled_exact_service.start_reply(
+            bundled_exact_service.new_conversation(), question, GREEDY
         ).prompt.input_ids
         expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)
         assert list(ours.generate(prompt, 32, stop_token_ids=stop)) == (
@@ -60,11 +60,12 @@ def test_greedy_32_tokens_equal_hugging_face(bundled_service):
 
 
 def test_engine_scratch_gives_the_same_replies_as_the_default_engine(
-    bundled_service, scratch_service
+    bundled_exact_service, scratch_service
 ):
     assert scratch_service.engine.model.__class__ is Transformer
     for question in QUESTIONS:
-        default = bundled_service.reply(bundled_service.new_conversation(), question, GREEDY)
+        exact = bundled_exact_service
+        default = exact.reply(exact.new_conversation(), question, GREEDY)
         scratch = scratch_service.reply(scratch_service.new_conversation(), question, GREEDY)
         assert scratch.text == default.text
 

@@ -127,7 +127,8 @@ def test_pickle_weights_are_fetched_only_when_a_repo_has_no_safetensors(
     (source / "pytorch_model.bin").write_bytes(b"stand-in")
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_hub_with(source, calls))
-    settings = load_settings(model_cache_dir=tmp_path / "cache")
+    # Only with the operator's opt-in (tests/unit/test_security.py: refused without it).
+    settings = load_settings(model_cache_dir=tmp_path / "cache", allow_pickle=True)
     from src.models.loader import download_from_hub
 
     folder = download_from_hub("someone/pickle-only", settings.model_cache_dir, settings)

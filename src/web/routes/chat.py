@@ -1,28 +1,46 @@
 """The native chat API: POST /chat, POST /chat/stream, and the sessions they keep."""
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from src.chat.conversation import Conversation
+from src.chat.conversation import Conversation, is_session_id
+from src.chat.params import GenerationParams
 from src.chat.service import ChatService
-from src.web.deps import AdapterPoolDep, ServiceDep, require_api_key
+from src.config import Settings
+from src.web.deps import AdapterPoolDep, ServiceDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import HTTPProblem, sse_event
 from src.web.schemas import ChatRequest, ChatResponse, ErrorResponse, SessionResponse
+from src.web.security import SlotStreamingResponse, check_chars, check_max_new_tokens, client_id
 from src.web.streaming import deltas_of
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 502, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 502, 503)}
 router = APIRouter(tags=["chat"], dependencies=[Depends(require_api_key)], responses=ERRORS)
 
 
-def open_session(service: ChatService, body: ChatRequest) -> Conversation:
+def check_session_id(session_id: str) -> None:
+    """Ids are 22 URL-safe characters (128 random bits); refuse anything else up front."""
+    if not is_session_id(session_id):
+        raise HTTPProblem(
+            400,
+            "session_id: not a session id (session ids are 22 characters: letters, digits, "
+            "'-' and '_')",
+            "invalid_request_error",
+            "session_id",
+        )
+
+
+def no_session(session_id: str) -> HTTPProblem:
+    return HTTPProblem(404, f"session_id: no session {session_id!r}", "not_found", "session_id")
+
+
+def open_session(service: ChatService, body: ChatRequest, settings: Settings) -> Conversation:
     if body.session_id is None:
         return service.new_session(body.system_prompt)
+    check_session_id(body.session_id)
     conversation = service.get_session(body.session_id)
     if conversation is None:
-        raise HTTPProblem(
-            404, f"session_id: no session {body.session_id!r}", "not_found", "session_id"
-        )
+        raise no_session(body.session_id)
     if body.system_prompt is not None:
         raise HTTPProblem(
             400,
@@ -30,16 +48,43 @@ def open_session(service: ChatService, body: ChatRequest) -> Conversation:
             "invalid_request_error",
             "system_prompt",
         )
+    limit = settings.max_history_messages
+    if len(conversation.messages) + 1 > limit:
+        raise HTTPProblem(
+            409,
+            f"session_id: this session is full: it holds {len(conversation.messages)} messages "
+            f"and a request may send at most {limit} (MAX_HISTORY_MESSAGES); start a new "
+            "session (omit session_id)",
+            "session_full",
+            "session_id",
+        )
     return conversation
 
 
+def prepare(
+    body: ChatRequest, service: ChatService, settings: Settings
+) -> tuple[GenerationParams, Conversation]:
+    """The request's generation parameters (within MAX_NEW_TOKENS_LIMIT) and its session;
+    its system prompt within MAX_MESSAGE_CHARS (the service checks the message itself)."""
+    check_max_new_tokens(body.max_new_tokens, "max_new_tokens", settings.max_new_tokens_limit)
+    check_chars("system_prompt", body.system_prompt, settings.max_message_chars)
+    params = body.apply_to(service.default_params)
+    return params, open_session(service, body, settings)
+
+
 @router.post("/chat", response_model=ChatResponse)
-def chat(body: ChatRequest, pool: AdapterPoolDep) -> ChatResponse:
+def chat(
+    body: ChatRequest,
+    request: Request,
+    pool: AdapterPoolDep,
+    settings: SettingsDep,
+    slots: SlotsDep,
+) -> ChatResponse:
     """Answer one message; the exchange is saved to the session when the reply is complete."""
     service = pool.get(body.adapter)
-    params = body.apply_to(service.default_params)
-    conversation = open_session(service, body)
-    result = service.reply(conversation, body.message, params)
+    params, conversation = prepare(body, service, settings)
+    with slots.hold(client_id(request)):
+        result = service.reply(conversation, body.message, params)
     return ChatResponse.from_result(result, conversation.id)
 
 
@@ -48,13 +93,23 @@ def chat(body: ChatRequest, pool: AdapterPoolDep) -> ChatResponse:
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}},
 )
-async def chat_stream(body: ChatRequest, pool: AdapterPoolDep) -> StreamingResponse:
+async def chat_stream(
+    body: ChatRequest,
+    request: Request,
+    pool: AdapterPoolDep,
+    settings: SettingsDep,
+    slots: SlotsDep,
+) -> StreamingResponse:
     """The same reply as server-sent events: ``delta`` events with text, then one ``done``
     event with the full ChatResponse. A client that disconnects stops the generation."""
     service = await run_in_threadpool(pool.get, body.adapter)  # may load it the first time
-    params = body.apply_to(service.default_params)
-    conversation = open_session(service, body)
-    stream = await run_in_threadpool(service.start_reply, conversation, body.message, params)
+    params, conversation = prepare(body, service, settings)
+    slot = slots.acquire(client_id(request))
+    try:
+        stream = await run_in_threadpool(service.start_reply, conversation, body.message, params)
+    except BaseException:
+        slot.release()
+        raise
 
     async def events():
         try:
@@ -66,16 +121,17 @@ async def chat_stream(body: ChatRequest, pool: AdapterPoolDep) -> StreamingRespo
         done = ChatResponse.from_result(stream.result, conversation.id)
         yield sse_event(done.model_dump(), event="done")
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    return SlotStreamingResponse(
+        events(), slot, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
 
 
 @router.get("/sessions/{session_id}", response_model=SessionResponse, tags=["sessions"])
 def get_session(session_id: str, service: ServiceDep) -> SessionResponse:
+    check_session_id(session_id)
     conversation = service.get_session(session_id)
     if conversation is None:
-        raise HTTPProblem(404, f"session_id: no session {session_id!r}", "not_found", "session_id")
+        raise no_session(session_id)
     return SessionResponse(
         session_id=conversation.id,
         system_prompt=conversation.system_prompt,
@@ -85,6 +141,7 @@ def get_session(session_id: str, service: ServiceDep) -> SessionResponse:
 
 @router.delete("/sessions/{session_id}", status_code=204, tags=["sessions"])
 def delete_session(session_id: str, service: ServiceDep) -> Response:
+    check_session_id(session_id)
     if not service.delete_session(session_id):
-        raise HTTPProblem(404, f"session_id: no session {session_id!r}", "not_found", "session_id")
+        raise no_session(session_id)
     return Response(status_code=204)

@@ -6,13 +6,13 @@ Stateless, as in OpenAI's API: the client sends the whole conversation each time
 import time
 import uuid
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from src.chat.conversation import Conversation
 from src.chat.params import GenerationParams, make_params
-from src.web.deps import ServiceDep, require_api_key
+from src.config import Settings
+from src.web.deps import ServiceDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import HTTPProblem, sse_event
 from src.web.openai_schemas import (
     ChatCompletion,
@@ -24,6 +24,12 @@ from src.web.openai_schemas import (
     ModelList,
 )
 from src.web.routes.chat import ERRORS
+from src.web.security import (
+    SlotStreamingResponse,
+    check_chars,
+    check_max_new_tokens,
+    client_id,
+)
 from src.web.streaming import deltas_of
 
 router = APIRouter(
@@ -31,12 +37,26 @@ router = APIRouter(
 )
 
 
-def split_messages(body: ChatCompletionRequest) -> tuple[Conversation, str]:
-    """(earlier conversation, last user message). System messages may only come first."""
+def split_messages(body: ChatCompletionRequest, settings: Settings) -> tuple[Conversation, str]:
+    """(earlier conversation, last user message). System messages may only come first.
+    Each message is within MAX_MESSAGE_CHARS, and there are at most MAX_HISTORY_MESSAGES
+    user and assistant messages."""
+    for number, message in enumerate(body.messages):
+        check_chars(
+            f"messages[{number}].content", message.content, settings.max_message_chars, "messages"
+        )
     messages = list(body.messages)
     system_prompt = None
     if messages[0].role == "system":
         system_prompt = messages.pop(0).content
+    if len(messages) > settings.max_history_messages:
+        raise HTTPProblem(
+            400,
+            f"messages: {len(messages)} user and assistant messages is over the limit of "
+            f"{settings.max_history_messages} (MAX_HISTORY_MESSAGES); send fewer earlier turns",
+            "invalid_request_error",
+            "messages",
+        )
     if not messages or messages[-1].role != "user":
         raise HTTPProblem(
             400,
@@ -59,9 +79,14 @@ def split_messages(body: ChatCompletionRequest) -> tuple[Conversation, str]:
     return Conversation(system_prompt=system_prompt, messages=history), messages[-1].content
 
 
-def openai_params(body: ChatCompletionRequest, defaults: GenerationParams) -> GenerationParams:
+def openai_params(
+    body: ChatCompletionRequest, defaults: GenerationParams, max_tokens_limit: int | None = None
+) -> GenerationParams:
     values = defaults.model_dump()
     max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens_limit is not None:
+        field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        check_max_new_tokens(max_tokens, field, max_tokens_limit)
     if max_tokens is not None:
         values["max_new_tokens"] = max_tokens
     if body.temperature is not None:
@@ -86,14 +111,30 @@ def list_models(service: ServiceDep) -> ModelList:
 
 
 @router.post("/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatCompletionRequest, service: ServiceDep):
-    conversation, message = split_messages(body)
-    params = openai_params(body, service.default_params)
-    stream = await run_in_threadpool(service.start_reply, conversation, message, params)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    request: Request,
+    service: ServiceDep,
+    settings: SettingsDep,
+    slots: SlotsDep,
+):
+    """``model`` is only echoed: the server answers with the one model it loaded at start-up
+    and never loads anything a request names."""
+    conversation, message = split_messages(body, settings)
+    params = openai_params(body, service.default_params, settings.max_new_tokens_limit)
+    slot = slots.acquire(client_id(request))
+    try:
+        stream = await run_in_threadpool(service.start_reply, conversation, message, params)
+    except BaseException:
+        slot.release()
+        raise
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if not body.stream:
-        result = await run_in_threadpool(stream.complete)
+        try:
+            result = await run_in_threadpool(stream.complete)
+        finally:
+            slot.release()
         return ChatCompletion(
             id=completion_id,
             created=created,
@@ -130,8 +171,8 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep):
             yield sse_event(usage_chunk)
         yield sse_event("[DONE]")
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    return SlotStreamingResponse(
+        events(), slot, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
 
 

@@ -1,0 +1,141 @@
+"""The model that serves chat: which engine, precision and quantisation, loaded fast.
+
+ENGINE, PRECISION and QUANTIZE default to "auto", resolved here from what the benchmark
+measured (README "Performance"):
+
+- ENGINE=auto runs our from-scratch transformer (``src/models/transformer.py``, exact
+  against transformers and faster per token) for the families it implements (GPT-2 and
+  Llama) without a LoRA adapter; transformers' model otherwise.
+- PRECISION=auto / QUANTIZE=auto: bf16 + int4 for the bundled model (its weights come from a
+  4-bit file, so int4 keeps them), fp32 + none (exact) for any other model.
+
+The from-scratch engine loads without importing transformers at all (``Transformer``
+straight from safetensors, ``LightTokenizer`` from tokenizer.json, the cast and quantised
+result cached by ``src/models/prepared.py``): that is what brings the CLI's cold start under
+three seconds. Anything that path cannot read falls back to the transformers path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from src.config import Settings
+from src.errors import ModelLoadingError
+
+logger = logging.getLogger(__name__)
+
+SCRATCH_FAMILIES = ("gpt2", "llama")  # the model_type values src/models/transformer.py builds
+
+
+@dataclass
+class InferenceModel:
+    model: Any  # a transformers model or our Transformer, ready for the engines
+    tokenizer: Any
+    name: str  # what users see, e.g. "smollm2-135m-instruct" or "base+adapter"
+    engine: str  # "hf" or "scratch": whose forward pass runs
+    description: str  # e.g. "scratch engine, bf16, int4", for --verbose and logs
+
+
+def load_for_inference(
+    settings: Settings,
+    model_name: str | None = None,
+    adapter_path: Path | None = None,
+    engine_name: str | None = None,
+) -> InferenceModel:
+    """Resolve the model (see ``src.models.loader``) and load it as configured. Raises
+    ``ModelLoadingError``."""
+    from src.models.loader import inference_dtype, resolve_model
+    from src.models.quantize import resolve_quantization
+
+    name = model_name or settings.model_name
+    folder, source = resolve_model(name, settings)
+    adapter = adapter_path or settings.adapter_path
+    dtype = inference_dtype(settings.precision, source)
+    quantization = resolve_quantization(settings.quantize, source)
+    requested = engine_name or settings.engine
+    if requested == "scratch" and adapter is not None:
+        raise ModelLoadingError(
+            "ENGINE=scratch runs base models only; LoRA adapters need ENGINE=hf (or auto)."
+        )
+    if requested == "scratch" or (
+        requested == "auto" and adapter is None and model_type(folder) in SCRATCH_FAMILIES
+    ):
+        try:
+            return load_scratch_fast(folder, source, name, dtype, quantization, settings)
+        except ValueError as exc:  # a folder the direct path cannot read: use transformers
+            logger.info("Loading %s through transformers: %s", folder, exc)
+    return load_through_transformers(
+        settings, name, folder, source, adapter, requested, dtype, quantization
+    )
+
+
+def model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def shown_name(name: str, source: str) -> str:
+    from src.models.bundled import BUNDLED_MODEL_NAME
+
+    return BUNDLED_MODEL_NAME if source.startswith("bundled") else name
+
+
+def describe(engine: str, dtype: Any, quantization: str) -> str:
+    precision = "bf16" if str(dtype).endswith("bfloat16") else "fp32"
+    weights = "" if quantization == "none" else f", {quantization} weights"
+    return f"{engine} engine, {precision}{weights}"
+
+
+def load_scratch_fast(
+    folder: Path, source: str, name: str, dtype: Any, quantization: str, settings: Settings
+) -> InferenceModel:
+    """Our Transformer and a tokenizer, without transformers where the folder allows."""
+    from src.models.folder_check import check_model_folder
+    from src.models.light_tokenizer import LightTokenizer, can_load_light
+    from src.models.prepared import load_prepared_transformer
+
+    check_model_folder(folder)
+    model = load_prepared_transformer(folder, dtype, quantization, Path(settings.model_cache_dir))
+    if can_load_light(folder):
+        tokenizer = LightTokenizer(folder)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return InferenceModel(
+        model, tokenizer, shown_name(name, source), "scratch", describe("scratch", dtype, quantization)
+    )
+
+
+def load_through_transformers(
+    settings: Settings,
+    name: str,
+    folder: Path,
+    source: str,
+    adapter: Path | None,
+    requested: str,
+    dtype: Any,
+    quantization: str,
+) -> InferenceModel:
+    from src.models.loader import load_resolved
+    from src.models.quantize import quantize_for_inference
+    from src.models.transformer import Transformer
+
+    loaded = load_resolved(settings, name, folder, source, adapter, dtype)
+    shown = loaded.name if loaded.adapter is None else f"{loaded.name}+{loaded.adapter.name}"
+    model, engine = loaded.model, "hf"
+    if requested == "scratch":
+        try:
+            model, engine = Transformer.from_hf(loaded.model), "scratch"
+        except ValueError as exc:
+            raise ModelLoadingError(f"ENGINE=scratch cannot run {loaded.name}: {exc}") from exc
+    model = quantize_for_inference(model, quantization)  # merges an adapter first
+    return InferenceModel(
+        model, loaded.tokenizer, shown, engine, describe(engine, dtype, quantization)
+    )

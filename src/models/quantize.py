@@ -1,0 +1,176 @@
+"""Weight-only quantisation for fast CPU decoding: QUANTIZE=int8 or int4.
+
+Generating one token reads every weight of the model once, and on a small CPU that reading
+is the bottleneck: the matrix multiplications of SmolLM2-135M move 540 MB per token in fp32
+and 270 MB in bf16, at roughly 10 GB/s of memory bandwidth. Storing the weights in 8 or 4
+bits moves two or four times fewer bytes, and PyTorch ships CPU kernels that multiply bf16
+activations by packed low-bit weights directly, without materialising the bf16 matrix:
+
+- int8: one scale per output row (``aten._weight_int8pack_mm``);
+- int4: one scale and one offset per group of 32 input weights, asymmetric
+  (``aten._weight_int4pack_mm_for_cpu``), the same scheme as llama.cpp's Q4_1. The bundled
+  SmolLM2 comes from a Q4_1 GGUF file, so int4 stores its layers exactly (up to rounding of
+  the scales to bf16); for other models it is lossy, which the benchmark's perplexity
+  column measures.
+
+Only the activations that enter these kernels are bf16; the layer returns the dtype it was
+given, so the rest of the model keeps PRECISION. This is weight-only quantisation for
+inference: training and LoRA adapters (which are merged in first) use ordinary weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Quantization = Literal["none", "int8", "int4"]
+INT4_GROUP_SIZE = 32  # weights per (scale, offset) pair; Q4_1 uses blocks of 32 too
+OUTPUT_LAYER_NAME = "lm_head"  # in transformers models and in ours
+
+
+class QuantizedLinear(nn.Module):
+    """Common shape of the two layers: ``from_linear`` quantises an nn.Linear; the plain
+    constructor makes an empty layer of the right shapes for loading saved buffers into."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone())
+        layer.quantize(linear.weight.detach().float())
+        return layer
+
+    def quantize(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # the kernels' input dtype
+        y = self.matmul(flat).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class Int8Linear(QuantizedLinear):
+    """y = x W^T + b with W stored as int8 and one bf16 scale per output row."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer(
+            "weight_int8", torch.empty(out_features, in_features, dtype=torch.int8)
+        )
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16))
+
+    def quantize(self, weight: torch.Tensor) -> None:
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # the largest |w| maps to 127
+        self.weight_int8 = torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8)
+        self.scales = scales.to(torch.bfloat16)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+
+
+class Int4Linear(QuantizedLinear):
+    """y = x W^T + b with W stored as 4-bit codes q, w = (q - 8) * scale + offset per group of
+    32 input weights (the scale and offset of a group map its min and max to codes 0 and 15)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.group_size = INT4_GROUP_SIZE
+        # Two codes per byte; (K/g, N, 2): per group and output row, the scale then the offset.
+        packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
+        scales = torch.empty(in_features // self.group_size, out_features, 2, dtype=torch.bfloat16)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_offsets", scales)
+
+    def quantize(self, weight: torch.Tensor) -> None:
+        groups = weight.reshape(self.out_features, -1, self.group_size)  # (N, K/g, g)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+        codes = codes.reshape(self.out_features, self.in_features).to(torch.int32)
+        # The kernel subtracts 8 from each code: the offset is the weight that code 8 means.
+        offset = low + 8 * scale
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        scales_and_offsets = torch.stack([scale, offset], dim=-1).transpose(0, 1)
+        self.scales_and_offsets = scales_and_offsets.contiguous().bfloat16()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed, self.group_size, self.scales_and_offsets
+        )
+
+
+def resolve_quantization(setting: str, source: str) -> Quantization:
+    """QUANTIZE's method; "auto" is int4 for the bundled model (a Q4_1 file: int4 stores its
+    layers exactly) and none for any other model (quantising it would change its outputs)."""
+    if setting == "auto":
+        return "int4" if source.startswith("bundled") else "none"
+    return setting  # type: ignore[return-value]
+
+
+def quantize_for_inference(model: nn.Module, method: Quantization) -> nn.Module:
+    """``quantize_model`` for a model about to serve chat: a LoRA adapter (a peft model) is
+    merged into the base weights first, so the quantised layers already include it."""
+    if method == "none":
+        return model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return quantize_model(model, method)
+
+
+def can_quantize(linear: nn.Linear, method: Quantization) -> bool:
+    if method == "int4":  # the kernel's packing works on whole groups and 16-row tiles
+        return linear.in_features % INT4_GROUP_SIZE == 0 and linear.out_features % 16 == 0
+    return True
+
+
+def quantize_model(model: nn.Module, method: Quantization, empty: bool = False) -> nn.Module:
+    """Replace every nn.Linear of ``model`` (in place) by its ``method`` version; layers the
+    kernel cannot take (int4 needs an input width that is a multiple of 32 and an output width
+    that is a multiple of 16; GPT-2's Conv1D is not an nn.Linear) keep their weights.
+    ``empty=True`` makes the quantised layers without computing them (to load saved ones).
+    Returns ``model``. Only runs on CPU."""
+    if method == "none":
+        return model
+    if method not in ("int8", "int4"):
+        raise ValueError(f"QUANTIZE={method!r}; allowed: none, int8, int4")
+    # (The meta device builds an empty quantised skeleton for src/models/prepared.py.)
+    if any(p.device.type not in ("cpu", "meta") for p in model.parameters()):
+        raise ValueError(f"QUANTIZE={method} uses PyTorch's CPU kernels; the model is not on CPU")
+    replaced, kept = 0, 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            # The output projection (vocabulary logits) is the most sensitive layer: int4
+            # there costs SmolLM2 2.3% perplexity, int8 0.6%. llama.cpp's Q4 files likewise
+            # keep it at higher precision.
+            layer_method = "int8" if name == OUTPUT_LAYER_NAME else method
+            if can_quantize(child, layer_method):
+                layer_class = Int8Linear if layer_method == "int8" else Int4Linear
+                if empty:
+                    layer = layer_class(
+                        child.in_features, child.out_features, child.bias is not None
+                    )
+                else:
+                    layer = layer_class.from_linear(child)
+                setattr(parent, name, layer)
+                replaced += 1
+            else:
+                kept += 1
+    if replaced == 0:
+        logger.warning("Notice: QUANTIZE=%s found no nn.Linear layer it could quantise.", method)
+    logger.debug("QUANTIZE=%s: %d linear layers quantised, %d kept", method, replaced, kept)
+    return model

@@ -1,0 +1,47 @@
+"""Shared by the fuzz tests: how many examples to try, and a count of the cases tried (with
+the status codes the API answered) printed at the end of every pytest run that includes them,
+``make test`` too.
+
+``FUZZ_EXAMPLES=N`` sets the number of generated examples per test (per operation and mode
+for the API fuzz), e.g. ``FUZZ_EXAMPLES=2000 .venv/bin/python -m pytest tests/fuzz`` for a
+long run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+
+# (group, name) -> cases tried; group is "api" (an operation and a mode) or "core".
+CASES: Counter[tuple[str, str]] = Counter()
+STATUSES: defaultdict[tuple[str, str], Counter[int]] = defaultdict(Counter)
+
+
+def examples(default: int) -> int:
+    """Examples per test: ``default``, or FUZZ_EXAMPLES when set (for longer runs)."""
+    value = os.environ.get("FUZZ_EXAMPLES", "").strip()
+    return int(value) if value else default
+
+
+def count(group: str, name: str, status: int | None = None) -> None:
+    CASES[(group, name)] += 1
+    if status is not None:
+        STATUSES[(group, name)][status] += 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if not CASES:
+        return
+    writer = terminalreporter
+    writer.section("fuzz cases tried")
+    for group in sorted({group for group, _ in CASES}):
+        names = sorted(name for g, name in CASES if g == group)
+        width = max(len(name) for name in names)
+        for name in names:
+            statuses = STATUSES.get((group, name))
+            detail = ", ".join(f"{code}: {n}" for code, n in sorted(statuses.items()))
+            line = f"{group:4}  {name:<{width}}  {CASES[group, name]:6}"
+            writer.write_line(f"{line}  ({detail})" if statuses else line)
+        total = sum(n for (g, _), n in CASES.items() if g == group)
+        writer.write_line(f"{group:4}  {'total':<{width}}  {total:6}")
+    writer.write_line(f"all cases: {sum(CASES.values())} (FUZZ_EXAMPLES=N sets examples per test)")

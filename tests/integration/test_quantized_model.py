@@ -1,0 +1,111 @@
+"""The bundled model as served by default (ENGINE=auto -> scratch, PRECISION=auto -> bf16,
+QUANTIZE=auto -> int4): the layers really are 4-bit, the replies are right, batching is
+unchanged, held-out perplexity stays within the issue's 2% of the exact fp32 model, and the
+prepared-model cache is used, checked and rebuilt."""
+
+import threading
+
+import pytest
+import torch
+
+from src.benchmarks.decode import held_out_perplexity
+from src.chat.batching import BatchingEngine
+from src.chat.params import GenerationParams
+from src.chat.service import ChatService
+from src.config import load_settings
+from src.models.bundled import BUNDLED_MODEL_NAME
+from src.models.prepared import load_prepared_transformer, prepared_path
+from src.models.quantize import Int4Linear, Int8Linear
+from src.models.transformer import Transformer
+from src.training.data import load_examples, tokenize_examples
+from tests.conftest import REPO_MODEL_CACHE
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+GREEDY = GenerationParams(do_sample=False, max_new_tokens=24)
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?"]
+
+
+def test_default_service_runs_the_scratch_engine_with_int4_layers_in_bf16(bundled_service):
+    model = bundled_service.engine.model
+    assert isinstance(model, Transformer)
+    assert isinstance(model.blocks[0].attention.qkv, Int4Linear)
+    assert isinstance(model.blocks[-1].mlp.down, Int4Linear)
+    assert isinstance(model.lm_head, Int8Linear)
+    assert model.token_embedding.weight.dtype == torch.bfloat16
+    reply = bundled_service.reply(bundled_service.new_conversation(), QUESTIONS[0], GREEDY)
+    assert "Paris" in reply.text
+
+
+def test_engine_hf_quantises_the_transformers_model_too(bundled_model_path):
+    settings = load_settings(
+        _env_file=None, model_name=BUNDLED_MODEL_NAME, model_cache_dir=REPO_MODEL_CACHE
+    )
+    service = ChatService.from_settings(settings, engine_name="hf")
+    model = service.engine.model
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert isinstance(model.lm_head, Int8Linear)
+    reply = service.reply(service.new_conversation(), QUESTIONS[0], GREEDY)
+    assert "Paris" in reply.text
+
+
+def test_int4_perplexity_is_within_two_percent_of_fp32(bundled_service, bundled_exact_service):
+    tokenizer = bundled_exact_service.tokenizer
+    conversations = load_examples("chitchat")[-12:]
+    held_out = tokenize_examples(
+        conversations, tokenizer, bundled_exact_service.prompt_format, 128, 0.0, seed=0
+    ).train
+    exact = held_out_perplexity(bundled_exact_service.engine.model, held_out)
+    quantized = held_out_perplexity(bundled_service.engine.model, held_out)
+    assert abs(quantized - exact) / exact < 0.02, (exact, quantized)
+
+
+def test_default_engine_batches_like_one_request_at_a_time(bundled_service):
+    service = bundled_service
+    engine = BatchingEngine(service.engine.model, service.tokenizer)
+    prompts = [
+        service.start_reply(service.new_conversation(), q, GREEDY).prompt.input_ids
+        for q in QUESTIONS
+    ]
+    alone = [list(service.engine.generate_token_ids(p, GREEDY)) for p in prompts]
+    together: list = [None] * len(prompts)
+
+    def run(index: int) -> None:
+        together[index] = list(engine.generate_token_ids(prompts[index], GREEDY))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # bf16 sums in a different order can flip a near-tie late in a reply: compare the starts.
+    assert [t[:8] for t in together] == [t[:8] for t in alone]
+    assert engine.rows_decoded > engine.steps
+
+
+def test_the_prepared_model_is_cached_reused_and_rebuilt_when_damaged(
+    bundled_model_path, tmp_path, monkeypatch
+):
+    built = load_prepared_transformer(bundled_model_path, torch.bfloat16, "int4", tmp_path)
+    path = prepared_path(bundled_model_path, torch.bfloat16, "int4", tmp_path)
+    assert path.is_file() and path.stat().st_size < 200e6  # about 150 MB, not 517 MB
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        expected = built(ids).logits
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the prepared file should have been read")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Transformer, "from_folder", no_rebuild)
+        reused = load_prepared_transformer(bundled_model_path, torch.bfloat16, "int4", tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reused(ids).logits, expected)
+
+    path.write_bytes(b"not a safetensors file")  # damaged: rebuilt, not an error
+    rebuilt = load_prepared_transformer(bundled_model_path, torch.bfloat16, "int4", tmp_path)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(ids).logits, expected)
+    assert path.stat().st_size > 1e6
+    # Another setting is another file.
+    assert prepared_path(bundled_model_path, torch.float32, "none", tmp_path) != path
