@@ -182,20 +182,64 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 class KVCache:
     """Keys and values of every position seen so far, per layer: (B, nkv, S, hs).
 
-    The attribute names (``layers[i].keys``, ``.values``, ``batch_select_indices``) follow
-    transformers' DynamicCache, so the batching engine handles both the same way.
+    Each layer keeps its tensors in a buffer with room to spare, doubled when full, so that
+    adding a token writes one position instead of copying the whole cache (``torch.cat`` on
+    every step costs time in proportion to the conversation's length). The attribute names
+    (``layers[i].keys``, ``.values``, ``batch_select_indices``) follow transformers'
+    DynamicCache, so the batching engine handles both the same way.
     """
 
-    @dataclass
     class Layer:
-        keys: torch.Tensor | None = None
-        values: torch.Tensor | None = None
+        def __init__(self) -> None:
+            self._keys: torch.Tensor | None = None  # (B, nkv, capacity, hs)
+            self._values: torch.Tensor | None = None
+            # Positions in use, one count per tensor: the batching engine replaces keys and
+            # values one after the other, reading the old values after setting new keys.
+            self._key_length = self._value_length = 0
+
+        @property
+        def length(self) -> int:
+            return self._key_length
+
+        @property
+        def keys(self) -> torch.Tensor | None:
+            return None if self._keys is None else self._keys[:, :, : self._key_length]
+
+        @keys.setter
+        def keys(self, keys: torch.Tensor) -> None:
+            self._keys, self._key_length = keys, keys.shape[2]
+
+        @property
+        def values(self) -> torch.Tensor | None:
+            return None if self._values is None else self._values[:, :, : self._value_length]
+
+        @values.setter
+        def values(self, values: torch.Tensor) -> None:
+            self._values, self._value_length = values, values.shape[2]
+
+        def append(
+            self, keys: torch.Tensor, values: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            if self._keys is None:
+                self.keys, self.values = keys, values
+                return keys, values
+            length = self._key_length
+            new_length = length + keys.shape[2]
+            if new_length > min(self._keys.shape[2], self._values.shape[2]):
+                # Full: move to buffers twice as large (amortised O(1) per token).
+                capacity = max(2 * length, new_length)
+                self._keys = grow(self._keys, length, capacity)
+                self._values = grow(self._values, length, capacity)
+            self._keys[:, :, length:new_length] = keys
+            self._values[:, :, length:new_length] = values
+            self._key_length = self._value_length = new_length
+            return self.keys, self.values
 
     def __init__(self, n_layer: int) -> None:
         self.layers = [KVCache.Layer() for _ in range(n_layer)]
@@ -203,20 +247,23 @@ class KVCache:
     def update(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        entry = self.layers[layer]
-        if entry.keys is not None:
-            keys = torch.cat([entry.keys, keys], dim=2)  # along S
-            values = torch.cat([entry.values, values], dim=2)
-        entry.keys, entry.values = keys, values
-        return keys, values
+        """Add the new positions' keys and values; return all of them so far."""
+        return self.layers[layer].append(keys, values)
 
     def get_seq_length(self) -> int:
-        keys = self.layers[0].keys
-        return 0 if keys is None else keys.shape[2]
+        return self.layers[0].length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for entry in self.layers:
             entry.keys, entry.values = entry.keys[indices], entry.values[indices]
+
+
+def grow(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
+    """A copy of ``buffer``'s first ``used`` positions (dim 2) in a buffer of ``capacity``."""
+    B, heads, _, head_size = buffer.shape
+    larger = buffer.new_empty(B, heads, capacity, head_size)
+    larger[:, :, :used] = buffer[:, :, :used]
+    return larger
 
 
 class Attention(nn.Module):
@@ -258,12 +305,21 @@ class Attention(nn.Module):
                 v = v.repeat_interleave(group, dim=1)
             y, weights = self.written_out_attention(q, k, v, mask)
         else:
-            # The fused kernel computes the same softmax(q k^T / sqrt(hs) + mask) v, sharing
-            # key/value heads itself (enable_gqa) instead of copying them. mask=None means
-            # causal (a prompt with no cache) or nothing to hide (one new token, no padding).
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=group > 1
-            )
+            # The fused kernel computes the same softmax(q k^T / sqrt(hs) + mask) v. mask=None
+            # means causal (a prompt with no cache) or nothing to hide (one new token, no
+            # padding).
+            if mask is None and T == 1 and group > 1:
+                # One new token: the `group` query heads that share a key/value head are
+                # attended as `group` queries of that one head, (B, nkv, group, hs). Same
+                # numbers, no copies of k and v, and ten times faster here than enable_gqa.
+                y = F.scaled_dot_product_attention(
+                    q.reshape(B, self.n_kv_head, group, self.head_dim), k, v
+                ).reshape(B, self.n_head, 1, self.head_dim)
+            else:
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                    enable_gqa=group > 1,
+                )  # fmt: skip
             weights = None
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hs)
         return self.proj(y), weights
@@ -382,7 +438,8 @@ class Transformer(nn.Module):
         if self.config.positions == "learned":
             x = x + self.position_embedding(position_ids)
         else:
-            rotary = self.rotary(position_ids)
+            # Angles in fp32; cos and sin then cast once to the model's dtype for all layers.
+            rotary = tuple(part.to(x.dtype) for part in self.rotary(position_ids))
         mask = None if no_mask_needed else attention_bias(attention_mask, T, x.dtype)  # (B,1,T,S)
         output = TransformerOutput(logits=x, cache=cache if use_cache else None)
         for block in self.blocks:

