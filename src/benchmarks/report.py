@@ -62,7 +62,8 @@ def markdown(results: dict[str, Any]) -> str:
     cold = results.get("cold_start")
     if cold:
         lines += [
-            "**Cold start** (model already converted): CLI process start to first token "
+            f"**Cold start** (model already converted and prepared; median of "
+            f"{cold.get('repetitions', 1)}): CLI process start to first token "
             f"{cold['cli_first_token_seconds']:.2f} s; server start to ready "
             f"{cold['server_ready_seconds']:.2f} s, to first streamed token "
             f"{cold['server_first_token_seconds']:.2f} s.",
