@@ -1,7 +1,8 @@
 """Mini-Claude in the browser: ``python src/web_app.py`` (or ``make web``).
 
 A Gradio chat UI on the same ChatService as the CLI and the API (the API also serves it at
-/ui). Opens on http://127.0.0.1:7860 by default; ``--host``/``--port`` change that.
+/ui). Opens on http://127.0.0.1:7860 by default; ``--host``/``--port`` change that. With
+API_KEY set it asks for a login: any user name, the key as the password.
 """
 
 from __future__ import annotations
@@ -43,8 +44,25 @@ def main(argv: list[str] | None = None) -> int:
         lambda path: ChatService.from_settings(settings, args.model, path, batching=True),
     )
     demo = build_ui(lambda: pool, service.default_params)
-    demo.queue(default_concurrency_limit=16).launch(server_name=args.host, server_port=args.port)
+    demo.queue(default_concurrency_limit=16).launch(
+        server_name=args.host, server_port=args.port, auth=login_check(settings.api_key)
+    )
     return 0
+
+
+def login_check(api_key):
+    """With API_KEY set, Gradio's login page asks for it: any user name, the key as the
+    password (compared in constant time). (At /ui on the API, the API's own check applies.)"""
+    if api_key is None:
+        return None
+    import hmac
+
+    expected = api_key.get_secret_value().encode()
+
+    def check(_user: str, password: str) -> bool:
+        return hmac.compare_digest(password.encode(), expected)
+
+    return check
 
 
 if __name__ == "__main__":

@@ -91,16 +91,14 @@ def load_adapter(model: Any, adapter_dir: Path, allow_pickle: bool = False) -> A
         raise ModelLoadingError(
             f"Adapter folder {adapter_dir} has no {ADAPTER_CONFIG}: is it a peft adapter?"
         )
-    if not (adapter_dir / ADAPTER_SAFETENSORS).is_file() and not allow_pickle:
-        found = ADAPTER_PICKLE if (adapter_dir / ADAPTER_PICKLE).is_file() else None
+    pickle_only = (adapter_dir / ADAPTER_PICKLE).is_file() and not (
+        adapter_dir / ADAPTER_SAFETENSORS
+    ).is_file()  # peft prefers the safetensors file when both exist
+    if pickle_only and not allow_pickle:
         raise ModelLoadingError(
-            f"Adapter folder {adapter_dir} has no {ADAPTER_SAFETENSORS}"
-            + (
-                f", only pickle weights ({found}), which can run code when loaded; they are "
-                "refused unless you set ALLOW_PICKLE=true (only for an adapter you trust)."
-                if found
-                else "."
-            )
+            f"Adapter folder {adapter_dir} has only pickle weights ({ADAPTER_PICKLE}), which "
+            "can run code when loaded; they are refused unless you set ALLOW_PICKLE=true "
+            "(only for an adapter you trust), or save the adapter as safetensors."
         )
     try:
         adapted = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)

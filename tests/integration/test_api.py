@@ -147,14 +147,17 @@ def test_sessions_are_separate_and_can_be_deleted(client):
 
 
 def test_unknown_session_is_404_and_creates_nothing(client, settings):
-    response = client.post("/chat", json={"message": "hi", "session_id": "made-up"})
+    unknown = "Unknown-session-id_123"  # the form of an id (22 characters), but no session
+    response = client.post("/chat", json={"message": "hi", "session_id": unknown})
     assert response.status_code == 404
     assert response.json()["error"] == {
-        "message": "session_id: no session 'made-up'",
+        "message": f"session_id: no session {unknown!r}",
         "type": "not_found",
         "param": "session_id",
     }
-    assert client.get("/sessions/made-up").status_code == 404
+    assert client.get(f"/sessions/{unknown}").status_code == 404
+    # Not even the form of an id: 400 (tests/integration/test_security.py has more).
+    assert client.post("/chat", json={"message": "hi", "session_id": "made-up"}).status_code == 400
 
 
 @pytest.mark.parametrize(

@@ -244,6 +244,47 @@ def test_the_key_is_refused_before_the_body_is_read(tmp_path, tiny_llama_path):
         assert_error(response, 401, "authentication_error")
 
 
+def test_a_browser_uses_the_ui_with_the_key_as_its_password(tmp_path, tiny_llama_path):
+    """Headless Chromium: /ui answers 401 until the browser has the key (as after its
+    password prompt), then the whole UI, its queue and streamed reply included, works."""
+    import shutil
+
+    chromedriver = shutil.which("chromedriver")
+    if chromedriver is None:
+        pytest.skip("chromedriver not installed (make test installs chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    settings = {"api_key": KEY, "max_new_tokens": 6, "do_sample": False}
+    try:
+        with serve(tmp_path, tiny_llama_path, mount_ui=True, **settings) as live:
+            driver.get(f"{live.url}/ui/")
+            assert not driver.find_elements(By.CSS_SELECTOR, "#message textarea")
+            # Credentials in the URL stand in for typing them into the browser's prompt; the
+            # browser then keeps them for the page's own requests.
+            driver.get(live.url.replace("http://", f"http://anyone:{KEY}@") + "/ui/")
+            driver.get(f"{live.url}/ui/")
+            deadline = time.monotonic() + 60
+            while not driver.find_elements(By.CSS_SELECTOR, "#message textarea"):
+                assert time.monotonic() < deadline, "the UI did not load"
+                time.sleep(0.1)
+            box = driver.find_element(By.CSS_SELECTOR, "#message textarea")
+            box.send_keys("Hello")
+            box.send_keys(Keys.ENTER)
+            script = "return document.getElementById('status').innerText"
+            while "tokens/s" not in driver.execute_script(script):
+                assert time.monotonic() < deadline, "no reply in the UI"
+                time.sleep(0.1)
+    finally:
+        driver.quit()
+
+
 # ---- sessions ----------------------------------------------------------------------------
 
 

@@ -95,6 +95,39 @@ def test_browser_paths_are_the_ui_and_the_docs():
         assert not is_browser_path(path), path
 
 
+def test_the_standalone_ui_asks_for_the_key_when_one_is_set(monkeypatch):
+    """``python src/web_app.py`` (no API in front) hands the key to Gradio's login."""
+    import gradio
+
+    import src.chat.service
+    import src.web_app
+
+    launched = {}
+    monkeypatch.setenv("API_KEY", "the-key")
+    monkeypatch.setattr(
+        src.chat.service.ChatService, "from_settings", lambda *args, **kwargs: FakeService()
+    )
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
+    assert src.web_app.main(["--port", "7999"]) == 0
+    auth = launched["auth"]
+    assert auth("anyone", "the-key") is True
+    assert auth("anyone", "wrong") is False and auth("the-key", "") is False
+    assert src.web_app.login_check(None) is None  # no key: no login
+
+
+class FakeService:
+    """Just enough of a ChatService for build_ui (nothing is generated)."""
+
+    model_name = "fake"
+    supports_system_prompt = True
+
+    def __init__(self) -> None:
+        from src.chat.params import GenerationParams
+
+        self.default_params = GenerationParams()
+        self.backend = type("Backend", (), {"kind": "local"})()
+
+
 # ---- sessions ------------------------------------------------------------------------------
 
 
