@@ -127,8 +127,10 @@ def load_conversation_file(path: Path) -> tuple[Conversation, dict]:
         raise ConversationFileError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConversationFileError(f"{path}: cannot read it ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise ConversationFileError(f"{path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        # JSONDecodeError, an integer of over 4300 digits, or nesting too deep
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ConversationFileError(f"{path}: not valid JSON ({reason})") from None
     conversation = Conversation.from_dict(data, source=str(path))
     params = data.get("params") or {}
     if not isinstance(params, dict):

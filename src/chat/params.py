@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -83,5 +84,19 @@ def describe_validation_error(exc: ValidationError, name_of=lambda field: field)
         if error["type"] == "extra_forbidden":
             lines.append(f"{name_of(field)}: unknown parameter")
             continue
-        lines.append(f"{name_of(field)}={error.get('input')!r}: {error['msg']}")
+        lines.append(f"{name_of(field)}={short_repr(error.get('input'))}: {error['msg']}")
     return "; ".join(lines)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, 80, 80, 80
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr() cut to ``limit`` characters: a message quotes the bad value, not all of it (a
+    YAML alias bomb or a huge JSON list would make it megabytes long)."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an integer of over 4300 digits cannot be turned into text
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -43,6 +43,9 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
     # Drop a token if the tokens before it already reach p.
     drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= p
+    # Keep the first one whatever p is: a p below float32's smallest number (1e-300) rounds
+    # to 0, which would drop every token and leave nothing to sample from.
+    drop_sorted[0] = False
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

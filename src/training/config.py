@@ -75,6 +75,12 @@ def set_dotted(values: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def describe_yaml_error(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(exc).split())  # PyYAML's messages span several lines
+
+
 def load_training_config(
     path: Path | None = None, overrides: list[str] = (), environ: dict | None = None
 ) -> TrainingConfig:
@@ -84,8 +90,11 @@ def load_training_config(
             values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise TrainingConfigError(f"{path}: no such config file") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise TrainingConfigError(f"{path}: cannot read it as YAML ({exc})") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:
+            # ValueError: an integer of over 4300 digits; RecursionError: nesting too deep.
+            raise TrainingConfigError(
+                f"{path}: cannot read it as YAML ({describe_yaml_error(exc)})"
+            ) from None
         if not isinstance(values, dict):
             raise TrainingConfigError(f"{path}: the top level must be a mapping of sections")
     environ = os.environ if environ is None else environ
@@ -98,7 +107,13 @@ def load_training_config(
             raise TrainingConfigError(
                 f"override {override!r}: expected KEY=VALUE, e.g. training.max_steps=50"
             )
-        set_dotted(values, key.strip(), yaml.safe_load(raw) if raw else None)
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
+            raise TrainingConfigError(
+                f"override {override!r}: the value is not valid YAML ({describe_yaml_error(exc)})"
+            ) from None
+        set_dotted(values, key.strip(), value)
     try:
         return TrainingConfig.model_validate(values)
     except ValidationError as exc:

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
+from src.chat.params import short_repr
 from src.chat.prompts import IGNORE_INDEX, Message, PromptFormat, encode_for_training
 from src.errors import DatasetError
 from src.models.bundled import package_dir
@@ -69,26 +70,50 @@ def load_examples(source: str) -> list[Example]:
 def read_records(path: Path) -> list[tuple[str, Any]]:
     """(location, record) pairs of a .jsonl or .json file."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        data = path.read_bytes()
+    except OSError as exc:
         raise DatasetError(f"{path}: cannot read it ({exc})") from None
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, list):
+            records = json.loads(decode_utf8(data, str(path)))
+        except (ValueError, RecursionError) as exc:
+            raise DatasetError(f"{path}: not valid JSON ({describe_json_error(exc)})") from None
+        if not isinstance(records, list):
             raise DatasetError(f"{path}: a .json dataset must be a list of records")
-        return [(f"{path}: record {number}", record) for number, record in enumerate(data)]
+        return [(f"{path}: record {number}", record) for number, record in enumerate(records)]
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    # JSON Lines ends lines with "\n" only (str.splitlines() would also split inside strings,
+    # at characters JSON leaves unescaped such as U+2028), and each line is decoded alone so
+    # that bytes that are not UTF-8 are reported with their line.
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        text = decode_utf8(line, f"{path}:{number}")
+        if not text.strip():
             continue
         try:
-            records.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            records.append((f"{path}:{number}", json.loads(text)))
+        except (ValueError, RecursionError) as exc:
+            raise DatasetError(
+                f"{path}:{number}: not valid JSON ({describe_json_error(exc)})"
+            ) from None
     return records
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def describe_json_error(exc: Exception) -> str:
+    """json.loads raises JSONDecodeError for bad syntax, ValueError for an integer of over
+    4300 digits and RecursionError for nesting too deep."""
+    if isinstance(exc, json.JSONDecodeError):
+        place = (
+            f"line {exc.lineno} column {exc.colno}" if "\n" in exc.doc else f"column {exc.colno}"
+        )
+        return f"{exc.msg} at {place}"
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def read_with_datasets(path: Path) -> list[tuple[str, Any]]:
@@ -137,12 +162,14 @@ def _from_messages(turns, where, field_name, role_key, text_key, role_names) -> 
         if not isinstance(turn, dict):
             raise DatasetError(f"{place}: must be an object with '{role_key}' and '{text_key}'")
         role = turn.get(role_key)
-        role = role_names.get(role) if role_names else role
+        if role_names:
+            role = role_names.get(role) if isinstance(role, str) else None
         if role not in ("system", "user", "assistant"):
-            raise DatasetError(f"{place}.{role_key}: unknown role {turn.get(role_key)!r}")
+            raise DatasetError(f"{place}.{role_key}: unknown role {short_repr(turn.get(role_key))}")
         text = turn.get(text_key)
         if not isinstance(text, str):
             raise DatasetError(f"{place}.{text_key}: must be a string")
+        check_unicode(text, f"{place}.{text_key}")
         if role == "system":
             if number != 0:
                 raise DatasetError(f"{place}: a system message may only come first")
@@ -160,6 +187,16 @@ def _from_messages(turns, where, field_name, role_key, text_key, role_names) -> 
     return Example(messages, system_prompt, where)
 
 
+def check_unicode(text: str, place: str) -> None:
+    """JSON can hold a lone surrogate ("\\ud800"), which tokenizers cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DatasetError(
+            f"{place}: invalid Unicode (a lone surrogate) at character {exc.start}"
+        ) from None
+
+
 def _from_alpaca(record: dict, where: str) -> Example:
     for name in ("instruction", "output"):
         if not isinstance(record.get(name), str) or not record[name].strip():
@@ -167,6 +204,8 @@ def _from_alpaca(record: dict, where: str) -> Example:
     extra = record.get("input") or ""
     if not isinstance(extra, str):
         raise DatasetError(f"{where}: 'input' must be a string")
+    for name in ("instruction", "input", "output"):
+        check_unicode(record.get(name) or "", f"{where}: '{name}'")
     prompt = record["instruction"] + (f"\n\n{extra}" if extra.strip() else "")
     messages = [
         {"role": "user", "content": prompt},

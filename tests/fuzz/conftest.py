@@ -1,5 +1,6 @@
 """Shared by the fuzz tests: how many examples to try, and a count of the cases tried (with
-the status codes the API answered) printed at the end of every pytest run that includes them,
+how they ended: the API's status codes, or whether the core accepted or refused the input)
+printed at the end of every pytest run that includes them,
 ``make test`` too.
 
 ``FUZZ_EXAMPLES=N`` sets the number of generated examples per test (per operation and mode
@@ -14,7 +15,8 @@ from collections import Counter, defaultdict
 
 # (group, name) -> cases tried; group is "api" (an operation and a mode) or "core".
 CASES: Counter[tuple[str, str]] = Counter()
-STATUSES: defaultdict[tuple[str, str], Counter[int]] = defaultdict(Counter)
+# (group, name) -> how the cases ended: HTTP status codes, or e.g. "ok" and "refused".
+OUTCOMES: defaultdict[tuple[str, str], Counter[int | str]] = defaultdict(Counter)
 
 
 def examples(default: int) -> int:
@@ -23,10 +25,10 @@ def examples(default: int) -> int:
     return int(value) if value else default
 
 
-def count(group: str, name: str, status: int | None = None) -> None:
+def count(group: str, name: str, outcome: int | str | None = None) -> None:
     CASES[(group, name)] += 1
-    if status is not None:
-        STATUSES[(group, name)][status] += 1
+    if outcome is not None:
+        OUTCOMES[(group, name)][outcome] += 1
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
@@ -38,10 +40,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         names = sorted(name for g, name in CASES if g == group)
         width = max(len(name) for name in names)
         for name in names:
-            statuses = STATUSES.get((group, name))
-            detail = ", ".join(f"{code}: {n}" for code, n in sorted(statuses.items()))
             line = f"{group:4}  {name:<{width}}  {CASES[group, name]:6}"
-            writer.write_line(f"{line}  ({detail})" if statuses else line)
+            outcomes = sorted(OUTCOMES.get((group, name), {}).items(), key=str)
+            if outcomes:
+                line += "  (" + ", ".join(f"{key}: {n}" for key, n in outcomes) + ")"
+            writer.write_line(line)
         total = sum(n for (g, _), n in CASES.items() if g == group)
         writer.write_line(f"{group:4}  {'total':<{width}}  {total:6}")
     writer.write_line(f"all cases: {sum(CASES.values())} (FUZZ_EXAMPLES=N sets examples per test)")

@@ -53,6 +53,11 @@ def test_top_p_matches_transformers(logits, p):
 def test_top_p_always_keeps_the_likeliest_token():
     logits = torch.tensor([10.0, 0.0, 0.0])
     assert torch.isfinite(filter_top_p(logits, 0.01)).tolist() == [True, False, False]
+    # Found by the API fuzz: a top_p below float32's range rounds to 0 in the comparison,
+    # which dropped every token, and sampling from nothing raised (a 500).
+    assert torch.isfinite(filter_top_p(logits, 1e-300)).tolist() == [True, False, False]
+    params = GenerationParams(do_sample=True, top_p=5e-324)
+    assert choose_next_token(logits, torch.tensor([], dtype=torch.long), params) == 0
 
 
 def test_greedy_picks_the_argmax_even_with_temperature(logits):
