@@ -6,7 +6,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
 .PHONY: setup setup-dev browser chat serve web train bench test test-slow test-all lint format cov download \
-	clean-cache docs-images
+	clean-cache docs-images load-test
 
 $(RUNTIME_STAMP): requirements.txt requirements-assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ train: setup                     ## LoRA fine-tuning (configs/lora_default.yaml;
 
 bench: setup                     ## side-by-side benchmark -> outputs/benchmark/benchmark.{json,md,png}
 	$(PY) scripts/benchmark.py $(ARGS)
+
+load-test: setup                 ## load-test the API (loopback): clients, disconnects, latency, memory
+	$(PY) scripts/load_test.py $(ARGS)
 
 download: setup                  ## fetch/prepare MODEL_NAME into MODEL_CACHE_DIR
 	$(PY) scripts/download_models.py $(ARGS)

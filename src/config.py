@@ -146,13 +146,24 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Read and validate the settings; raise ``ConfigError`` naming any bad variable."""
+    """Read and validate the settings; raise ``ConfigError`` naming any bad variable, or the
+    settings file (.env) when it cannot be read."""
+    env_files = overrides.get("_env_file", Settings.model_config.get("env_file"))
+    if isinstance(env_files, str | Path):
+        env_files = [env_files]
+    for env_file in env_files or []:
+        if Path(env_file).is_dir():
+            raise ConfigError(f"Cannot read the settings file {env_file}: it is a folder")
     try:
         settings = Settings(**overrides)
         GenerationParams.model_validate(settings.generation_values())
     except ValidationError as exc:
         message = describe_validation_error(exc, name_of=str.upper)
         raise ConfigError(f"Invalid setting: {message}") from None
+    except (OSError, UnicodeDecodeError) as exc:  # .env unreadable or not UTF-8 text
+        where = getattr(exc, "filename", None) or ", ".join(map(str, env_files or []))
+        reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text: {exc.reason}"
+        raise ConfigError(f"Cannot read the settings file {where}: {reason}") from None
     default_tokens = settings.generation_defaults().max_new_tokens
     if default_tokens > settings.max_new_tokens_limit:
         raise ConfigError(

@@ -40,3 +40,12 @@ class DatasetError(MiniClaudeError):
 
 class TrainingConfigError(MiniClaudeError):
     """A training configuration file or override is invalid."""
+
+
+class StorageError(MiniClaudeError):
+    """Saving to disk failed (a full disk, a read-only or damaged file). The message names the
+    file; what was saved before is left as it was."""
+
+
+class CheckpointError(StorageError):
+    """A training checkpoint could not be written (the previous checkpoints are intact)."""

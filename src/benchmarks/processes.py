@@ -33,8 +33,13 @@ def bench_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def start_server(data_dir: Path, **env: str) -> tuple[subprocess.Popen, str]:
+def start_server(
+    data_dir: Path, log: Path | None = None, **env: str
+) -> tuple[subprocess.Popen, str]:
+    """uvicorn with the API on 127.0.0.1 and a free port; its output goes to ``log`` (a file,
+    appended to) or nowhere."""
     port = free_port()
+    output = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(
         [
             sys.executable,
@@ -50,9 +55,11 @@ def start_server(data_dir: Path, **env: str) -> tuple[subprocess.Popen, str]:
         ],
         cwd=REPO_ROOT,
         env=bench_env(DATA_DIR=str(data_dir), **env),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
     )
+    if log is not None:
+        output.close()  # the child has its own copy
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -71,15 +78,25 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout: float = 180) 
     raise RuntimeError("the server did not become ready")
 
 
-def peak_memory_mb(pid: int) -> float | None:
-    """The process's peak resident memory (VmHWM), in MB."""
+def memory_mb(pid: int, field: str) -> float | None:
+    """A memory figure of /proc/PID/status (VmRSS, VmHWM, ...), in MB; None off Linux."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def peak_memory_mb(pid: int) -> float | None:
+    """The process's peak resident memory (VmHWM), in MB."""
+    return memory_mb(pid, "VmHWM")
+
+
+def rss_mb(pid: int) -> float | None:
+    """The process's resident memory now (VmRSS), in MB."""
+    return memory_mb(pid, "VmRSS")
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -12,9 +12,12 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from src.chat.conversation import Conversation
+from src.errors import StorageError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -58,8 +61,9 @@ class SessionStore:
     def append_exchange(self, conversation: Conversation, user_message: str, reply: str) -> bool:
         """Add one (user, assistant) pair atomically. A session is first written with its
         first completed exchange, so a request that fails leaves no trace. A session deleted
-        while a reply was being written stays deleted (returns False)."""
-        with self._lock:
+        while a reply was being written stays deleted (returns False). A write that fails (a
+        full disk) raises ``StorageError`` and leaves the session as it was."""
+        with self._lock, self._writing("save the exchange"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(
@@ -88,13 +92,28 @@ class SessionStore:
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite may have rolled back already (SQLITE_FULL does): a second ROLLBACK
+                # would raise and hide the real error.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
         conversation.saved = True
         return True
 
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """SQLite's errors on a write (``database or disk is full``, a read-only or damaged
+        file) become ``StorageError`` naming the file."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StorageError(
+                f"sessions database {self.path}: could not {what} ({exc}); the sessions saved "
+                "before are unchanged"
+            ) from exc
+
     def delete(self, session_id: str) -> bool:
-        with self._lock:
+        with self._lock, self._writing("delete the session"):
             cursor = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
         return cursor.rowcount > 0
 

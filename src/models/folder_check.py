@@ -7,6 +7,7 @@ A partial download or a truncated file otherwise surfaces as a deep stack trace;
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -57,22 +58,39 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
+# Bytes per element of each safetensors dtype (the sub-byte float types are left unchecked).
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "C64": 8, "F64": 8, "I64": 8, "U64": 8,
+}  # fmt: skip
+
+
 def check_safetensors_file(path: Path) -> None:
     """A safetensors file starts with an 8-byte header length and a JSON header listing each
-    tensor's byte range; a truncated or corrupt file fails one of these checks."""
-    size = path.stat().st_size
+    tensor's dtype, shape and byte range; a truncated or corrupt file fails one of these
+    checks (only the header is read)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            check_header(path, handle, size)
+    except OSError as exc:
+        message = f"Weights file {path} cannot be read ({exc.strerror or exc})."
+        raise ModelLoadingError(message) from None
+
+
+def check_header(path: Path, handle, size: int) -> None:
     truncated = f"Weights file {path} is truncated ({size} bytes): download or convert it again."
     try:
-        with path.open("rb") as handle:
-            (header_length,) = struct.unpack("<Q", handle.read(8))
-            if header_length > size - 8:
-                # A plausible header length (under 100 MB) means the file was cut short.
-                if header_length < 100_000_000:
-                    raise ModelLoadingError(truncated)
-                raise ValueError("the header length is not plausible")
-            header = json.loads(handle.read(header_length))
+        (header_length,) = struct.unpack("<Q", handle.read(8))
+        if header_length > size - 8:
+            # A plausible header length (under 100 MB) means the file was cut short.
+            if header_length < 100_000_000:
+                raise ModelLoadingError(truncated)
+            raise ValueError("the header length is not plausible")
+        header = json.loads(handle.read(header_length))
         data_end = max(
-            (entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"),
+            (check_entry(key, entry) for key, entry in header.items() if key != "__metadata__"),
             default=0,
         )
     except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
@@ -81,12 +99,31 @@ def check_safetensors_file(path: Path) -> None:
         raise ModelLoadingError(f"{truncated} Expected {8 + header_length + data_end} bytes.")
 
 
+def check_entry(name: str, entry: dict) -> int:
+    """One tensor's header entry is consistent (its byte range holds its dtype and shape);
+    returns where its data ends."""
+    start, end = entry["data_offsets"]
+    shape, dtype = entry["shape"], entry["dtype"]
+    if not all(isinstance(n, int) and n >= 0 for n in (start, end, *shape)) or start > end:
+        raise ValueError(f"tensor {name}: bad shape {shape} or byte range {start}-{end}")
+    if dtype not in DTYPE_BYTES and not str(dtype).startswith(("F4", "F6")):
+        raise ValueError(f"tensor {name}: unknown dtype {dtype!r}")
+    if dtype in DTYPE_BYTES and math.prod(shape) * DTYPE_BYTES[dtype] != end - start:
+        raise ValueError(
+            f"tensor {name}: {dtype} {shape} needs {math.prod(shape) * DTYPE_BYTES[dtype]} "
+            f"bytes, its byte range holds {end - start}"
+        )
+    return end
+
+
 def _check_json(path: Path, folder: Path) -> dict:
     if not path.is_file():
         raise ModelLoadingError(f"Model folder {folder} is missing {path.name}.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise ModelLoadingError(f"{path} cannot be read ({exc.strerror or exc}).") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelLoadingError(f"{path} is not valid JSON ({exc}).") from None
     if not isinstance(data, dict):
         raise ModelLoadingError(f"{path} should hold a JSON object, not {type(data).__name__}.")

@@ -22,6 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from src.errors import ModelLoadingError
+
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
@@ -30,7 +32,14 @@ class LightTokenizer:
         from tokenizers import Tokenizer
 
         folder = Path(folder)
-        self.backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        path = folder / "tokenizer.json"
+        try:
+            self.backend = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception
+            read_json(path)  # a damaged file: ModelLoadingError naming it
+            # Valid JSON that this version of tokenizers cannot read: the caller falls back
+            # to transformers' AutoTokenizer.
+            raise ValueError(f"tokenizers cannot read {path}: {exc}") from None
         config = read_json(folder / "tokenizer_config.json")
         self.special_tokens = {
             name: token_text(config[name]) for name in SPECIAL_TOKEN_NAMES if config.get(name)
@@ -72,7 +81,19 @@ class LightTokenizer:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """The JSON object in ``path`` ({} if there is no such file); a damaged file is a
+    ``ModelLoadingError`` naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ModelLoadingError(f"{path} cannot be read ({exc.strerror or exc}).") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelLoadingError(f"{path} is not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise ModelLoadingError(f"{path} should hold a JSON object, not {type(data).__name__}.")
+    return data
 
 
 def token_text(value: Any) -> str:

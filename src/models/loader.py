@@ -14,6 +14,7 @@ off unless the operator sets it (TRUST_REMOTE_CODE=true).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,8 +208,20 @@ def load_from_folder(
             use_safetensors=None if allow_pickle else True,  # never a .bin without opt-in
         )
     except Exception as exc:  # transformers raises many types for bad or unusual folders
+        broken = damaged_json_file(folder)
         raise ModelLoadingError(
             f"Could not load the model in {folder}: {type(exc).__name__}: {exc}"
+            + (f" ({broken} is not valid JSON)" if broken else "")
         ) from exc
     model.eval()
     return model, tokenizer
+
+
+def damaged_json_file(folder: Path) -> Path | None:
+    """The first JSON file of a model folder that does not parse (to name it in an error)."""
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            return path
+    return None

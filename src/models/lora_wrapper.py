@@ -100,9 +100,15 @@ def load_adapter(model: Any, adapter_dir: Path, allow_pickle: bool = False) -> A
             "can run code when loaded; they are refused unless you set ALLOW_PICKLE=true "
             "(only for an adapter you trust), or save the adapter as safetensors."
         )
+    if (adapter_dir / ADAPTER_SAFETENSORS).is_file():  # truncated or corrupt: name the file
+        from src.models.folder_check import check_safetensors_file
+
+        check_safetensors_file(adapter_dir / ADAPTER_SAFETENSORS)
+    from safetensors import SafetensorError
+
     try:
         adapted = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:  # bad files
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
         raise ModelLoadingError(f"Could not load the adapter in {adapter_dir}: {exc}") from exc
     adapted.eval()
     return adapted

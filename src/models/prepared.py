@@ -66,6 +66,7 @@ def load_prepared_transformer(
 def save_prepared(model: Transformer, path: Path) -> None:
     """Write atomically (a temporary file renamed into place): a crash mid-write leaves no
     half file to be read later. A read-only cache only costs the next start its speed."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     # Tied embeddings share storage, which safetensors refuses: save each tensor once.
@@ -77,6 +78,6 @@ def save_prepared(model: Transformer, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(state, str(temporary))
         os.replace(temporary, path)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own
         temporary.unlink(missing_ok=True)
         logger.warning("Notice: could not cache the prepared model in %s: %s", path, exc)

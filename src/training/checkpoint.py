@@ -4,7 +4,8 @@ A checkpoint is a folder ``checkpoints/step-000150`` holding the LoRA adapter (p
 the optimizer and scheduler states, every process's random-number states, the step and the
 position in the data. It is written under a temporary name and renamed when complete, so a
 kill at any moment leaves the previous checkpoints intact and never a half-written one under
-a real name. States are loaded with ``weights_only=True``: no pickled code is ever run.
+a real name; a write that fails (a full disk) raises ``CheckpointError`` and changes nothing
+saved before. States are loaded with ``weights_only=True``: no pickled code is ever run.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
-from src.errors import TrainingConfigError
+from src.errors import CheckpointError, TrainingConfigError
 
 STEP_FOLDER = re.compile(r"^step-(\d{6})$")
 TRAINER_STATE = "trainer_state.pt"
@@ -51,21 +53,50 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     output_dir: Path, step: int, save_adapter, trainer_state: dict[str, Any], keep: int
 ) -> Path:
-    """``save_adapter(folder)`` writes the adapter; ``trainer_state`` goes next to it."""
+    """``save_adapter(folder)`` writes the adapter; ``trainer_state`` goes next to it.
+
+    Everything is written into a staging folder that is renamed into place when complete. A
+    write that fails (a full disk) raises ``CheckpointError`` naming the folder, and removes
+    the staging folder; the checkpoints saved before are untouched either way."""
     root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     staging = root / f".step-{step:06d}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_adapter(staging)
-    torch.save(trainer_state, staging / TRAINER_STATE)
-    if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(".step-*"):  # staging folders of runs killed mid-write
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging.mkdir()
+        save_adapter(staging)
+        torch.save(trainer_state, staging / TRAINER_STATE)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        # torch.save reports a full disk as RuntimeError, safetensors as SafetensorError.
+        shutil.rmtree(staging, ignore_errors=True)
+        previous = latest_checkpoint(output_dir)
+        kept = f"the last good checkpoint, {previous}, is intact" if previous else "no checkpoint"
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({type(exc).__name__}: {exc}); {kept}"
+        ) from exc
+    if final.exists():  # the same step saved again: the new one replaces it whole
+        delete_checkpoint(final)
     os.replace(staging, final)  # atomic: the folder appears complete or not at all
     for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        delete_checkpoint(old)
     return final
+
+
+def delete_checkpoint(folder: Path) -> None:
+    """Rename it out of sight first (atomic), then delete it: a kill half-way through never
+    leaves a half-deleted folder under a checkpoint's name."""
+    retired = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(retired, ignore_errors=True)
+    os.replace(folder, retired)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def remove_checkpoints(output_dir: Path) -> None:
+    """Delete every checkpoint (a fresh run: what --resume finds must be this run's)."""
+    for folder in list_checkpoints(output_dir):
+        delete_checkpoint(folder)
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -100,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{stats['truncated_examples']} examples cut to {config.data.max_length} tokens "
             f"({stats['truncated_tokens']:,} tokens), {stats['dropped_examples']} dropped"
         )
-    result = trainer.train(resume=args.resume)
+    try:
+        result = trainer.train(resume=args.resume)
+    except MiniClaudeError as exc:  # a checkpoint that cannot be written or read back
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
     if main_process:
         before = f"{result.first_eval_loss:.4f}" if result.first_eval_loss is not None else "-"
         after = f"{result.last_eval_loss:.4f}" if result.last_eval_loss is not None else "-"

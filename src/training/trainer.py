@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -171,14 +172,23 @@ class LoraTrainer:
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint; False if there is none."""
         from peft import set_peft_model_state_dict
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
+
+        from src.errors import TrainingConfigError
 
         latest = ckpt.latest_checkpoint(self.output_dir)
         if latest is None:
             return False
         state = ckpt.load_trainer_state(latest)
+        adapter_file = latest / "adapter_model.safetensors"
+        try:
+            adapter = load_file(adapter_file)
+        except (OSError, SafetensorError) as exc:
+            message = f"checkpoint file {adapter_file} is unreadable ({exc})"
+            raise TrainingConfigError(message) from None
         unwrapped = self.accelerator.unwrap_model(self.model)
-        set_peft_model_state_dict(unwrapped, load_file(latest / "adapter_model.safetensors"))
+        set_peft_model_state_dict(unwrapped, adapter)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.restore_rng_state(state["rng"][self.accelerator.process_index])
@@ -199,9 +209,17 @@ class LoraTrainer:
         """Drop records of steps that the resumed run will do again."""
         if not self.accelerator.is_main_process or not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if json.loads(line)["step"] <= after_step]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= after_step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a kill while it was being written
+        # Written aside and renamed: a kill now leaves the old log or the new one, whole.
+        temporary = self.metrics_path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(temporary, self.metrics_path)
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -209,8 +227,12 @@ class LoraTrainer:
         settings = self.settings
         if not (resume and self.resume()):
             set_seed(settings.seed)
-            if self.accelerator.is_main_process and self.metrics_path.exists():
-                self.metrics_path.unlink()  # a fresh run starts a fresh log
+            if self.accelerator.is_main_process:
+                # A fresh run starts a fresh log, and --resume must find this run's
+                # checkpoints, never those of an earlier run in the same folder.
+                self.metrics_path.unlink(missing_ok=True)
+                ckpt.remove_checkpoints(self.output_dir)
+            self.accelerator.wait_for_everyone()
             first_eval = self.evaluate()
             self.log(
                 {"step": 0, "eval_loss": first_eval, "eval_perplexity": perplexity(first_eval)}

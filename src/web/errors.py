@@ -18,6 +18,7 @@ from src.errors import (
     InvalidRequestError,
     MiniClaudeError,
     RemoteBackendError,
+    StorageError,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _remote(_: Request, exc: RemoteBackendError) -> JSONResponse:
         # BACKEND=remote: the generation server failed or refused; we are its gateway.
         return error_response(502, str(exc), "remote_backend_error")
+
+    @app.exception_handler(StorageError)
+    async def _storage(_: Request, exc: StorageError) -> JSONResponse:
+        # The reply was generated but could not be saved (a full disk): the session keeps its
+        # earlier exchanges, and the client may try again once the operator made room.
+        logger.error("%s", exc)
+        return error_response(503, str(exc), "storage_error")
 
     @app.exception_handler(MiniClaudeError)
     async def _core(_: Request, exc: MiniClaudeError) -> JSONResponse:

@@ -8,22 +8,40 @@ from nbclient import NotebookClient
 
 from src.config import REPO_ROOT
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+# The limits leave room for a machine whose cores are shared, where training slows down most.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
+# 02 trains for 12 steps: about 45 s on 2 quiet cores, but 3 to 7 minutes measured here while
+# other processes shared the cores, so it runs with the slow tests (make test-slow).
+SLOW_NOTEBOOKS = {"02_lora_fine_tuning.ipynb"}
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path: Path, bundled_model_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+def run_notebook(path: Path) -> nbformat.NotebookNode:
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(
         notebook,
-        timeout=300,
+        timeout=600,  # per cell
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     ).execute()
+    return notebook
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(
+            path, id=path.name, marks=[pytest.mark.slow] if path.name in SLOW_NOTEBOOKS else []
+        )
+        for path in NOTEBOOKS
+    ],
+)
+def test_notebook_runs(path: Path, bundled_model_path, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # what a notebook writes to a temporary folder
+    notebook = run_notebook(path)
     errors = [
         o
         for cell in notebook.cells
@@ -31,7 +49,24 @@ def test_notebook_runs(path: Path, bundled_model_path, monkeypatch):
         if o.get("output_type") == "error"
     ]
     assert not errors
+    blank = [
+        cell.source.splitlines()[0]
+        for cell in notebook.cells
+        if "plt.show()" in cell.source
+        and not any("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
+    ]
+    assert not blank, f"cells that draw no figure: {blank}"
 
 
-def test_there_are_notebooks():
-    assert any(p.name.startswith("01_") for p in NOTEBOOKS)
+def test_the_three_notebooks_are_there_and_listed():
+    names = {path.name for path in NOTEBOOKS}
+    assert {
+        "01_transformer_from_scratch.ipynb",
+        "02_lora_fine_tuning.ipynb",
+        "03_decoding.ipynb",
+    } <= names
+    listing = (REPO_ROOT / "notebooks" / "README.md").read_text(encoding="utf-8")
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    for name in names:
+        assert name in listing and name in readme, name
+    assert SLOW_NOTEBOOKS.issubset(names)

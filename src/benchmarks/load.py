@@ -1,0 +1,497 @@
+"""A load test of the API (loopback only, bounded in count and time).
+
+Many concurrent clients, each a thread with its own HTTP connection, loop over a mix of
+requests: ``POST /chat`` (starting and continuing sessions), ``POST /chat/stream`` (SSE),
+and ``POST /v1/chat/completions`` plain and streamed. A fraction of the streamed requests
+disconnect after their first piece of text, as a browser tab closed mid-reply does. The run
+reports what was served, every error by kind (any 5xx, 429 and other unexpected 4xx,
+connection errors and timeouts, streams that end without their last event or carry an
+``error`` event, replies of the wrong shape), latency percentiles, the server's resident
+memory before (after a warm-up), right after and a while after the run, and finally checks
+every session it kept: each holds exactly the exchanges its client saw completed (nothing from
+a client that disconnected, no half exchange).
+
+    python scripts/load_test.py --clients 16 --requests 40          # or: make load-test
+    tests/integration/test_load.py runs a short version in the test suite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import httpx
+
+from src.benchmarks.processes import rss_mb
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Tell me a joke about computers.",
+    "How do plants make food?",
+    "Give me one tip for learning to cook.",
+    "What is your favourite season, and why?",
+    "Name three animals that live in the sea.",
+    "Explain what a rainbow is.",
+    "Say hello in three languages.",
+]
+
+# The request mix: each kind's share of the requests that do not disconnect.
+KINDS = ("chat", "chat_stream", "openai", "openai_stream")
+DISCONNECTING = ("chat_stream_disconnect", "openai_stream_disconnect")
+
+
+@dataclass
+class LoadConfig:
+    clients: int = 8
+    requests: int | None = 40  # per client (None: until ``duration`` runs out)
+    duration: float | None = None  # seconds after which no client starts a new request
+    disconnect_fraction: float = 0.1  # share of requests that hang up after the first text
+    max_new_tokens: int = 12
+    turns_per_session: int = 4  # a client starts a new session after this many exchanges
+    warmup_requests: int = 2  # per client, before the "before" memory figure
+    settle_seconds: float = 5.0  # wait after the run before the last memory figure
+    timeout: float = 120.0  # seconds for one request
+    seed: int = 0
+    api_key: str | None = None
+    rounds: int = 1  # run the load this many times, with the memory measured after each
+
+
+@dataclass
+class Outcome:
+    kind: str
+    status: str  # "served", "disconnected" or "error"
+    seconds: float
+    first_text_seconds: float | None = None
+    error: str | None = None  # the kind of error, e.g. "http_500", "connection"
+    detail: str | None = None  # what happened, for the report
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    messages: list[dict] = field(default_factory=list)  # the exchanges it saw completed
+
+    @property
+    def completed(self) -> int:
+        return len(self.messages) // 2
+
+
+@dataclass
+class ClientState:
+    number: int
+    rng: random.Random
+    session: SessionRecord | None = None
+    sessions: list[SessionRecord] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
+
+
+class RequestFailed(Exception):
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    """The nearest-rank percentile (None for no values)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def check_status(response: httpx.Response) -> None:
+    if response.status_code == 200:
+        return
+    try:
+        response.read()
+        message = response.json()["error"]["message"]
+    except Exception:
+        message = response.text[:200] if response.is_stream_consumed else ""
+    raise RequestFailed(f"http_{response.status_code}", message)
+
+
+def sse_events(response: httpx.Response):
+    """(event, data) pairs of a server-sent event stream, as they arrive."""
+    event, data = None, []
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif line == "" and data:
+            yield event, "\n".join(data)
+            event, data = None, []
+
+
+class LoadClient:
+    """One simulated user: a connection of its own and, at times, a session."""
+
+    def __init__(self, url: str, config: LoadConfig, state: ClientState) -> None:
+        self.config = config
+        self.state = state
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        self.http = httpx.Client(base_url=url, timeout=config.timeout, headers=headers)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def prompt(self) -> str:
+        rng = self.state.rng
+        return f"{rng.choice(PROMPTS)} (client {self.state.number}, #{rng.randrange(10**6)})"
+
+    def pick(self) -> str:
+        rng = self.state.rng
+        if rng.random() < self.config.disconnect_fraction:
+            return rng.choice(DISCONNECTING)
+        return rng.choice(KINDS)
+
+    def run_one(self, kind: str) -> Outcome:
+        started = time.perf_counter()
+        first: list[float] = []
+        try:
+            status = getattr(self, kind)(started, first)
+        except RequestFailed as exc:
+            return Outcome(kind, "error", time.perf_counter() - started, None, exc.kind, exc.detail)
+        except httpx.TimeoutException as exc:
+            outcome = Outcome(kind, "error", time.perf_counter() - started, None, "timeout")
+            outcome.detail = f"{type(exc).__name__}: {exc}"
+            return outcome
+        except httpx.TransportError as exc:
+            outcome = Outcome(kind, "error", time.perf_counter() - started, None, "connection")
+            outcome.detail = f"{type(exc).__name__}: {exc}"
+            return outcome
+        return Outcome(kind, status, time.perf_counter() - started, first[0] if first else None)
+
+    # ---- the native routes -----------------------------------------------------------------
+
+    def native_body(self, with_session: bool) -> dict:
+        body = {"message": self.prompt(), "max_new_tokens": self.config.max_new_tokens}
+        if with_session and self.state.session is not None:
+            body["session_id"] = self.state.session.session_id
+        return body
+
+    def check_reply(self, reply: dict, body: dict) -> None:
+        text, usage = reply.get("response"), reply.get("usage") or {}
+        if not isinstance(text, str) or not isinstance(reply.get("session_id"), str):
+            raise RequestFailed("bad_response", f"not a chat reply: {str(reply)[:200]}")
+        if reply.get("finish_reason") not in ("stop", "length"):
+            raise RequestFailed("bad_response", f"finish_reason {reply.get('finish_reason')!r}")
+        if not 0 <= usage.get("completion_tokens", -1) <= self.config.max_new_tokens:
+            raise RequestFailed("bad_response", f"usage {usage}")
+        if "session_id" in body and reply["session_id"] != body["session_id"]:
+            raise RequestFailed("bad_response", "the reply names another session")
+
+    def completed_exchange(self, session_id: str, message: str, reply: str) -> None:
+        """The client saw an exchange of its session completed."""
+        state = self.state
+        if state.session is None or state.session.session_id != session_id:
+            state.session = SessionRecord(session_id)
+            state.sessions.append(state.session)
+        state.session.messages += [
+            {"role": "user", "content": message},
+            {"role": "assistant", "content": reply},
+        ]
+        if state.session.completed >= self.config.turns_per_session:
+            state.session = None  # the next exchange starts a new session
+
+    def chat(self, started: float, first: list[float]) -> str:
+        body = self.native_body(with_session=True)
+        response = self.http.post("/chat", json=body)
+        check_status(response)
+        reply = response.json()
+        self.check_reply(reply, body)
+        self.completed_exchange(reply["session_id"], body["message"], reply["response"])
+        return "served"
+
+    def chat_stream(self, started: float, first: list[float], disconnect: bool = False) -> str:
+        body = self.native_body(with_session=not disconnect)
+        with self.http.stream("POST", "/chat/stream", json=body) as response:
+            check_status(response)
+            text = []
+            for event, data in sse_events(response):
+                if event == "delta":
+                    if not first:
+                        first.append(time.perf_counter() - started)
+                    text.append(json.loads(data)["text"])
+                    if disconnect:
+                        return "disconnected"  # leaving the block closes the connection
+                elif event == "done":
+                    reply = json.loads(data)
+                    self.check_reply(reply, body)
+                    if reply["response"] != "".join(text):
+                        raise RequestFailed("bad_response", "the deltas do not add up")
+                    if not disconnect:
+                        self.completed_exchange(
+                            reply["session_id"], body["message"], reply["response"]
+                        )
+                    return "served"
+                elif event == "error":
+                    raise RequestFailed("stream_error", data[:300])
+        raise RequestFailed("stream_incomplete", "the stream ended without its 'done' event")
+
+    def chat_stream_disconnect(self, started: float, first: list[float]) -> str:
+        # Never the client's own session: a reply finished just before the hang-up is saved,
+        # so only sessions that nobody counts may receive one.
+        return self.chat_stream(started, first, disconnect=True)
+
+    # ---- the OpenAI route ------------------------------------------------------------------
+
+    def openai_body(self, stream: bool) -> dict:
+        messages = [{"role": "user", "content": self.prompt()}]
+        if self.state.rng.random() < 0.5:  # some requests carry earlier turns
+            messages = [
+                {"role": "system", "content": "You are brief."},
+                {"role": "user", "content": "Hi!"},
+                {"role": "assistant", "content": "Hello! How can I help?"},
+                *messages,
+            ]
+        body = {"model": "any", "messages": messages, "max_tokens": self.config.max_new_tokens}
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    def openai(self, started: float, first: list[float]) -> str:
+        response = self.http.post("/v1/chat/completions", json=self.openai_body(stream=False))
+        check_status(response)
+        reply = response.json()
+        try:
+            choice = reply["choices"][0]
+            ok = isinstance(choice["message"]["content"], str) and choice["finish_reason"] in (
+                "stop",
+                "length",
+            )
+            ok = ok and reply["usage"]["completion_tokens"] <= self.config.max_new_tokens
+        except (KeyError, IndexError, TypeError):
+            ok = False
+        if not ok:
+            raise RequestFailed("bad_response", f"not a chat completion: {str(reply)[:200]}")
+        return "served"
+
+    def openai_stream(self, started: float, first: list[float], disconnect: bool = False) -> str:
+        with self.http.stream(
+            "POST", "/v1/chat/completions", json=self.openai_body(stream=True)
+        ) as response:
+            check_status(response)
+            finished = False
+            for _event, data in sse_events(response):
+                if data == "[DONE]":
+                    if not finished:
+                        raise RequestFailed("stream_incomplete", "[DONE] before finish_reason")
+                    return "served"
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RequestFailed("stream_error", data[:300])
+                for choice in chunk.get("choices", []):
+                    if choice["delta"].get("content"):
+                        if not first:
+                            first.append(time.perf_counter() - started)
+                        if disconnect:
+                            return "disconnected"
+                    finished = finished or choice.get("finish_reason") is not None
+        raise RequestFailed("stream_incomplete", "the stream ended without [DONE]")
+
+    def openai_stream_disconnect(self, started: float, first: list[float]) -> str:
+        return self.openai_stream(started, first, disconnect=True)
+
+
+def drive(url: str, config: LoadConfig, states: list[ClientState], requests: int | None) -> float:
+    """Every client runs ``requests`` requests (or until ``config.duration``); returns the
+    wall time."""
+    deadline = None if config.duration is None else time.monotonic() + config.duration
+
+    def work(state: ClientState) -> None:
+        client = LoadClient(url, config, state)
+        try:
+            done = 0
+            while requests is None or done < requests:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                state.outcomes.append(client.run_one(client.pick()))
+                done += 1
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=work, args=(state,), daemon=True) for state in states]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
+def check_sessions(url: str, config: LoadConfig, states: list[ClientState]) -> list[Outcome]:
+    """Each session a client kept must hold exactly the exchanges the client saw completed,
+    word for word."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    problems = []
+    with httpx.Client(base_url=url, timeout=config.timeout, headers=headers) as http:
+        for state in states:
+            for record in state.sessions:
+                response = http.get(f"/sessions/{record.session_id}")
+                if response.status_code != 200:
+                    detail = f"session {record.session_id}: HTTP {response.status_code}"
+                    problems.append(Outcome("session", "error", 0.0, None, "session", detail))
+                    continue
+                messages = response.json()["messages"]
+                if messages != record.messages:
+                    detail = (
+                        f"session {record.session_id}: {len(messages)} messages stored, not "
+                        f"the {len(record.messages)} its client saw completed"
+                    )
+                    problems.append(Outcome("session", "error", 0.0, None, "session", detail))
+    return problems
+
+
+def summarise(outcomes: list[Outcome], wall: float) -> dict:
+    def stats(group: list[Outcome]) -> dict:
+        served = [o for o in group if o.status == "served"]
+        latencies = [o.seconds for o in served]
+        firsts = [o.first_text_seconds for o in served if o.first_text_seconds is not None]
+        return {
+            "requests": len(group),
+            "served": len(served),
+            "disconnected": sum(o.status == "disconnected" for o in group),
+            "errors": sum(o.status == "error" for o in group),
+            "latency_p50": percentile(latencies, 0.50),
+            "latency_p95": percentile(latencies, 0.95),
+            "latency_p99": percentile(latencies, 0.99),
+            "first_text_p50": percentile(firsts, 0.50),
+        }
+
+    kinds = sorted({o.kind for o in outcomes}, key=lambda k: (KINDS + DISCONNECTING).index(k))
+    errors = Counter(o.error for o in outcomes if o.status == "error")
+    examples: dict[str, str] = {}
+    for outcome in outcomes:
+        if outcome.status == "error" and outcome.error not in examples:
+            examples[outcome.error] = outcome.detail or ""
+    total = stats(outcomes)
+    total["requests_per_second"] = total["served"] / wall if wall else 0.0
+    return {
+        "wall_seconds": wall,
+        "total": total,
+        "by_kind": {kind: stats([o for o in outcomes if o.kind == kind]) for kind in kinds},
+        "errors_by_kind": dict(errors),
+        "error_examples": examples,
+    }
+
+
+def run_load(url: str, config: LoadConfig, pid: int | None = None) -> dict:
+    """Warm up, measure memory, run the load, measure again, settle, measure a last time,
+    then check the sessions. ``pid``: the server's process, for its resident memory."""
+    states = [
+        ClientState(i, random.Random(config.seed * 1_000_003 + i)) for i in range(config.clients)
+    ]
+    warmup_wall = (
+        drive(url, config, states, config.warmup_requests) if config.warmup_requests else 0
+    )
+    warmup_outcomes = [o for state in states for o in state.outcomes]
+    for state in states:
+        state.outcomes = []
+    rss_before = rss_mb(pid) if pid else None
+    wall, rss_rounds = 0.0, []
+    for _ in range(config.rounds):
+        wall += drive(url, config, states, config.requests)
+        rss_rounds.append(rss_mb(pid) if pid else None)
+    rss_after = rss_rounds[-1]
+    if config.settle_seconds:
+        time.sleep(config.settle_seconds)
+    rss_settled = rss_mb(pid) if pid else None
+    outcomes = [o for state in states for o in state.outcomes]
+    session_problems = check_sessions(url, config, states)
+    report = {
+        "config": asdict(config) | {"api_key": bool(config.api_key)},
+        "warmup": summarise(warmup_outcomes, warmup_wall),
+        "load": summarise(outcomes, wall),
+        "sessions_checked": sum(len(state.sessions) for state in states),
+        "exchanges_checked": sum(r.completed for state in states for r in state.sessions),
+        "session_errors": [o.detail for o in session_problems],
+        "memory_mb": {
+            "before": rss_before,
+            "after_each_round": rss_rounds,
+            "after": rss_after,
+            "settled": rss_settled,
+            "growth": None
+            if rss_before is None or rss_settled is None
+            else rss_settled - rss_before,
+        },
+    }
+    report["errors"] = (
+        report["warmup"]["total"]["errors"]
+        + report["load"]["total"]["errors"]
+        + len(session_problems)
+    )
+    return report
+
+
+def format_report(report: dict) -> str:
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    config, load = report["config"], report["load"]
+    lines = [
+        f"{config['clients']} clients, "
+        + (f"{config['requests']} requests each" if config["requests"] else "")
+        + (f" for at most {config['duration']:.0f} s" if config["duration"] else "")
+        + (f", {config['rounds']} rounds" if config["rounds"] > 1 else "")
+        + f", max_new_tokens {config['max_new_tokens']}, "
+        f"{config['disconnect_fraction']:.0%} disconnecting mid-stream; "
+        f"{load['wall_seconds']:.1f} s, {load['total']['requests_per_second']:.2f} requests/s",
+        "",
+        "| kind | requests | served | disconnected | errors | p50 (s) | p95 (s) | p99 (s) "
+        "| first text p50 (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = list(load["by_kind"].items()) + [("total", load["total"])]
+    for kind, row in rows:
+        lines.append(
+            f"| {kind} | {row['requests']} | {row['served']} | {row['disconnected']} | "
+            f"{row['errors']} | {seconds(row['latency_p50'])} | {seconds(row['latency_p95'])} | "
+            f"{seconds(row['latency_p99'])} | {seconds(row['first_text_p50'])} |"
+        )
+    memory = report["memory_mb"]
+
+    def mb(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f} MB"
+
+    growth = memory["growth"]
+    lines += [
+        "",
+        f"Server memory (VmRSS): {mb(memory['before'])} after warm-up, {mb(memory['after'])} "
+        f"right after the run, {mb(memory['settled'])} after settling"
+        + (
+            " (after each round: " + ", ".join(mb(v) for v in memory["after_each_round"]) + ")"
+            if len(memory["after_each_round"]) > 1
+            else ""
+        )
+        + ("" if growth is None else f" (growth {growth:+.0f} MB)"),
+        f"Sessions checked: {report['sessions_checked']} holding "
+        f"{report['exchanges_checked']} exchanges; problems: {len(report['session_errors'])}",
+        f"Errors: {report['errors']}"
+        + (
+            f" (load {load['errors_by_kind']}, warm-up {report['warmup']['errors_by_kind']})"
+            if report["errors"]
+            else ""
+        ),
+    ]
+    for kind, detail in {**report["warmup"]["error_examples"], **load["error_examples"]}.items():
+        lines.append(f"  {kind}: {detail}")
+    for detail in report["session_errors"][:5]:
+        lines.append(f"  session: {detail}")
+    if report.get("server_log_errors"):
+        lines.append(f"Server log: {len(report['server_log_errors'])} error lines, e.g.")
+        lines += [f"  {line}" for line in report["server_log_errors"][:5]]
+    return "\n".join(lines)
+
+
+def server_log_errors(text: str) -> list[str]:
+    """Lines of a server's output that report an error (a traceback, an ERROR log line)."""
+    markers = ("Traceback", "ERROR", "Exception in ASGI application", "Unhandled error")
+    return [line for line in text.splitlines() if any(marker in line for marker in markers)]
