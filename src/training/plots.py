@@ -12,12 +12,12 @@ def plot_loss_curve(metrics_path: Path, output: Path) -> Path | None:
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
-    import matplotlib
+    # A Figure of its own rather than pyplot: no GUI backend needed, and the backend of the
+    # process (e.g. a notebook's inline plots) is left alone.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axes = figure.subplots()
     if train:
         axes.plot(*zip(*train, strict=True), label="training loss", alpha=0.7)
     if evals:
@@ -31,5 +31,4 @@ def plot_loss_curve(metrics_path: Path, output: Path) -> Path | None:
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output)
-    plt.close(figure)
     return output
