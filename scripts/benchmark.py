@@ -58,10 +58,10 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         ("HF engine fp32", lambda: fp32),
         ("HF engine bf16", lambda: hf(torch.bfloat16)),
         ("HF engine bf16 + int8", lambda: hf(torch.bfloat16, "int8")),
-        ("HF engine bf16 + int4 (default)", lambda: hf(torch.bfloat16, "int4")),
+        ("HF engine bf16 + int4", lambda: hf(torch.bfloat16, "int4")),
         ("scratch engine fp32", lambda: scratch(torch.float32)),
         ("scratch engine bf16", lambda: scratch(torch.bfloat16)),
-        ("scratch engine bf16 + int4", lambda: scratch(torch.bfloat16, "int4")),
+        ("scratch engine bf16 + int4 (default)", lambda: scratch(torch.bfloat16, "int4")),
     ]
     baseline_stream = transformers_generate_stream(fp32, prompt, new_tokens)
     baseline = ("transformers generate fp32 (baseline)", fp32, baseline_stream)

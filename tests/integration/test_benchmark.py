@@ -32,7 +32,7 @@ def test_decode_section_writes_json_markdown_and_chart(converted_bundled_model, 
     data = json.loads((tmp_path / "benchmark.json").read_text())
     names = [row["name"] for row in data["decode"]["rows"]]
     assert names[0] == "transformers generate fp32 (baseline)" and len(names) == 8
-    assert "HF engine bf16 + int4 (default)" in names and "scratch engine bf16 + int4" in names
+    assert "HF engine bf16 + int4" in names and "scratch engine bf16 + int4 (default)" in names
     rows = data["decode"]["rows"]
     fp32_rows = [row for row in rows if "fp32" in row["name"]]
     assert all(row["same_tokens"] for row in fp32_rows)  # fp32 engines: identical greedy tokens
