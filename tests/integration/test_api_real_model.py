@@ -38,6 +38,10 @@ def server(tmp_path_factory, bundled_model_path):
         data_dir=tmp_path_factory.mktemp("data"),
         do_sample=False,
         max_new_tokens=24,
+        # fp32 without quantisation: batched rows then equal single requests exactly (in bf16
+        # a padded batch sums in another order; test_quantized_model checks the default).
+        precision="fp32",
+        quantize="none",
     )
     app = create_app(settings, mount_ui=False)
     with LiveServer(app) as live:
