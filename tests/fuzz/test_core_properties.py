@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 from src.chat.conversation import Conversation, load_conversation_file, save_conversation_file
 from src.chat.params import GenerationParams, make_params
 from src.chat.prompts import PromptFormat, build_prompt, encode_conversation
-from src.chat.streaming import REPLACEMENT_CHAR, IncrementalDecoder, StopSequenceFilter
+from src.chat.streaming import IncrementalDecoder, StopSequenceFilter
 from src.errors import (
     ContextOverflowError,
     ConversationFileError,
@@ -285,7 +285,8 @@ def test_a_reply_with_any_input_completes_or_is_refused_by_name(services, name):
         assert message.strip() and not has_surrogate(message)
         assert result.finish_reason in ("stop", "length")
         assert 1 <= result.completion_tokens <= params.max_new_tokens
-        assert REPLACEMENT_CHAR not in result.text or result.finish_reason == "length"
+        # (U+FFFD may appear whatever the finish: a random-weight model can emit byte tokens
+        # that are not valid UTF-8 and then end its turn; the decoder shows them as U+FFFD.)
         assert not any(stop in result.text for stop in params.stop)
         assert conversation.messages[-2:] == [
             {"role": "user", "content": message},
