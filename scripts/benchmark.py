@@ -91,7 +91,7 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     return {"new_tokens": new_tokens, "repetitions": repetitions, "rows": rows}
 
 
-def run_serving(new_tokens: int, clients: list[int]) -> dict:
+def run_serving(new_tokens: int, clients: list[int], repetitions: int) -> dict:
     from src.benchmarks.processes import peak_memory_mb, start_server, stop, wait_until_ready
     from src.benchmarks.serving import measure_concurrency
 
@@ -102,7 +102,7 @@ def run_serving(new_tokens: int, clients: list[int]) -> dict:
             rows = []
             for count in clients:
                 print(f"  serving: {count} clients", flush=True)
-                rows.append(measure_concurrency(url, count, new_tokens))
+                rows.append(measure_concurrency(url, count, new_tokens, repetitions))
             memory = peak_memory_mb(process.pid)
         finally:
             stop(process)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         results["decode"] = run_decode(args.new_tokens, args.repetitions, args.perplexity_examples)
     if "serving" in sections:
         clients = [int(c) for c in args.clients.split(",")]
-        results["serving"] = run_serving(min(args.new_tokens, 64), clients)
+        results["serving"] = run_serving(min(args.new_tokens, 64), clients, args.repetitions)
     if "cold" in sections:
         results["cold_start"] = run_cold_start(args.repetitions)
     if "training" in sections:

@@ -100,6 +100,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")  # the sessions database lives here
     max_body_bytes: int = Field(1_000_000, ge=1_000, le=100_000_000)
     max_batch_size: int = Field(16, ge=1, le=256)  # requests decoded together
+    prefix_cache_mb: int = Field(64, ge=0, le=1_000_000)  # reused keys/values; 0 disables
 
     # Training
     batch_size: int = Field(4, ge=1, le=4096)

@@ -44,7 +44,15 @@ def stream_one(url: str, prompt: str, new_tokens: int) -> dict:
     return {"first": first or 0.0, "total": time.perf_counter() - started, "tokens": tokens}
 
 
-def measure_concurrency(url: str, clients: int, new_tokens: int) -> dict:
+def measure_concurrency(url: str, clients: int, new_tokens: int, repetitions: int = 1) -> dict:
+    """``clients`` streams started at once, ``repetitions`` times; medians of each figure."""
+    rounds = [measure_round(url, clients, new_tokens) for _ in range(repetitions)]
+    return {"clients": clients} | {
+        name: statistics.median(r[name] for r in rounds) for name in rounds[0]
+    }
+
+
+def measure_round(url: str, clients: int, new_tokens: int) -> dict:
     results: list[dict] = [None] * clients
     threads = [
         threading.Thread(
@@ -63,7 +71,6 @@ def measure_concurrency(url: str, clients: int, new_tokens: int) -> dict:
     firsts = [r["first"] for r in results]
     totals = [r["total"] for r in results]
     return {
-        "clients": clients,
         "aggregate_tokens_per_second": sum(r["tokens"] for r in results) / wall,
         "first_token_p50": statistics.median(firsts),
         "first_token_p95": percentile(firsts, 0.95),

@@ -1,7 +1,8 @@
 """Continuous batching: concurrent requests share one forward pass per decoding step.
 
-A single scheduler thread owns the model. Each request is first prefilled alone (its prompt
-through the model, giving its KV cache and first token), then joins the running batch. At
+A single scheduler thread owns the model. Requests that arrive together are first prefilled
+together (their left-padded prompts through the model in one pass, giving their KV caches and
+first tokens), then join the running batch. At
 every step the batch's last tokens go through the model together, (B, 1), and each row picks
 its next token with its own parameters. Finished or cancelled rows leave the batch at once,
 and waiting requests join between two steps, so nobody waits for a whole batch to finish.
@@ -22,8 +23,9 @@ from typing import Any
 
 import torch
 
-from src.chat.engine import eos_token_ids, max_positions
+from src.chat.engine import eos_token_ids, max_positions, uses_sliding_window
 from src.chat.params import GenerationParams
+from src.chat.prefix_cache import LayerKV, PrefixCache, cache_from_layers, row_layers
 from src.chat.sampling import choose_next_token, sampling_generator
 
 logger = logging.getLogger(__name__)
@@ -58,8 +60,15 @@ class _Batch:
 class BatchingEngine:
     """Same interface as ``HFEngine``; safe to call from many threads at once."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_batch_size: int = 16,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         self.model = model
+        self.prefix_cache = prefix_cache
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.max_positions = max_positions(model.config)
@@ -68,8 +77,11 @@ class BatchingEngine:
         self._requests: dict[int, _Request] = {}  # admitted, not finished: failed on a crash
         self._thread = threading.Thread(target=self._run, name="batching-engine", daemon=True)
         self._thread.start()
-        self.steps = 0  # forward passes in the decode phase (for tests and the benchmark)
+        # For tests and the benchmark: forward passes and the rows they carried.
+        self.steps = 0  # decode steps
         self.rows_decoded = 0  # sum of batch sizes over those steps
+        self.prefill_passes = 0
+        self.rows_prefilled = 0
 
     def generate_token_ids(
         self,
@@ -113,16 +125,49 @@ class BatchingEngine:
         self._requests.pop(id(request), None)
 
     def _admit(self, batch: _Batch | None) -> _Batch | None:
-        """Prefill waiting requests and merge them into the batch (block if idle)."""
-        while batch is None or len(batch.requests) < self.max_batch_size:
+        """Prefill the waiting requests together and merge them into the batch (block if
+        idle). Clients that arrive together (a burst, a page of users) share one prefill pass
+        instead of queueing behind each other's prompts."""
+        room = self.max_batch_size - (len(batch.requests) if batch is not None else 0)
+        arrivals: list[_Request] = []
+        while len(arrivals) < room:
             try:
-                request = self._waiting.get(block=batch is None)
+                request = self._waiting.get(block=batch is None and not arrivals)
             except queue.Empty:
                 break
             self._requests[id(request)] = request
+            if self._start(request):
+                arrivals.append(request)
+        if not arrivals:
+            return batch
+        joined = self._prefill_together(arrivals)
+        if joined is None:
+            return batch
+        return joined if batch is None else _merge(batch, joined)
+
+    def _start(self, request: _Request) -> bool:
+        """Set up a request's sampling state; False if it was cancelled while waiting."""
+        request.generator = sampling_generator(request.params)
+        request.previous_ids = torch.tensor(request.prompt_ids, dtype=torch.long)
+        if request.should_stop() or request.abandoned:
+            self._finish(request)
+            return False
+        return True
+
+    def _prefill_together(self, requests: list[_Request]) -> _Batch | None:
+        try:
+            return self._prefill(requests)
+        except Exception as exc:
+            if len(requests) == 1:  # this request's own problem: only it fails
+                self._finish(requests[0], exc)
+                return None
+        # One bad prompt (say, too long for the model) must not fail the others that
+        # arrived with it: prefill each alone, so only that one gets the error.
+        batch = None
+        for request in requests:
             try:
-                single = self._prefill(request)
-            except Exception as exc:  # this request's own problem: only it fails
+                single = self._prefill([request])
+            except Exception as exc:
                 self._finish(request, exc)
                 continue
             if single is not None:
@@ -130,33 +175,71 @@ class BatchingEngine:
         return batch
 
     @torch.inference_mode()
-    def _prefill(self, request: _Request) -> _Batch | None:
-        request.generator = sampling_generator(request.params)
-        request.previous_ids = torch.tensor(request.prompt_ids, dtype=torch.long)
-        if request.should_stop() or request.abandoned:
-            self._finish(request)
-            return None
-        output = self.model(
-            input_ids=request.previous_ids.unsqueeze(0), use_cache=True, logits_to_keep=1
+    def _prefill(self, requests: list[_Request]) -> _Batch | None:
+        """All the prompts through the model in one pass. A row is its cached prefix (keys
+        and values only, see ``PrefixCache``) then its new tokens; each part is left-padded to
+        the longest, so a row can have padding between the two, which the mask hides."""
+        found = [self._cached_prefix(request) for request in requests]
+        past = max(reused for reused, _ in found)
+        length = max(
+            len(request.prompt_ids) - reused
+            for request, (reused, _) in zip(requests, found, strict=True)
         )
+        input_ids = torch.zeros(len(requests), length, dtype=torch.long)
+        attention_mask = torch.zeros(len(requests), past + length, dtype=torch.long)
+        for row, (request, (reused, _)) in enumerate(zip(requests, found, strict=True)):
+            new = len(request.prompt_ids) - reused
+            input_ids[row, length - new :] = request.previous_ids[reused:]
+            attention_mask[row, past - reused : past] = 1
+            attention_mask[row, past + length - new :] = 1
+        if len(requests) == 1 and past == 0:
+            # Nothing cached, nothing to hide: no mask lets the model take its causal fast path.
+            output = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        else:
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                # Padding does not count: each row's first real token is at position 0.
+                position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past:],
+                cache=cache_from_layers(self.model, _stack(found, past)) if past else None,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.prefill_passes += 1
+        self.rows_prefilled += len(requests)
         batch = _Batch(
-            requests=[request],
+            requests=list(requests),
             cache=output.cache,
-            attention_mask=torch.ones(1, len(request.prompt_ids), dtype=torch.long),
-            positions=torch.tensor([len(request.prompt_ids)]),
-            last_tokens=torch.zeros(1, dtype=torch.long),
+            attention_mask=attention_mask,
+            positions=attention_mask.sum(dim=1),
+            last_tokens=torch.zeros(len(requests), dtype=torch.long),
         )
         keep = self._emit(batch, output.logits[:, -1])
         return _select(batch, keep)
+
+    def _cached_prefix(self, request: _Request) -> tuple[int, list[LayerKV]]:
+        if self.prefix_cache is None:
+            return 0, []
+        return self.prefix_cache.longest_prefix(request.prompt_ids)
+
+    def _remember(self, batch: _Batch, row: int, request: _Request) -> None:
+        """Keep a leaving row's keys and values (prompt and reply so far) for later prompts."""
+        if self.prefix_cache is None:
+            return
+        columns = batch.attention_mask[row].nonzero().squeeze(1)  # its real positions
+        if len(columns) == len(request.previous_ids):  # the cache holds exactly those tokens
+            self.prefix_cache.store(request.previous_ids, row_layers(batch.cache, row, columns))
 
     @torch.inference_mode()
     def _step(self, batch: _Batch) -> _Batch | None:
         attention_mask = torch.cat(
             [batch.attention_mask, torch.ones(len(batch.requests), 1, dtype=torch.long)], dim=1
         )
+        padded = len(batch.requests) > 1 and not bool(batch.attention_mask.all())
         output = self.model(
             input_ids=batch.last_tokens.unsqueeze(1),  # (B, 1)
-            attention_mask=attention_mask,  # (B, L + 1)
+            # (B, L + 1); without padding, no mask lets the model skip building one
+            attention_mask=attention_mask if padded else None,
             position_ids=batch.positions.unsqueeze(1),  # (B, 1)
             cache=batch.cache,
             use_cache=True,
@@ -174,6 +257,7 @@ class BatchingEngine:
         keep = []
         for row, request in enumerate(batch.requests):
             if request.abandoned or request.should_stop():
+                self._remember(batch, row, request)
                 self._finish(request)
                 continue
             try:
@@ -186,6 +270,7 @@ class BatchingEngine:
             request.generated += 1
             request.tokens.put(token_id)
             if request.finished_by(token_id, self.eos_token_ids):
+                self._remember(batch, row, request)
                 self._finish(request)
                 continue
             request.previous_ids = torch.cat([request.previous_ids, torch.tensor([token_id])])
@@ -197,10 +282,24 @@ class BatchingEngine:
 def supports_batching(model: Any) -> bool:
     """Our left-padded shared cache assumes every layer attends to all earlier positions;
     sliding-window layers keep their own bookkeeping, so such models are not batched."""
-    config = model.config
-    if getattr(config, "sliding_window", None):
-        return False
-    return "sliding_attention" not in (getattr(config, "layer_types", None) or [])
+    return not uses_sliding_window(model)
+
+
+def _stack(found: list[tuple[int, list[LayerKV]]], length: int) -> list[LayerKV]:
+    """Per layer, the rows' cached keys and values left-padded to ``length`` and stacked
+    (rows with nothing cached are all padding)."""
+    template = next(layers for reused, layers in found if reused)
+    stacked = []
+    for index, (template_keys, template_values) in enumerate(template):
+        keys, values = [], []
+        for reused, layers in found:
+            row_keys, row_values = (
+                layers[index] if reused else (template_keys[:, :, :0], template_values[:, :, :0])
+            )
+            keys.append(_left_pad(row_keys, length, 2))
+            values.append(_left_pad(row_values, length, 2))
+        stacked.append((torch.cat(keys), torch.cat(values)))
+    return stacked
 
 
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:

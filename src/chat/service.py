@@ -26,6 +26,7 @@ from src.chat.conversation import Conversation
 from src.chat.engine import HFEngine
 from src.chat.local import LocalBackend
 from src.chat.params import GenerationParams
+from src.chat.prefix_cache import PrefixCache
 from src.chat.remote import RemoteBackend
 from src.chat.store import SessionStore
 from src.config import Settings
@@ -243,10 +244,15 @@ class ChatService:
                 name,
             )
             batching = False
+        prefix_cache = (
+            PrefixCache(settings.prefix_cache_mb * 2**20) if settings.prefix_cache_mb else None
+        )
         if batching:
-            engine = BatchingEngine(model, loaded.tokenizer, settings.max_batch_size)
+            engine = BatchingEngine(
+                model, loaded.tokenizer, settings.max_batch_size, prefix_cache=prefix_cache
+            )
         else:
-            engine = HFEngine(model, loaded.tokenizer)
+            engine = HFEngine(model, loaded.tokenizer, prefix_cache=prefix_cache)
         return cls(engine, model_name=name, store=store, **service_options(settings))
 
     @property

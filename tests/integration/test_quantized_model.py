@@ -3,13 +3,10 @@ QUANTIZE=auto -> int4): the layers really are 4-bit, the replies are right, batc
 unchanged, held-out perplexity stays within the issue's 2% of the exact fp32 model, and the
 prepared-model cache is used, checked and rebuilt."""
 
-import threading
-
 import pytest
 import torch
 
 from src.benchmarks.decode import held_out_perplexity
-from src.chat.batching import BatchingEngine
 from src.chat.params import GenerationParams
 from src.chat.service import ChatService
 from src.config import load_settings
@@ -18,6 +15,7 @@ from src.models.prepared import load_prepared_transformer, prepared_path
 from src.models.quantize import Int4Linear, Int8Linear
 from src.models.transformer import Transformer
 from src.training.data import load_examples, tokenize_examples
+from tests.batching_helpers import alone_and_together, prompts_for
 from tests.conftest import REPO_MODEL_CACHE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -61,25 +59,11 @@ def test_int4_perplexity_is_within_two_percent_of_fp32(bundled_service, bundled_
 
 
 def test_default_engine_batches_like_one_request_at_a_time(bundled_service):
-    service = bundled_service
-    engine = BatchingEngine(service.engine.model, service.tokenizer)
-    prompts = [
-        service.start_reply(service.new_conversation(), q, GREEDY).prompt.input_ids
-        for q in QUESTIONS
-    ]
-    alone = [list(service.engine.generate_token_ids(p, GREEDY)) for p in prompts]
-    together: list = [None] * len(prompts)
-
-    def run(index: int) -> None:
-        together[index] = list(engine.generate_token_ids(prompts[index], GREEDY))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    prompts = prompts_for(bundled_service, QUESTIONS, GREEDY)
+    alone, together, engine = alone_and_together(bundled_service, prompts, GREEDY)
     # bf16 sums in a different order can flip a near-tie late in a reply: compare the starts.
     assert [t[:8] for t in together] == [t[:8] for t in alone]
+    assert engine.prefill_passes == 1
     assert engine.rows_decoded > engine.steps
 
 
@@ -109,3 +93,29 @@ def test_the_prepared_model_is_cached_reused_and_rebuilt_when_damaged(
     assert path.stat().st_size > 1e6
     # Another setting is another file.
     assert prepared_path(bundled_model_path, torch.float32, "none", tmp_path) != path
+
+
+def test_the_next_turn_reuses_the_conversation_so_far(bundled_service, bundled_model_path):
+    """With the default PREFIX_CACHE_MB, a second turn runs only its new tokens through the
+    model, and its reply starts as it does without the cache."""
+    cache = bundled_service.engine.prefix_cache
+    conversation = bundled_service.new_conversation()
+    first = bundled_service.start_reply(conversation, "Name three colours.", GREEDY)
+    first.complete()
+    reused_before = cache.tokens_reused
+    reply = bundled_service.reply(conversation, "And three animals?", GREEDY)
+    # The whole first prompt and the start of its reply (as re-encoded in the history).
+    assert cache.tokens_reused - reused_before > len(first.prompt.input_ids) + 5
+
+    settings = load_settings(
+        _env_file=None,
+        model_name=BUNDLED_MODEL_NAME,
+        model_cache_dir=REPO_MODEL_CACHE,
+        prefix_cache_mb=0,
+    )
+    uncached = ChatService.from_settings(settings)
+    assert uncached.engine.prefix_cache is None
+    fresh = uncached.new_conversation()
+    uncached.reply(fresh, "Name three colours.", GREEDY)
+    expected = uncached.reply(fresh, "And three animals?", GREEDY)
+    assert reply.text.split()[:5] == expected.text.split()[:5]

@@ -1,18 +1,16 @@
 """The from-scratch transformer on the real bundled SmolLM2 (30 layers, GQA, RoPE, SwiGLU):
 exact against Hugging Face, and serving chat through the same engines."""
 
-import threading
-
 import pytest
 import torch
 
-from src.chat.batching import BatchingEngine
 from src.chat.params import GenerationParams
 from src.chat.service import ChatService
 from src.config import load_settings
 from src.errors import ModelLoadingError
 from src.models.bundled import BUNDLED_MODEL_NAME
 from src.models.transformer import Transformer
+from tests.batching_helpers import alone_and_together, prompts_for
 from tests.conftest import EXACT, REPO_MODEL_CACHE
 from tests.integration.conftest import run_python
 
@@ -70,24 +68,11 @@ def test_engine_scratch_gives_the_same_replies_as_the_default_engine(
         assert scratch.text == default.text
 
 
-def test_scratch_model_batches_like_the_hf_model(scratch_service):
-    engine = BatchingEngine(scratch_service.engine.model, scratch_service.tokenizer)
-    prompts = [
-        scratch_service.start_reply(scratch_service.new_conversation(), q, GREEDY).prompt.input_ids
-        for q in QUESTIONS
-    ]
-    alone = [list(scratch_service.engine.generate_token_ids(p, GREEDY)) for p in prompts]
-    together: list = [None] * len(prompts)
-
-    def run(index: int) -> None:
-        together[index] = list(engine.generate_token_ids(prompts[index], GREEDY))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+def test_scratch_model_batches_like_one_request_at_a_time(scratch_service):
+    prompts = prompts_for(scratch_service, QUESTIONS, GREEDY)
+    alone, together, engine = alone_and_together(scratch_service, prompts, GREEDY)
     assert together == alone
+    assert engine.prefill_passes == 1  # the three prompts were prefilled in one pass
     assert engine.rows_decoded > engine.steps  # some steps decoded several requests
 
 

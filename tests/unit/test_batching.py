@@ -8,6 +8,7 @@ import src.chat.batching as batching
 from src.chat.batching import BatchingEngine, supports_batching
 from src.chat.params import GenerationParams
 from src.chat.prompts import encode_conversation
+from tests.batching_helpers import alone_and_together, arrive_together
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 
@@ -94,3 +95,26 @@ def test_sliding_window_models_are_not_batched():
 
     assert supports_batching(Model(LlamaConfig()))
     assert not supports_batching(Model(MistralConfig(sliding_window=4096)))
+
+
+@pytest.mark.parametrize("service_fixture", ["tiny_llama_service", "tiny_gpt2_service"])
+def test_requests_arriving_together_share_one_prefill_and_decode_as_alone(service_fixture, request):
+    """Left-padded joint prefill: rotary (Llama) and learned (GPT-2) positions both count
+    from each row's first real token, so every reply is the one it gets alone."""
+    service = request.getfixturevalue(service_fixture)
+    texts = ["hi", "a much longer question about the weather today", "and a third one"]
+    prompts = [prompt(service, text) for text in texts]
+    alone, together, engine = alone_and_together(service, prompts, GREEDY)
+    assert together == alone
+    assert (engine.prefill_passes, engine.rows_prefilled) == (1, 3)
+
+
+def test_a_prompt_that_fails_in_a_joint_prefill_fails_alone(tiny_gpt2_service):
+    service = tiny_gpt2_service  # learned positions: at most 128
+    engine = BatchingEngine(service.engine.model, service.tokenizer)
+    good = prompt(service, "hello there")
+    too_long = prompt(service, "word " * 200)
+    results = arrive_together(engine, [good, too_long, good], GREEDY)
+    expected = list(service.engine.generate_token_ids(good, GREEDY))
+    assert results[0] == results[2] == expected
+    assert isinstance(results[1], Exception)

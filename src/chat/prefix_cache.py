@@ -1,0 +1,124 @@
+"""Prefix caching: reuse the keys and values of tokens the model has already read.
+
+Each chat prompt is mostly the previous turn's prompt plus the reply and one new message, and
+every conversation starts with the same system prompt. Running those tokens through the model
+again costs time in proportion to their number (about 1.6 ms a token for the bundled model on
+2 cores), yet their keys and values cannot have changed: attention is causal, so position i
+depends only on tokens 0..i. So when a reply ends, the engine keeps the keys and values of
+everything it read, and a later prompt that starts with the same tokens only runs its new
+tokens through the model. (llama.cpp keeps a conversation's cache in its slot the same way,
+and vLLM's automatic prefix caching shares common prefixes between requests.)
+
+This cache is deliberately simple: whole sequences in least-recently-used order under a
+memory budget (PREFIX_CACHE_MB), matched by their longest common prefix with the prompt.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (1, kv_heads, length, head_dim)
+
+MIN_REUSED_TOKENS = 8  # below this, a match saves less than looking it up and merging costs
+
+
+@dataclass(eq=False)  # entries are told apart by identity (their tensors don't compare)
+class _Entry:
+    ids: torch.Tensor  # (length,) the token ids whose keys and values are kept
+    layers: list[LayerKV]
+    nbytes: int
+
+
+class PrefixCache:
+    """Keys and values of earlier sequences, looked up by the longest common prefix.
+
+    Thread-safe. The tensors handed out by ``longest_prefix`` are the cache's own: callers
+    copy them (every cache in this project copies on its first append) and never write to them.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._entries: list[_Entry] = []  # least recently used first
+        self._lock = threading.Lock()
+        self.lookups = 0
+        self.hits = 0
+        self.tokens_reused = 0  # prompt tokens that did not go through the model again
+
+    @property
+    def nbytes(self) -> int:
+        return sum(entry.nbytes for entry in self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def longest_prefix(self, ids: list[int]) -> tuple[int, list[LayerKV]]:
+        """How many leading tokens of ``ids`` have cached keys and values, and those (each
+        (1, kv_heads, n, head_dim)); (0, []) when fewer than ``MIN_REUSED_TOKENS`` match. At
+        most ``len(ids) - 1``: the last token must go through the model to give the logits."""
+        query = torch.tensor(ids, dtype=torch.long)
+        with self._lock:
+            self.lookups += 1
+            best, best_length = None, 0
+            for entry in self._entries:
+                length = min(len(entry.ids), len(ids) - 1)
+                if length <= best_length:
+                    continue
+                differs = (entry.ids[:length] != query[:length]).nonzero()
+                common = int(differs[0]) if len(differs) else length
+                if common > best_length:
+                    best, best_length = entry, common
+            if best is None or best_length < MIN_REUSED_TOKENS:
+                return 0, []
+            self._entries.remove(best)
+            self._entries.append(best)  # most recently used
+            self.hits += 1
+            self.tokens_reused += best_length
+            return best_length, [
+                (k[:, :, :best_length], v[:, :, :best_length]) for k, v in best.layers
+            ]
+
+    def store(self, ids: torch.Tensor, layers: list[LayerKV]) -> None:
+        """Keep ``layers`` (owned by the cache from now on) as the keys and values of ``ids``.
+        Entries that are a prefix of ``ids`` go (the new one covers them); then the least
+        recently used ones, until the cache fits its budget."""
+        if len(ids) < MIN_REUSED_TOKENS:
+            return
+        nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
+        if nbytes > self.budget_bytes:
+            return
+        entry = _Entry(ids.clone(), layers, nbytes)
+        with self._lock:
+            self._entries = [e for e in self._entries if not _is_prefix(e.ids, entry.ids)]
+            self._entries.append(entry)
+            total = sum(e.nbytes for e in self._entries)
+            while total > self.budget_bytes:
+                total -= self._entries.pop(0).nbytes
+
+
+def _is_prefix(shorter: torch.Tensor, longer: torch.Tensor) -> bool:
+    return len(shorter) <= len(longer) and bool(torch.equal(shorter, longer[: len(shorter)]))
+
+
+def row_layers(cache: Any, row: int, columns: torch.Tensor) -> list[LayerKV]:
+    """Copies of one row's keys and values at ``columns`` (its real, non-padding positions)
+    from a batched cache, ours or transformers' (both have ``layers[i].keys/.values``)."""
+    return [
+        (layer.keys[row : row + 1, :, columns], layer.values[row : row + 1, :, columns])
+        for layer in cache.layers
+    ]
+
+
+def cache_from_layers(model: Any, layers: list[LayerKV]) -> Any:
+    """A new KV cache for ``model`` that starts with ``layers`` (copied, never aliased)."""
+    from src.models.transformer import KVCache, Transformer
+
+    if isinstance(model, Transformer):
+        return KVCache.from_layers(layers)
+    from transformers import DynamicCache
+
+    # DynamicCache's first update concatenates onto an empty tensor: a copy.
+    return DynamicCache(ddp_cache_data=layers, config=model.config)

@@ -1,0 +1,64 @@
+"""Run the same prompts one at a time and as concurrent requests of one batching engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from src.chat.batching import BatchingEngine
+from src.chat.params import GenerationParams
+from src.chat.service import ChatService
+
+
+def prompts_for(service: ChatService, questions: list[str], params: GenerationParams) -> list:
+    return [
+        service.start_reply(service.new_conversation(), q, params).prompt.input_ids
+        for q in questions
+    ]
+
+
+def alone_and_together(
+    service: ChatService, prompts: list[list[int]], params: GenerationParams
+) -> tuple[list[list[int]], list[list[int]], BatchingEngine]:
+    """Token ids of each prompt generated alone by the service's engine, and by a fresh
+    ``BatchingEngine`` with every request arriving at once."""
+    alone = [list(service.engine.generate_token_ids(p, params)) for p in prompts]
+    engine = BatchingEngine(service.engine.model, service.tokenizer)
+    return alone, arrive_together(engine, prompts, params), engine
+
+
+def arrive_together(
+    engine: BatchingEngine, prompts: list[list[int]], params: GenerationParams
+) -> list[list[int] | Exception]:
+    """Each prompt's token ids (or its exception) with every request queued before the
+    scheduler admits any but the first, so they share one prefill pass, then decode together."""
+    results: list = [None] * len(prompts)
+    gate = threading.Event()
+
+    def run(index: int) -> None:
+        # The first request holds the scheduler (it checks should_stop before its prefill)
+        # until all the others are queued: a deterministic "arrive together".
+        should_stop = (lambda: not gate.wait(timeout=60)) if index == 0 else (lambda: False)
+        try:
+            results[index] = list(engine.generate_token_ids(prompts[index], params, should_stop))
+        except Exception as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    threads[0].start()
+    wait_until(lambda: len(engine._requests) == 1)
+    for thread in threads[1:]:
+        thread.start()
+    wait_until(lambda: engine._waiting.qsize() == len(prompts) - 1)
+    gate.set()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.005)
