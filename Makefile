@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: setup setup-dev browser chat serve web train bench test test-slow test-all lint format cov download \
+.PHONY: setup setup-dev setup-llamacpp browser chat serve web train bench test test-slow test-all lint format cov download \
 	clean-cache docs-images load-test
 
 $(RUNTIME_STAMP): requirements.txt requirements-assets.txt
@@ -21,6 +21,9 @@ $(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 
 setup: $(RUNTIME_STAMP)          ## install the runtime into .venv
 setup-dev: $(DEV_STAMP)          ## ... plus test and lint tools
+
+setup-llamacpp: setup            ## optional: llama-cpp-python for the benchmark's llama.cpp row (~10 min build)
+	$(PY) -m pip install --quiet -r requirements-llamacpp.txt
 
 browser:                         ## headless Chromium + driver for the UI test (Debian packages)
 	@command -v chromedriver >/dev/null || { \

@@ -64,15 +64,18 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         ("scratch engine bf16 + int4 (default)", lambda: scratch(torch.bfloat16, "int4")),
     ]
     baseline_stream = transformers_generate_stream(fp32, prompt, new_tokens)
-    baseline = ("transformers generate fp32 (baseline)", fp32, baseline_stream)
-    runs = [baseline] + [
-        (name, model, engine_stream(model, tokenizer, prompt, new_tokens))
+    # (name, stream, perplexity): every row decodes the same prompt and scores the same text.
+    runs = [("transformers generate fp32 (baseline)", baseline_stream, fp32)] + [
+        (name, engine_stream(model, tokenizer, prompt, new_tokens), model)
         for name, make in candidates
         for model in [make()]
     ]
+    runs = [(name, stream, lambda m=model: held_out_perplexity(m, held_out))
+            for name, stream, model in runs]  # fmt: skip
+    runs += llama_cpp_runs(prompt, new_tokens, held_out)
     stop_ids = {tokenizer.eos_token_id, fp32.generation_config.eos_token_id}
     rows, baseline_tokens = [], None
-    for name, model, stream in runs:
+    for name, stream, perplexity in runs:
         print(f"  decode: {name}", flush=True)
         speed, first, tokens = time_stream(stream, repetitions)
         baseline_tokens = baseline_tokens or tokens
@@ -85,10 +88,33 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
                 "tokens_per_second": speed,
                 "first_token_seconds": first,
                 "same_tokens": tokens[:reply_end] == baseline_tokens[:reply_end],
-                "perplexity": held_out_perplexity(model, held_out),
+                "perplexity": perplexity(),
             }
         )
     return {"new_tokens": new_tokens, "repetitions": repetitions, "rows": rows}
+
+
+def llama_cpp_runs(prompt: list[int], new_tokens: int, held_out: list) -> list:
+    """The llama.cpp row on the bundled GGUF file, when llama-cpp-python is installed."""
+    import torch
+
+    from src.benchmarks import llama_cpp
+    from src.models.bundled import bundled_gguf_path
+
+    if not llama_cpp.available():
+        print("  decode: no llama.cpp row (llama-cpp-python not installed: make setup-llamacpp)")
+        return []
+    threads = torch.get_num_threads()
+    llm = llama_cpp.load(bundled_gguf_path(), threads)
+    return [
+        (
+            "llama.cpp Q4_1 GGUF (llama-cpp-python)",
+            llama_cpp.llama_cpp_stream(llm, prompt, new_tokens),
+            lambda: llama_cpp.llama_cpp_perplexity(
+                llama_cpp.load(bundled_gguf_path(), threads, logits_all=True), held_out
+            ),
+        )
+    ]
 
 
 def run_serving(new_tokens: int, clients: list[int], repetitions: int) -> dict:
