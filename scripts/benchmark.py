@@ -132,7 +132,12 @@ def run_serving(new_tokens: int, clients: list[int], repetitions: int) -> dict:
             memory = peak_memory_mb(process.pid)
         finally:
             stop(process)
-    return {"new_tokens": new_tokens, "rows": rows, "peak_memory_mb": memory}
+    return {
+        "new_tokens": new_tokens,
+        "repetitions": repetitions,
+        "rows": rows,
+        "peak_memory_mb": memory,
+    }
 
 
 def run_cold_start(repetitions: int) -> dict:

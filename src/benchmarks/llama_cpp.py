@@ -39,6 +39,10 @@ def llama_cpp_stream(llm: Any, prompt: list[int], new_tokens: int) -> Callable[[
     """Greedy decoding of exactly ``new_tokens`` tokens (like the baseline, through EOS)."""
 
     def stream() -> Iterator[int]:
+        # Forget the previous repetition: llama-cpp-python would otherwise reuse the prompt's
+        # cached keys and values, and time to first token would skip the prompt (our engines
+        # in this table run it every time).
+        llm.reset()
         tokens = llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, reset=True)
         for _, token in zip(range(new_tokens), tokens, strict=False):
             yield int(token)

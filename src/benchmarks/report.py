@@ -28,37 +28,59 @@ def markdown(results: dict[str, Any]) -> str:
             f"**Single-stream decode**, {decode['new_tokens']} new tokens, greedy, median of "
             f"{decode['repetitions']}:",
             "",
-            "| engine | tokens/s | vs baseline | first token (s) | same tokens as baseline | "
-            "held-out perplexity |",
-            "|---|---|---|---|---|---|",
+            *table(
+                [
+                    "engine",
+                    "tokens/s",
+                    "vs baseline",
+                    "first token (s)",
+                    "same tokens as baseline",
+                    "held-out perplexity",
+                ],
+                [
+                    [
+                        row["name"],
+                        f"{row['tokens_per_second']:.1f}",
+                        f"{row['tokens_per_second'] / baseline:.2f}x",
+                        f"{row['first_token_seconds']:.3f}",
+                        "yes" if row["same_tokens"] else "no",
+                        f"{row['perplexity']:.2f}" if row.get("perplexity") else "-",
+                    ]
+                    for row in decode["rows"]
+                ],
+            ),
+            "",
         ]
-        for row in decode["rows"]:
-            ppl = f"{row['perplexity']:.2f}" if row.get("perplexity") else "-"
-            lines.append(
-                f"| {row['name']} | {row['tokens_per_second']:.1f} | "
-                f"{row['tokens_per_second'] / baseline:.2f}x | {row['first_token_seconds']:.3f} |"
-                f" {'yes' if row['same_tokens'] else 'no'} | {ppl} |"
-            )
-        lines.append("")
     serving = results.get("serving")
     if serving:
         one = serving["rows"][0]["aggregate_tokens_per_second"]
+        rounds = serving.get("repetitions", 1)
         lines += [
-            f"**API, concurrent streaming clients**, {serving['new_tokens']} new tokens each; "
-            f"server peak memory {serving['peak_memory_mb']:.0f} MB:",
+            f"**API, concurrent streaming clients**, {serving['new_tokens']} new tokens each, "
+            f"{f'medians of {rounds} rounds' if rounds > 1 else 'one round'}; server peak memory "
+            f"{serving['peak_memory_mb']:.0f} MB:",
             "",
-            "| clients | aggregate tokens/s | vs 1 client | first token p50/p95 (s) | "
-            "latency p50/p95 (s) |",
-            "|---|---|---|---|---|",
+            *table(
+                [
+                    "clients",
+                    "aggregate tokens/s",
+                    "vs 1 client",
+                    "first token p50/p95 (s)",
+                    "latency p50/p95 (s)",
+                ],
+                [
+                    [
+                        str(row["clients"]),
+                        f"{row['aggregate_tokens_per_second']:.1f}",
+                        f"{row['aggregate_tokens_per_second'] / one:.2f}x",
+                        f"{row['first_token_p50']:.2f} / {row['first_token_p95']:.2f}",
+                        f"{row['latency_p50']:.2f} / {row['latency_p95']:.2f}",
+                    ]
+                    for row in serving["rows"]
+                ],
+            ),
+            "",
         ]
-        for row in serving["rows"]:
-            lines.append(
-                f"| {row['clients']} | {row['aggregate_tokens_per_second']:.1f} | "
-                f"{row['aggregate_tokens_per_second'] / one:.2f}x | "
-                f"{row['first_token_p50']:.2f} / {row['first_token_p95']:.2f} | "
-                f"{row['latency_p50']:.2f} / {row['latency_p95']:.2f} |"
-            )
-        lines.append("")
     cold = results.get("cold_start")
     if cold:
         lines += [
@@ -75,6 +97,16 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def training_markdown(training: dict[str, Any]) -> list[str]:
     settings, rows = training["settings"], training["rows"]
     baseline = rows[0]
@@ -89,22 +121,32 @@ def training_markdown(training: dict[str, Any]) -> list[str]:
         f"in its own process, {training['repetitions']} runs each; same micro-batches on both "
         f"sides: {'yes' if training['same_batches'] else 'NO'}:",
         "",
-        "| trainer | tokens/s | vs baseline | s/step | peak RSS in training (MB) | "
-        "added by training (MB) | mean train loss | held-out loss after |",
-        "|---|---|---|---|---|---|---|---|",
+        *table(
+            [
+                "trainer",
+                "tokens/s",
+                "vs baseline",
+                "s/step",
+                "peak RSS in training (MB)",
+                "added by training (MB)",
+                "mean train loss",
+                "held-out loss after",
+            ],
+            [
+                [
+                    row["name"],
+                    f"{row['tokens_per_second']:.1f}",
+                    f"{row['tokens_per_second'] / baseline['tokens_per_second']:.2f}x",
+                    f"{row['step_seconds']:.2f}",
+                    number(row["training_peak_memory_mb"], ".0f"),
+                    number(row["training_extra_memory_mb"], ".0f"),
+                    number(row["train_loss_mean"], ".4f"),
+                    number(row["held_out_loss"], ".4f"),
+                ]
+                for row in rows
+            ],
+        ),
     ]
-
-    def number(value, spec):
-        return "-" if value is None else format(value, spec)
-
-    for row in rows:
-        lines.append(
-            f"| {row['name']} | {row['tokens_per_second']:.1f} | "
-            f"{row['tokens_per_second'] / baseline['tokens_per_second']:.2f}x | "
-            f"{row['step_seconds']:.2f} | {number(row['training_peak_memory_mb'], '.0f')} | "
-            f"{number(row['training_extra_memory_mb'], '.0f')} | "
-            f"{number(row['train_loss_mean'], '.4f')} | {number(row['held_out_loss'], '.4f')} |"
-        )
     lines += [
         "",
         "Tokens/s and s/step: medians over every timed step of every run (tokens/s of a step: "

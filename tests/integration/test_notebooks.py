@@ -8,13 +8,11 @@ from nbclient import NotebookClient
 
 from src.config import REPO_ROOT
 
-# The limits leave room for a machine whose cores are shared, where training slows down most.
+# The limits leave room for a machine whose cores are shared, where training slows down most:
+# 02 trains for 12 steps, about 45 s on 2 quiet cores, 3 to 7 minutes on shared ones.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
-# 02 trains for 12 steps: about 45 s on 2 quiet cores, but 3 to 7 minutes measured here while
-# other processes shared the cores, so it runs with the slow tests (make test-slow).
-SLOW_NOTEBOOKS = {"02_lora_fine_tuning.ipynb"}
 
 
 def run_notebook(path: Path) -> nbformat.NotebookNode:
@@ -28,15 +26,7 @@ def run_notebook(path: Path) -> nbformat.NotebookNode:
     return notebook
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(
-            path, id=path.name, marks=[pytest.mark.slow] if path.name in SLOW_NOTEBOOKS else []
-        )
-        for path in NOTEBOOKS
-    ],
-)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
 def test_notebook_runs(path: Path, bundled_model_path, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -69,4 +59,3 @@ def test_the_three_notebooks_are_there_and_listed():
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     for name in names:
         assert name in listing and name in readme, name
-    assert SLOW_NOTEBOOKS.issubset(names)

@@ -12,7 +12,7 @@ from src.models.quantize import (
     quantize_model,
     resolve_quantization,
 )
-from src.models.transformer import Transformer, TransformerConfig
+from src.models.transformer import DENSE_OUTPUT_MIN_ROWS, Transformer, TransformerConfig
 
 
 def q4_grid_linear(out_features: int, in_features: int, bias: bool = True) -> nn.Linear:
@@ -121,3 +121,22 @@ def test_a_lora_adapter_is_merged_before_quantising(tiny_llama_path):
     with torch.no_grad():
         actual = quantized(ids).logits
     assert (actual - expected).norm() / expected.norm() < 0.05
+
+
+def test_a_batched_decoding_step_reads_the_tied_bf16_embeddings_instead_of_the_int8_head():
+    config = TransformerConfig(vocab_size=96, n_layer=1, n_head=4, n_kv_head=2, n_embd=64,
+                               norm="rmsnorm", positions="rope", mlp="swiglu",
+                               attention_bias=False, mlp_bias=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = quantize_model(Transformer(config).to(torch.bfloat16).eval(), "int4")
+    embedding = model.token_embedding.weight
+    hidden = torch.randn(DENSE_OUTPUT_MIN_ROWS, 1, 64, dtype=torch.bfloat16)
+    # Several requests, one new token each: the dense bf16 matrix (same weights as the head).
+    assert torch.equal(model.output_layer(hidden), hidden @ embedding.t())
+    int8 = model.lm_head(hidden)
+    assert (model.output_layer(hidden) - int8).float().norm() / int8.float().norm() < 0.05
+    # One stream, and whole sequences (prefill, perplexity): the int8 layer itself.
+    one_row = hidden[:1]
+    assert torch.equal(model.output_layer(one_row), model.lm_head(one_row))
+    sequence = hidden.transpose(0, 1)  # (1, rows, C)
+    assert torch.equal(model.output_layer(sequence), model.lm_head(sequence))
