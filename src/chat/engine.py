@@ -84,6 +84,7 @@ class HFEngine:
             if reused:
                 cache = cache_from_layers(self.model, layers)
         next_input = previous_ids[reused:].unsqueeze(0)  # (1, T): the prompt on the first step
+        failed = False
         try:
             for _ in range(params.max_new_tokens):
                 if should_stop():
@@ -100,9 +101,12 @@ class HFEngine:
                     return
                 previous_ids = torch.cat([previous_ids, torch.tensor([token_id])])
                 next_input = torch.tensor([[token_id]])  # (1, 1): only the new token from now on
+        except Exception:
+            failed = True  # a forward pass that failed may have updated only some layers
+            raise
         finally:
             # Also when the consumer stops early (a stop sequence, a cancelled stream).
-            if self.prefix_cache is not None and cache is not None:
+            if self.prefix_cache is not None and cache is not None and not failed:
                 read = cache.get_seq_length()  # the tokens the cache holds keys and values of
                 columns = torch.arange(read)
                 self.prefix_cache.store(previous_ids[:read], row_layers(cache, 0, columns))

@@ -97,3 +97,36 @@ def test_training_section_runs_both_trainers_on_the_same_batches(converted_bundl
     assert abs(baseline["train_loss_mean"] - ours["train_loss_mean"]) < 0.1
     table = (tmp_path / "benchmark.md").read_text()
     assert "| transformers Trainer + peft (baseline) |" in table and "1.00x" in table
+
+
+def test_serving_and_cold_start_sections(converted_bundled_model, tmp_path):
+    """The API under concurrent clients (a real uvicorn, real streams) and the cold starts of
+    the CLI and the server, at the smallest sizes."""
+    result = run_python(
+        [
+            "scripts/benchmark.py",
+            "--sections",
+            "serving,cold",
+            "--clients",
+            "1,3",
+            "--new-tokens",
+            "4",
+            "--repetitions",
+            "2",
+            "--output",
+            str(tmp_path),
+        ],
+        timeout=500,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    serving, cold = data["serving"], data["cold_start"]
+    assert [row["clients"] for row in serving["rows"]] == [1, 3]
+    assert serving["repetitions"] == 2 and serving["peak_memory_mb"] > 100
+    for row in serving["rows"]:
+        assert row["aggregate_tokens_per_second"] > 0
+        assert 0 < row["first_token_p50"] <= row["latency_p50"] <= row["latency_p95"]
+    assert cold["cli_first_token_seconds"] > 0 and cold["repetitions"] == 2
+    assert 0 < cold["server_ready_seconds"] <= cold["server_first_token_seconds"]
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "medians of 2 rounds" in table and "**Cold start**" in table

@@ -70,3 +70,33 @@ def test_web_app_entry_point_serves_the_ui(converted_bundled_model):
         assert "Mini-Claude" in page.text or "gradio" in page.text.lower()
     finally:
         stop(web)
+
+
+def test_python_m_src_web_serves_on_the_configured_host_and_port(converted_bundled_model, tmp_path):
+    """`make serve`'s command: host and port from API_HOST / API_PORT."""
+    port = free_port()
+    server = start(
+        ["-m", "src.web"],
+        API_HOST="127.0.0.1",
+        API_PORT=str(port),
+        MODEL_NAME="smollm2-135m-instruct",
+        DATA_DIR=str(tmp_path),
+    )
+    try:
+        health = wait_for_http(f"http://127.0.0.1:{port}/health", server)
+        assert health.json()["model"] == "smollm2-135m-instruct"
+    finally:
+        stop(server)
+
+
+def test_python_m_src_web_names_a_bad_setting():
+    result = subprocess.run(
+        [sys.executable, "-m", "src.web"],
+        cwd=REPO_ROOT,
+        env=clean_env(API_PORT="not-a-port"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "API_PORT" in result.stderr and "Traceback" not in result.stderr

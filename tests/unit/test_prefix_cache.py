@@ -131,3 +131,34 @@ def test_batched_prefill_mixes_cached_and_uncached_rows_with_identical_replies(
     assert results == expected
     assert engine.prefill_passes == 2
     assert engine.prefix_cache.hits == 2  # second and first again; "Hi!" shares too little
+
+
+def test_a_forward_pass_that_fails_halfway_leaves_nothing_in_the_cache(tiny_llama_service):
+    """The first layer has already appended its keys when the second fails: such a cache is
+    inconsistent, so it must not be kept (the error itself reaches the caller)."""
+    service = tiny_llama_service
+    model = service.engine.model
+    first, second = conversation_prompts(service)
+    engine = HFEngine(model, service.tokenizer, prefix_cache=PrefixCache(BUDGET))
+    list(engine.generate_token_ids(first, GREEDY))
+    assert len(engine.prefix_cache) == 1
+    layer = model.model.layers[1]
+    calls = {"n": 0}
+    original = layer.forward
+
+    def fails_on_the_third_call(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return original(*args, **kwargs)
+
+    layer.forward = fails_on_the_third_call
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            list(engine.generate_token_ids(second, GREEDY))
+    finally:
+        del layer.forward
+    assert len(engine.prefix_cache) == 1  # only the first turn's entry
+    plain = HFEngine(model, service.tokenizer)
+    expected = list(plain.generate_token_ids(second, GREEDY))
+    assert list(engine.generate_token_ids(second, GREEDY)) == expected
