@@ -102,6 +102,13 @@ def tiny_llama_service(tiny_llama_path: Path) -> ChatService:
     return make_service(tiny_llama_path, default_params=GREEDY)
 
 
+def bundled_settings(**overrides: object) -> Settings:
+    """Settings for the bundled model from the repository's model cache, ignoring any .env."""
+    return load_settings(
+        _env_file=None, model_name=BUNDLED_MODEL_NAME, model_cache_dir=REPO_MODEL_CACHE, **overrides
+    )
+
+
 # Settings for transformers' own model with exact fp32 outputs (the default for the bundled
 # model is our scratch engine in bf16 with int4 weights: faster and slightly different).
 EXACT = {"engine": "hf", "precision": "fp32", "quantize": "none"}
@@ -110,16 +117,12 @@ EXACT = {"engine": "hf", "precision": "fp32", "quantize": "none"}
 @pytest.fixture(scope="session")
 def bundled_service(bundled_model_path: Path) -> ChatService:
     """The bundled model as users get it by default (scratch engine, bf16, int4 weights)."""
-    settings = load_settings(
-        _env_file=None, model_name=BUNDLED_MODEL_NAME, model_cache_dir=REPO_MODEL_CACHE
-    )
+    settings = bundled_settings()
     return ChatService.from_settings(settings)
 
 
 @pytest.fixture(scope="session")
 def bundled_exact_service(bundled_model_path: Path) -> ChatService:
     """transformers' model of the bundled weights in fp32, unquantised: exact outputs."""
-    settings = load_settings(
-        _env_file=None, model_name=BUNDLED_MODEL_NAME, model_cache_dir=REPO_MODEL_CACHE, **EXACT
-    )
+    settings = bundled_settings(**EXACT)
     return ChatService.from_settings(settings)

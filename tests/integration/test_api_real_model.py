@@ -9,10 +9,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from src.config import load_settings
 from src.models.bundled import BUNDLED_MODEL_NAME
 from src.web.api import create_app
-from tests.conftest import REPO_MODEL_CACHE
+from tests.conftest import bundled_settings
 from tests.live_server import LiveServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -31,10 +30,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, bundled_model_path):
-    settings = load_settings(
-        _env_file=None,
-        model_name=BUNDLED_MODEL_NAME,
-        model_cache_dir=REPO_MODEL_CACHE,
+    settings = bundled_settings(
         data_dir=tmp_path_factory.mktemp("data"),
         do_sample=False,
         max_new_tokens=24,

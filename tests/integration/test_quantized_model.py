@@ -9,14 +9,12 @@ import torch
 from src.benchmarks.decode import held_out_perplexity
 from src.chat.params import GenerationParams
 from src.chat.service import ChatService
-from src.config import load_settings
-from src.models.bundled import BUNDLED_MODEL_NAME
 from src.models.prepared import load_prepared_transformer, prepared_path
 from src.models.quantize import Int4Linear, Int8Linear
 from src.models.transformer import Transformer
 from src.training.data import load_examples, tokenize_examples
 from tests.batching_helpers import alone_and_together, prompts_for
-from tests.conftest import REPO_MODEL_CACHE
+from tests.conftest import bundled_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -36,9 +34,7 @@ def test_default_service_runs_the_scratch_engine_with_int4_layers_in_bf16(bundle
 
 
 def test_engine_hf_quantises_the_transformers_model_too(bundled_model_path):
-    settings = load_settings(
-        _env_file=None, model_name=BUNDLED_MODEL_NAME, model_cache_dir=REPO_MODEL_CACHE
-    )
+    settings = bundled_settings()
     service = ChatService.from_settings(settings, engine_name="hf")
     model = service.engine.model
     assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
@@ -107,10 +103,7 @@ def test_the_next_turn_reuses_the_conversation_so_far(bundled_service, bundled_m
     # The whole first prompt and the start of its reply (as re-encoded in the history).
     assert cache.tokens_reused - reused_before > len(first.prompt.input_ids) + 5
 
-    settings = load_settings(
-        _env_file=None,
-        model_name=BUNDLED_MODEL_NAME,
-        model_cache_dir=REPO_MODEL_CACHE,
+    settings = bundled_settings(
         prefix_cache_mb=0,
     )
     uncached = ChatService.from_settings(settings)

@@ -16,7 +16,7 @@ from src.config import load_settings
 from src.errors import RemoteBackendError
 from src.models.bundled import BUNDLED_MODEL_NAME
 from src.web.api import create_app
-from tests.conftest import REPO_MODEL_CACHE
+from tests.conftest import bundled_settings
 from tests.live_server import LiveServer, read_sse
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -31,10 +31,7 @@ MESSAGES = ["What is the capital of France?", "And what is the capital of Italy?
 def upstream(tmp_path_factory, bundled_model_path):
     """The server that generates: our API on the bundled model, with an API key and no
     response cache (every request really runs the model)."""
-    settings = load_settings(
-        _env_file=None,
-        model_name=BUNDLED_MODEL_NAME,
-        model_cache_dir=REPO_MODEL_CACHE,
+    settings = bundled_settings(
         data_dir=tmp_path_factory.mktemp("upstream"),
         api_key=UPSTREAM_KEY,
         response_cache_size=0,

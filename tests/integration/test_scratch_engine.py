@@ -6,12 +6,11 @@ import torch
 
 from src.chat.params import GenerationParams
 from src.chat.service import ChatService
-from src.config import load_settings
 from src.errors import ModelLoadingError
 from src.models.bundled import BUNDLED_MODEL_NAME
 from src.models.transformer import Transformer
 from tests.batching_helpers import alone_and_together, prompts_for
-from tests.conftest import EXACT, REPO_MODEL_CACHE
+from tests.conftest import EXACT, bundled_settings
 from tests.integration.conftest import run_python
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -22,9 +21,7 @@ GREEDY = GenerationParams(do_sample=False, max_new_tokens=32)
 
 @pytest.fixture(scope="module")
 def scratch_service(bundled_model_path):
-    settings = load_settings(
-        _env_file=None, model_name=BUNDLED_MODEL_NAME, model_cache_dir=REPO_MODEL_CACHE, **EXACT
-    )
+    settings = bundled_settings(**EXACT)
     return ChatService.from_settings(settings, engine_name="scratch")
 
 
@@ -87,10 +84,7 @@ def test_cli_engine_flag(bundled_model_path):
 
 
 def test_scratch_engine_refuses_adapters(bundled_model_path, tmp_path):
-    settings = load_settings(
-        _env_file=None,
-        model_name=BUNDLED_MODEL_NAME,
-        model_cache_dir=REPO_MODEL_CACHE,
+    settings = bundled_settings(
         engine="scratch",
     )
     from peft import LoraConfig, get_peft_model

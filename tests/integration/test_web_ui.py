@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from src.config import REPO_ROOT, load_settings
+from src.config import REPO_ROOT
 from src.models.bundled import BUNDLED_MODEL_NAME
 from src.web.api import create_app
-from tests.conftest import REPO_MODEL_CACHE
+from tests.conftest import bundled_settings
 from tests.live_server import LiveServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -49,10 +49,7 @@ def server(tmp_path_factory, bundled_model_path):
     lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     base = AutoModelForCausalLM.from_pretrained(bundled_model_path)
     get_peft_model(base, lora).save_pretrained(adapters_dir / "demo-lora")
-    settings = load_settings(
-        _env_file=None,
-        model_name=BUNDLED_MODEL_NAME,
-        model_cache_dir=REPO_MODEL_CACHE,
+    settings = bundled_settings(
         data_dir=tmp_path_factory.mktemp("data"),
         adapters_dir=adapters_dir,
         do_sample=False,
