@@ -28,10 +28,14 @@ def alone_and_together(
 
 
 def arrive_together(
-    engine: BatchingEngine, prompts: list[list[int]], params: GenerationParams
+    engine: BatchingEngine,
+    prompts: list[list[int]],
+    params: GenerationParams | list[GenerationParams],
 ) -> list[list[int] | Exception]:
     """Each prompt's token ids (or its exception) with every request queued before the
-    scheduler admits any but the first, so they share one prefill pass, then decode together."""
+    scheduler admits any but the first, so they share one prefill pass, then decode together.
+    ``params``: for all requests, or one per prompt."""
+    each = params if isinstance(params, list) else [params] * len(prompts)
     results: list = [None] * len(prompts)
     gate = threading.Event()
 
@@ -40,7 +44,9 @@ def arrive_together(
         # until all the others are queued: a deterministic "arrive together".
         should_stop = (lambda: not gate.wait(timeout=60)) if index == 0 else (lambda: False)
         try:
-            results[index] = list(engine.generate_token_ids(prompts[index], params, should_stop))
+            results[index] = list(
+                engine.generate_token_ids(prompts[index], each[index], should_stop)
+            )
         except Exception as exc:
             results[index] = exc
 

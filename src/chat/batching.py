@@ -235,7 +235,9 @@ class BatchingEngine:
         attention_mask = torch.cat(
             [batch.attention_mask, torch.ones(len(batch.requests), 1, dtype=torch.long)], dim=1
         )
-        padded = len(batch.requests) > 1 and not bool(batch.attention_mask.all())
+        # A row can have padding inside its cache (between a cached prefix and its new tokens,
+        # see _prefill) even when it is alone in the batch: look at the mask, not the count.
+        padded = not bool(batch.attention_mask.all())
         output = self.model(
             input_ids=batch.last_tokens.unsqueeze(1),  # (B, 1)
             # (B, L + 1); without padding, no mask lets the model skip building one

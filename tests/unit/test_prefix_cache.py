@@ -122,12 +122,17 @@ def test_batched_prefill_mixes_cached_and_uncached_rows_with_identical_replies(
     unrelated = encode_conversation(
         service.tokenizer, service.prompt_format, None, [{"role": "user", "content": "Hi!"}]
     )
+    # The last row reuses all of `first` but one token: its cache has padding between its
+    # cached part and its one new token. It also decodes longest, so it ends up alone in the
+    # batch with that gap still in its cache (which only the mask can hide).
+    params = [GREEDY, GREEDY, GREEDY.updated(max_new_tokens=3 * GREEDY.max_new_tokens)]
+    prompts = [second, unrelated, first]
     plain = HFEngine(model, service.tokenizer)
-    expected = [list(plain.generate_token_ids(p, GREEDY)) for p in (second, unrelated, first)]
+    expected = [list(plain.generate_token_ids(p, q)) for p, q in zip(prompts, params, strict=True)]
 
     engine = BatchingEngine(model, service.tokenizer, prefix_cache=PrefixCache(BUDGET))
-    assert list(engine.generate_token_ids(first, GREEDY)) == expected[2]  # now cached
-    results = arrive_together(engine, [second, unrelated, first], GREEDY)
+    assert list(engine.generate_token_ids(first, GREEDY)) == expected[2][: len(expected[0])]
+    results = arrive_together(engine, prompts, params)
     assert results == expected
     assert engine.prefill_passes == 2
     assert engine.prefix_cache.hits == 2  # second and first again; "Hi!" shares too little
