@@ -63,15 +63,18 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         ("scratch engine bf16", lambda: scratch(torch.bfloat16)),
         ("scratch engine bf16 + int4 (default)", lambda: scratch(torch.bfloat16, "int4")),
     ]
-    baseline_stream = transformers_generate_stream(fp32, prompt, new_tokens)
+
+    def perplexity_of(model):
+        return lambda: held_out_perplexity(model, held_out)
+
     # (name, stream, perplexity): every row decodes the same prompt and scores the same text.
-    runs = [("transformers generate fp32 (baseline)", baseline_stream, fp32)] + [
-        (name, engine_stream(model, tokenizer, prompt, new_tokens), model)
-        for name, make in candidates
-        for model in [make()]
-    ]
-    runs = [(name, stream, lambda m=model: held_out_perplexity(m, held_out))
-            for name, stream, model in runs]  # fmt: skip
+    baseline_stream = transformers_generate_stream(fp32, prompt, new_tokens)
+    runs = [("transformers generate fp32 (baseline)", baseline_stream, perplexity_of(fp32))]
+    for name, make in candidates:
+        model = make()
+        runs.append(
+            (name, engine_stream(model, tokenizer, prompt, new_tokens), perplexity_of(model))
+        )
     runs += llama_cpp_runs(prompt, new_tokens, held_out)
     stop_ids = {tokenizer.eos_token_id, fp32.generation_config.eos_token_id}
     rows, baseline_tokens = [], None

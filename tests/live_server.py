@@ -8,6 +8,7 @@ import time
 import httpx
 import uvicorn
 
+from src.benchmarks.load import sse_events
 from src.benchmarks.processes import free_port
 
 
@@ -45,13 +46,4 @@ class LiveServer:
 
 def read_sse(response: httpx.Response) -> list[tuple[str | None, str]]:
     """(event, data) pairs of a server-sent event stream."""
-    events, event, data = [], None, []
-    for line in response.iter_lines():
-        if line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-        elif line == "" and data:
-            events.append((event, "\n".join(data)))
-            event, data = None, []
-    return events
+    return list(sse_events(response))

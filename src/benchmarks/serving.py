@@ -10,6 +10,8 @@ import time
 
 import httpx
 
+from src.benchmarks.load import sse_events
+
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how rain forms.",
@@ -32,15 +34,11 @@ def stream_one(url: str, prompt: str, new_tokens: int) -> dict:
     first = None
     body = {"message": prompt, "max_new_tokens": new_tokens, "do_sample": False}
     with httpx.stream("POST", f"{url}/chat/stream", json=body, timeout=600) as response:
-        event = None
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                if event == "delta" and first is None:
-                    first = time.perf_counter() - started
-                if event == "done":
-                    tokens = json.loads(line[5:])["usage"]["completion_tokens"]
+        for event, data in sse_events(response):
+            if event == "delta" and first is None:
+                first = time.perf_counter() - started
+            if event == "done":
+                tokens = json.loads(data)["usage"]["completion_tokens"]
     return {"first": first or 0.0, "total": time.perf_counter() - started, "tokens": tokens}
 
 
