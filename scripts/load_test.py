@@ -26,6 +26,8 @@ import _bootstrap
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from src.benchmarks.load import ALLOWED_GROWTH_MB
+
     parser = argparse.ArgumentParser(description="Load-test the Mini-Claude API.")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
     parser.add_argument(
@@ -54,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-growth-mb",
         type=float,
-        default=150.0,
-        help="fail if the server's memory grows more than this after the warm-up (150)",
+        default=ALLOWED_GROWTH_MB,
+        help="fail if the server's memory grows more than this after the warm-up "
+        f"({ALLOWED_GROWTH_MB}: 150 plus the default prefix cache)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--url", help="a running server to load instead of starting one")

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from src.chat.adapter_pool import AdapterPool
     from src.chat.service import ChatService
     from src.config import load_settings
-    from src.web.ui import build_ui
+    from src.web.ui import build_ui, enable_queue
 
     try:
         settings = load_settings()
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda path: ChatService.from_settings(settings, args.model, path, batching=True),
     )
     demo = build_ui(lambda: pool, service.default_params)
-    demo.queue(default_concurrency_limit=16).launch(
+    enable_queue(demo, settings.max_batch_size).launch(
         server_name=args.host, server_port=args.port, auth=login_check(settings.api_key)
     )
     return 0

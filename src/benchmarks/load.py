@@ -28,6 +28,12 @@ from dataclasses import asdict, dataclass, field
 import httpx
 
 from src.benchmarks.processes import rss_mb
+from src.config import Settings
+
+# Growth of the server's resident memory allowed after the warm-up: what the allocator keeps
+# for the largest batches (tens of MB, see docs/RELIABILITY.md), with a margin, plus the
+# prefix cache, which keeps up to PREFIX_CACHE_MB of keys and values on purpose.
+ALLOWED_GROWTH_MB = 150 + Settings.model_fields["prefix_cache_mb"].default
 
 PROMPTS = [
     "What is the capital of France?",
@@ -116,17 +122,40 @@ def check_status(response: httpx.Response) -> None:
     raise RequestFailed(f"http_{response.status_code}", message)
 
 
+class SSEReader:
+    """Lines of a server-sent event stream in, complete (event, data) pairs out."""
+
+    def __init__(self) -> None:
+        self.event: str | None = None
+        self.data: list[str] = []
+
+    def read(self, line: str) -> tuple[str | None, str] | None:
+        """The event this line completes (a blank line ends one), or None."""
+        if line.startswith("event:"):
+            self.event = line[6:].strip()
+        elif line.startswith("data:"):
+            self.data.append(line[5:].strip())
+        elif line == "" and self.data:
+            complete = (self.event, "\n".join(self.data))
+            self.event, self.data = None, []
+            return complete
+        return None
+
+
 def sse_events(response: httpx.Response):
     """(event, data) pairs of a server-sent event stream, as they arrive."""
-    event, data = None, []
+    reader = SSEReader()
     for line in response.iter_lines():
-        if line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-        elif line == "" and data:
-            yield event, "\n".join(data)
-            event, data = None, []
+        if (event := reader.read(line)) is not None:
+            yield event
+
+
+async def async_sse_events(response: httpx.Response):
+    """``sse_events`` for an ``httpx.AsyncClient`` response."""
+    reader = SSEReader()
+    async for line in response.aiter_lines():
+        if (event := reader.read(line)) is not None:
+            yield event
 
 
 class LoadClient:

@@ -67,6 +67,7 @@ def markdown(results: dict[str, Any]) -> str:
                     "vs 1 client",
                     "first token p50/p95 (s)",
                     "latency p50/p95 (s)",
+                    "load generator CPU per token (ms)",
                 ],
                 [
                     [
@@ -75,6 +76,7 @@ def markdown(results: dict[str, Any]) -> str:
                         f"{row['aggregate_tokens_per_second'] / one:.2f}x",
                         f"{row['first_token_p50']:.2f} / {row['first_token_p95']:.2f}",
                         f"{row['latency_p50']:.2f} / {row['latency_p95']:.2f}",
+                        number(row.get("client_cpu_ms_per_token"), ".2f"),
                     ]
                     for row in serving["rows"]
                 ],

@@ -26,7 +26,7 @@ import torch
 from src.chat.engine import eos_token_ids, max_positions, uses_sliding_window
 from src.chat.params import GenerationParams
 from src.chat.prefix_cache import LayerKV, PrefixCache, cache_from_layers, row_layers
-from src.chat.sampling import choose_next_token, sampling_generator
+from src.chat.sampling import choose_next_token, greedy_tokens, sampling_generator
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +256,16 @@ class BatchingEngine:
 
     def _emit(self, batch: _Batch, logits: torch.Tensor) -> list[int]:
         """Choose each row's next token, send it, and return the rows that go on."""
+        greedy = [row for row, request in enumerate(batch.requests) if request.params.is_greedy]
+        chosen = {}
+        if greedy:  # all greedy rows in one go; sampled rows each draw from their own generator
+            requests = [batch.requests[row] for row in greedy]
+            tokens = greedy_tokens(
+                logits[greedy],
+                [request.previous_ids for request in requests],
+                [request.params.repetition_penalty for request in requests],
+            )
+            chosen = dict(zip(greedy, tokens, strict=True))
         keep = []
         for row, request in enumerate(batch.requests):
             if request.abandoned or request.should_stop():
@@ -263,9 +273,11 @@ class BatchingEngine:
                 self._finish(request)
                 continue
             try:
-                token_id = choose_next_token(
-                    logits[row], request.previous_ids, request.params, request.generator
-                )
+                token_id = chosen.get(row)
+                if token_id is None:
+                    token_id = choose_next_token(
+                        logits[row], request.previous_ids, request.params, request.generator
+                    )
             except Exception as exc:  # e.g. a sampling error: fail this row, not the batch
                 self._finish(request, exc)
                 continue

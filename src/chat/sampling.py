@@ -53,7 +53,9 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 def next_token_distribution(
     logits: torch.Tensor, previous_ids: torch.Tensor, params: GenerationParams
 ) -> torch.Tensor:
-    """Processed logits for sampling: penalty, then temperature, then top-k, then top-p."""
+    """Processed logits for sampling: penalty, then temperature, then top-k, then top-p, over
+    the whole vocabulary (-inf for the tokens that cannot be drawn). ``choose_next_token``
+    draws from the same distribution, computed on the top-k candidates only."""
     logits = apply_repetition_penalty(logits.float(), previous_ids, params.repetition_penalty)
     if params.is_greedy:
         return logits
@@ -75,6 +77,28 @@ def sampling_generator(params: GenerationParams) -> torch.Generator | None:
     return generator
 
 
+def candidate_distribution(
+    logits: torch.Tensor, previous_ids: torch.Tensor, params: GenerationParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``next_token_distribution``'s probabilities where they are not zero: (probabilities,
+    token ids), likeliest first.
+
+    Top-k comes first here (dividing by a positive temperature keeps the order, so the k
+    likeliest are the same before and after): top-p then sorts k numbers instead of the whole
+    vocabulary. With SmolLM2's 49,152 tokens that sort took 2 ms of every sampled token, more
+    than the model's own step takes per row in a batch."""
+    logits = apply_repetition_penalty(logits.float(), previous_ids, params.repetition_penalty)
+    if 0 < params.top_k < logits.numel():
+        logits, token_ids = torch.topk(logits, params.top_k)  # sorted, largest first
+    else:
+        token_ids = None
+    logits = filter_top_p(logits / params.temperature, params.top_p)
+    probabilities = torch.softmax(logits, dim=-1)
+    if token_ids is None:
+        token_ids = torch.arange(logits.numel())
+    return probabilities, token_ids
+
+
 def choose_next_token(
     logits: torch.Tensor,
     previous_ids: torch.Tensor,
@@ -82,8 +106,27 @@ def choose_next_token(
     generator: torch.Generator | None = None,
 ) -> int:
     """One token id from last-position ``logits`` (V,), greedy or sampled."""
-    processed = next_token_distribution(logits, previous_ids, params)
     if params.is_greedy:
-        return int(torch.argmax(processed))
-    probabilities = torch.softmax(processed, dim=-1)
-    return int(torch.multinomial(probabilities, 1, generator=generator))
+        penalised = apply_repetition_penalty(
+            logits.float(), previous_ids, params.repetition_penalty
+        )
+        return int(torch.argmax(penalised))
+    probabilities, token_ids = candidate_distribution(logits, previous_ids, params)
+    return int(token_ids[torch.multinomial(probabilities, 1, generator=generator)])
+
+
+def greedy_tokens(
+    logits: torch.Tensor, previous_ids: list[torch.Tensor], penalties: list[float]
+) -> list[int]:
+    """``choose_next_token`` for a batch of greedy rows at once: (B, V) logits, each row's
+    tokens so far and repetition penalty. One conversion and one argmax for the batch instead
+    of one per row (a batched decoding step spent 1.5 ms of its 26 ms choosing 8 tokens)."""
+    scores = logits.float()
+    if scores is logits:  # already float32: work on a copy, the caller's logits stay as given
+        scores = logits.clone()
+    for row, (seen_ids, penalty) in enumerate(zip(previous_ids, penalties, strict=True)):
+        if penalty != 1.0 and seen_ids.numel():
+            seen = scores[row].gather(0, seen_ids)
+            seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+            scores[row].scatter_(0, seen_ids, seen)
+    return scores.argmax(dim=-1).tolist()

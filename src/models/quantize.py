@@ -81,6 +81,29 @@ class Int8Linear(QuantizedLinear):
         return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
 
 
+class Int8DynamicLinear(Int8Linear):
+    """The int8 layer with its activations quantised too, at run time: one scale per row
+    (the largest |x| maps to 127), so each row's result depends only on that row.
+
+    The product of int8 by int8 then runs on the CPU's integer dot-product instructions
+    (``aten._int_mm``; AVX-512 VNNI here) and sums exactly in int32, which makes a batch of
+    rows give exactly what each row gives alone. llama.cpp multiplies the same way (it
+    quantises activations to 8 bits for its dot products). For SmolLM2's output projection
+    (576 x 49,152) with 8 rows, as in a batched decoding step, this takes 2.1 ms against
+    5.7 ms for the bf16-by-int8 kernel and 4.4 ms for a dense bf16 matrix; for one row, the
+    same 1.8 ms as the int8 kernel. The held-out perplexity moves by 0.03%.
+
+    Used for the output layer only: quantising the inputs of the other layers this way costs
+    SmolLM2 5% perplexity (their activations have outlier channels that one scale per row
+    flattens)."""
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / 127  # (M, 1)
+        codes = torch.round(x / scale).to(torch.int8)
+        products = torch._int_mm(codes, self.weight_int8.t())  # (M, N), int32, exact
+        return products * (scale * self.scales.float())
+
+
 class Int4Linear(QuantizedLinear):
     """y = x W^T + b with W stored as 4-bit codes q, w = (q - 8) * scale + offset per group of
     32 input weights (the scale and offset of a group map its min and max to codes 0 and 15)."""
@@ -110,6 +133,9 @@ class Int4Linear(QuantizedLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group_size, self.scales_and_offsets
         )
+
+
+LAYER_CLASSES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
 
 
 def resolve_quantization(setting: str, source: str) -> Quantization:
@@ -157,9 +183,12 @@ def quantize_model(model: nn.Module, method: Quantization, empty: bool = False) 
             # The output projection (vocabulary logits) is the most sensitive layer: int4
             # there costs SmolLM2 2.3% perplexity, int8 0.6%. llama.cpp's Q4 files likewise
             # keep it at higher precision.
-            layer_method = "int8" if name == OUTPUT_LAYER_NAME else method
+            output = name == OUTPUT_LAYER_NAME
+            layer_method = "int8" if output else method
             if can_quantize(child, layer_method):
-                layer_class = Int8Linear if layer_method == "int8" else Int4Linear
+                layer_class = LAYER_CLASSES[layer_method]
+                if output:  # int8 activations too: fast with several rows, see the class
+                    layer_class = Int8DynamicLinear
                 if empty:
                     layer = layer_class(
                         child.in_features, child.out_features, child.bias is not None

@@ -464,26 +464,8 @@ class Transformer(nn.Module):
             output.hidden_states.append(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]  # only the last positions are needed when generating
-        output.logits = self.output_layer(x)  # (B, T, V)
+        output.logits = self.lm_head(x)  # (B, T, V)
         return output
-
-    def output_layer(self, x: torch.Tensor) -> torch.Tensor:
-        """The vocabulary logits. With tied embeddings and a quantised ``lm_head`` (int8 under
-        QUANTIZE=int4), a batched decoding step (several requests, one new token each) goes
-        through the bf16 embedding matrix instead: the same weights, already in memory, and a
-        dense matmul beats the int8 kernel once it has several rows (8 rows: 5.6 ms against
-        9.6 ms on 2 cores; 1 row: 4.4 ms against 1.5 ms). One stream, and the perplexity the
-        benchmark reports for it, keep the int8 layer."""
-        weight = self.token_embedding.weight
-        if (
-            x.shape[1] == 1
-            and x.shape[0] >= DENSE_OUTPUT_MIN_ROWS
-            and self.config.tie_embeddings
-            and weight.dtype == torch.bfloat16
-            and not isinstance(self.lm_head, nn.Linear)
-        ):
-            return F.linear(x.to(weight.dtype), weight).to(x.dtype)
-        return self.lm_head(x)
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -611,9 +593,6 @@ def without_initialisation() -> Iterator[None]:
     finally:
         for cls, reset in saved.items():
             cls.reset_parameters = reset
-
-
-DENSE_OUTPUT_MIN_ROWS = 4  # from the kernel timings in Transformer.output_layer
 
 
 def attention_bias(attention_mask: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:

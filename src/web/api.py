@@ -116,10 +116,10 @@ def mount_web_ui(app: FastAPI, settings: Settings) -> None:
     sends it with each of the page's requests, so no part of Gradio is reachable without it."""
     import gradio as gr
 
-    from src.web.ui import build_ui
+    from src.web.ui import build_ui, enable_queue
 
     ui = build_ui(lambda: app.state.adapters, settings.generation_defaults())
-    ui.queue(default_concurrency_limit=settings.max_batch_size)
+    enable_queue(ui, settings.max_batch_size)
     gr.mount_gradio_app(app, ui, path="/ui")
 
 

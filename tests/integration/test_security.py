@@ -52,7 +52,9 @@ class Gate:
                             return
                         time.sleep(0.01)
                     yield token
-                finished = True
+                # The engine also ends a generation early when asked to stop (it may never
+                # send a token): that was cut short too.
+                finished = not should_stop()
             finally:
                 tokens.close()
                 if not finished:

@@ -74,7 +74,7 @@ def test_a_sampling_error_in_one_row_fails_only_that_request(
             args=(
                 "poisoned",
                 prompt(tiny_llama_service, "bad"),
-                GREEDY.updated(seed=13, max_new_tokens=60),
+                GREEDY.updated(do_sample=True, temperature=1.0, seed=13, max_new_tokens=60),
             ),
         ),
     ]

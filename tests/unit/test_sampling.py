@@ -11,9 +11,12 @@ from transformers.generation.logits_process import (
 from src.chat.params import GenerationParams
 from src.chat.sampling import (
     apply_repetition_penalty,
+    candidate_distribution,
     choose_next_token,
     filter_top_k,
     filter_top_p,
+    greedy_tokens,
+    next_token_distribution,
 )
 
 pytestmark = pytest.mark.unit
@@ -78,3 +81,47 @@ def test_sampling_is_reproducible_with_a_seeded_generator(logits):
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
     assert len(set(draw(1))) > 1  # really sampling, not argmax
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"top_k": 50, "top_p": 0.9, "temperature": 0.7},  # the defaults
+        {"top_k": 5, "top_p": 1.0, "temperature": 1.3},
+        {"top_k": 0, "top_p": 0.5, "temperature": 1.0},  # top-k off: the whole vocabulary
+        {"top_k": 2000, "top_p": 0.99, "temperature": 2.0},  # k above the vocabulary size
+    ],
+)
+def test_candidates_are_the_full_distribution_where_it_is_not_zero(settings):
+    """The sampler draws from the top-k candidates only; that must be exactly the
+    distribution over the whole vocabulary (penalty, temperature, top-k, top-p)."""
+    torch.manual_seed(3)
+    logits = torch.randn(1000) * 4
+    previous = torch.tensor([int(logits.argmax()), 5, 17])  # the penalty moves the top token
+    params = GenerationParams(repetition_penalty=1.3, **settings)
+    full = torch.softmax(next_token_distribution(logits, previous, params), dim=-1)
+    probabilities, token_ids = candidate_distribution(logits, previous, params)
+    scattered = torch.zeros_like(full).scatter(0, token_ids, probabilities)
+    assert torch.allclose(scattered, full, atol=1e-6)
+    kept = int((full > 0).sum())
+    assert 1 < kept < 1000  # the filters really cut something and kept a choice
+    assert set(token_ids[probabilities > 0].tolist()) == set(full.nonzero().squeeze(1).tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_rows_chosen_together_are_chosen_as_alone(dtype):
+    torch.manual_seed(4)
+    logits = (torch.randn(5, 300) * 3).to(dtype)
+    given = logits.clone()
+    # Each row has seen its own argmax, so a penalty changes the choice.
+    previous = [torch.tensor([int(row.argmax()), 7]) for row in logits]
+    previous[2] = torch.tensor([], dtype=torch.long)  # nothing seen yet
+    penalties = [1.3, 1.0, 1.3, 5.0, 0.5]
+    together = greedy_tokens(logits, previous, penalties)
+    alone = [
+        choose_next_token(row, seen, GenerationParams(do_sample=False, repetition_penalty=p))
+        for row, seen, p in zip(logits, previous, penalties, strict=True)
+    ]
+    assert together == alone
+    assert together[0] != int(logits[0].argmax())  # the penalty did act
+    assert torch.equal(logits, given)  # the caller's logits are left alone
