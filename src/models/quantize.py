@@ -14,7 +14,10 @@ activations by packed low-bit weights directly, without materialising the bf16 m
   column measures.
 
 Only the activations that enter these kernels are bf16; the layer returns the dtype it was
-given, so the rest of the model keeps PRECISION. This is weight-only quantisation for
+given, so the rest of the model keeps PRECISION. The output layer is the exception: it is
+int8 in both modes and, given several rows (a batched decoding step, a whole sequence), also
+rounds its inputs to int8, one scale per row (``Int8DynamicLinear``), which makes a batch of
+rows several times cheaper. This is weight-only quantisation for
 inference: training and LoRA adapters (which are merged in first) use ordinary weights.
 """
 
@@ -30,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 Quantization = Literal["none", "int8", "int4"]
 INT4_GROUP_SIZE = 32  # weights per (scale, offset) pair; Q4_1 uses blocks of 32 too
+INT8_ACTIVATION_MIN_ROWS = 4  # from the kernel timings in Int8DynamicLinear
 OUTPUT_LAYER_NAME = "lm_head"  # in transformers models and in ours
 
 
@@ -82,22 +86,31 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int8DynamicLinear(Int8Linear):
-    """The int8 layer with its activations quantised too, at run time: one scale per row
-    (the largest |x| maps to 127), so each row's result depends only on that row.
+    """The int8 layer that, given several rows, quantises them too: one scale per row (the
+    largest |x| maps to 127), so each row's result depends only on that row.
 
     The product of int8 by int8 then runs on the CPU's integer dot-product instructions
-    (``aten._int_mm``; AVX-512 VNNI here) and sums exactly in int32, which makes a batch of
-    rows give exactly what each row gives alone. llama.cpp multiplies the same way (it
-    quantises activations to 8 bits for its dot products). For SmolLM2's output projection
-    (576 x 49,152) with 8 rows, as in a batched decoding step, this takes 2.1 ms against
-    5.7 ms for the bf16-by-int8 kernel and 4.4 ms for a dense bf16 matrix; for one row, the
-    same 1.8 ms as the int8 kernel. The held-out perplexity moves by 0.03%.
+    (``aten._int_mm``; AVX-512 VNNI here) and sums exactly in int32. llama.cpp multiplies the
+    same way (it quantises activations to 8 bits for its dot products). For SmolLM2's output
+    projection (576 x 49,152) with 8 rows, as in a batched decoding step, this takes 2.1 ms
+    against 5.7 ms for the bf16-by-int8 kernel and 4.4 ms for a dense bf16 matrix.
+
+    Below ``INT8_ACTIVATION_MIN_ROWS`` rows (one stream decoding) the kernel is no faster, and
+    the bf16 activations stay exact: rounding them moves SmolLM2's logits by about 0.2, which
+    changes the greedy choice where two tokens are that close (the first token of the
+    benchmark's prompt). Over whole sequences the held-out perplexity moves by 0.03-0.2%.
 
     Used for the output layer only: quantising the inputs of the other layers this way costs
     SmolLM2 5% perplexity (their activations have outlier channels that one scale per row
     flattens)."""
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < INT8_ACTIVATION_MIN_ROWS:
+            return super().matmul(x)
+        return self.int8_product(x)
+
+    def int8_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T with x rounded to int8, one scale per row: (M, N) float32."""
         scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / 127  # (M, 1)
         codes = torch.round(x / scale).to(torch.int8)
         products = torch._int_mm(codes, self.weight_int8.t())  # (M, N), int32, exact

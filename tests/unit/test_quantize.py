@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from src.models.quantize import (
+    INT8_ACTIVATION_MIN_ROWS,
     Int4Linear,
     Int8DynamicLinear,
     Int8Linear,
@@ -125,19 +126,21 @@ def test_a_lora_adapter_is_merged_before_quantising(tiny_llama_path):
 
 
 def test_the_output_layer_quantises_each_row_on_its_own():
-    """int8 activations with one scale per row, summed exactly in int32: a batched decoding
-    step gives every request exactly the logits it would get alone."""
+    """Several rows (a batched decoding step): int8 activations with one scale per row,
+    summed exactly in int32, so each request gets exactly the logits that row alone gives.
+    One row (a single stream): the weight-only int8 product, exact bf16 activations."""
     torch.manual_seed(0)
     layer = nn.Linear(64, 96, bias=False)
     quantised = Int8DynamicLinear.from_linear(layer)
-    rows = torch.randn(8, 64, dtype=torch.bfloat16)
+    weight_only = Int8Linear.from_linear(layer)
+    rows = torch.randn(INT8_ACTIVATION_MIN_ROWS + 4, 64, dtype=torch.bfloat16)
     rows[3] *= 50  # one row far larger than the others must not change their scales
     together = quantised(rows)
-    alone = torch.cat([quantised(row[None]) for row in rows])
+    alone = torch.cat([quantised.int8_product(row[None]) for row in rows]).bfloat16()
     assert torch.equal(together, alone)
     expected = layer(rows.float())
     relative = (together.float() - expected).norm(dim=-1) / expected.norm(dim=-1)
     assert relative.max() < 0.03, relative
-    # The same product as the weight-only int8 layer up to the rounding of the inputs.
-    weight_only = Int8Linear.from_linear(layer)(rows).float()
-    assert ((together.float() - weight_only).norm() / weight_only.norm()) < 0.02
+    assert not torch.equal(together, weight_only(rows))  # really the int8-activation product
+    one_row = rows[:1]
+    assert torch.equal(quantised(one_row), weight_only(one_row))
