@@ -91,12 +91,9 @@ def candidate_distribution(
     if 0 < params.top_k < logits.numel():
         logits, token_ids = torch.topk(logits, params.top_k)  # sorted, largest first
     else:
-        token_ids = None
-    logits = filter_top_p(logits / params.temperature, params.top_p)
-    probabilities = torch.softmax(logits, dim=-1)
-    if token_ids is None:
         token_ids = torch.arange(logits.numel())
-    return probabilities, token_ids
+    logits = filter_top_p(logits / params.temperature, params.top_p)
+    return torch.softmax(logits, dim=-1), token_ids
 
 
 def choose_next_token(
@@ -107,10 +104,7 @@ def choose_next_token(
 ) -> int:
     """One token id from last-position ``logits`` (V,), greedy or sampled."""
     if params.is_greedy:
-        penalised = apply_repetition_penalty(
-            logits.float(), previous_ids, params.repetition_penalty
-        )
-        return int(torch.argmax(penalised))
+        return greedy_tokens(logits[None], [previous_ids], [params.repetition_penalty])[0]
     probabilities, token_ids = candidate_distribution(logits, previous_ids, params)
     return int(token_ids[torch.multinomial(probabilities, 1, generator=generator)])
 
@@ -125,8 +119,5 @@ def greedy_tokens(
     if scores is logits:  # already float32: work on a copy, the caller's logits stay as given
         scores = logits.clone()
     for row, (seen_ids, penalty) in enumerate(zip(previous_ids, penalties, strict=True)):
-        if penalty != 1.0 and seen_ids.numel():
-            seen = scores[row].gather(0, seen_ids)
-            seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-            scores[row].scatter_(0, seen_ids, seen)
+        scores[row] = apply_repetition_penalty(scores[row], seen_ids, penalty)
     return scores.argmax(dim=-1).tolist()

@@ -37,6 +37,14 @@ INT8_ACTIVATION_MIN_ROWS = 4  # from the kernel timings in Int8DynamicLinear
 OUTPUT_LAYER_NAME = "lm_head"  # in transformers models and in ours
 
 
+def symmetric_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row as int8 codes and one float32 scale, (M, K) and (M, 1): the largest |x| of a
+    row maps to 127, so codes * scale gives the row back up to rounding."""
+    rows = rows.float()
+    scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(rows / scale).to(torch.int8), scale
+
+
 class QuantizedLinear(nn.Module):
     """Common shape of the two layers: ``from_linear`` quantises an nn.Linear; the plain
     constructor makes an empty layer of the right shapes for loading saved buffers into."""
@@ -77,9 +85,8 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16))
 
     def quantize(self, weight: torch.Tensor) -> None:
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127  # the largest |w| maps to 127
-        self.weight_int8 = torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8)
-        self.scales = scales.to(torch.bfloat16)
+        self.weight_int8, scales = symmetric_int8(weight)
+        self.scales = scales.squeeze(1).to(torch.bfloat16)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
@@ -111,8 +118,7 @@ class Int8DynamicLinear(Int8Linear):
 
     def int8_product(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T with x rounded to int8, one scale per row: (M, N) float32."""
-        scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / 127  # (M, 1)
-        codes = torch.round(x / scale).to(torch.int8)
+        codes, scale = symmetric_int8(x)
         products = torch._int_mm(codes, self.weight_int8.t())  # (M, N), int32, exact
         return products * (scale * self.scales.float())
 

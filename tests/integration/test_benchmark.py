@@ -2,6 +2,8 @@
 reported by the benchmark, never checked by tests."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -12,25 +14,20 @@ from tests.integration.conftest import run_python
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
-def test_decode_section_writes_json_markdown_and_chart(converted_bundled_model, tmp_path):
-    result = run_python(
-        [
-            "scripts/benchmark.py",
-            "--sections",
-            "decode",
-            "--new-tokens",
-            "4",
-            "--repetitions",
-            "1",
-            "--perplexity-examples",
-            "3",
-            "--output",
-            str(tmp_path),
-        ],
-        timeout=500,
-    )
+def run_benchmark(output: Path, *options: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """scripts/benchmark.py with ``options``, writing to ``output``: the finished process
+    (checked to have succeeded) and the JSON it wrote."""
+    result = run_python(["scripts/benchmark.py", *options, "--output", str(output)], timeout=500)
     assert result.returncode == 0, result.stderr[-2000:]
-    data = json.loads((tmp_path / "benchmark.json").read_text())
+    return result, json.loads((output / "benchmark.json").read_text())
+
+
+def test_decode_section_writes_json_markdown_and_chart(converted_bundled_model, tmp_path):
+    result, data = run_benchmark(
+        tmp_path,
+        *("--sections", "decode", "--new-tokens", "4", "--repetitions", "1"),
+        *("--perplexity-examples", "3"),
+    )
     names = [row["name"] for row in data["decode"]["rows"]]
     # The llama.cpp row is there exactly when the optional llama-cpp-python is installed.
     with_llama_cpp = llama_cpp.available()
@@ -64,26 +61,12 @@ def test_unknown_sections_are_refused(tmp_path):
 
 
 def test_training_section_runs_both_trainers_on_the_same_batches(converted_bundled_model, tmp_path):
-    result = run_python(
-        [
-            "scripts/benchmark.py",
-            "--sections",
-            "training",
-            "--train-steps",
-            "1",
-            "--train-repetitions",
-            "1",
-            "--train-examples",
-            "12",
-            "--train-max-length",
-            "64",
-            "--output",
-            str(tmp_path),
-        ],
-        timeout=500,
+    _, data = run_benchmark(
+        tmp_path,
+        *("--sections", "training", "--train-steps", "1", "--train-repetitions", "1"),
+        *("--train-examples", "12", "--train-max-length", "64"),
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    training = json.loads((tmp_path / "benchmark.json").read_text())["training"]
+    training = data["training"]
     assert training["steps"] == 1 and training["repetitions"] == 1
     assert training["same_batches"]  # identical micro-batches, in the same order
     baseline, ours = training["rows"]
@@ -102,24 +85,11 @@ def test_training_section_runs_both_trainers_on_the_same_batches(converted_bundl
 def test_serving_and_cold_start_sections(converted_bundled_model, tmp_path):
     """The API under concurrent clients (a real uvicorn, real streams) and the cold starts of
     the CLI and the server, at the smallest sizes."""
-    result = run_python(
-        [
-            "scripts/benchmark.py",
-            "--sections",
-            "serving,cold",
-            "--clients",
-            "1,3",
-            "--new-tokens",
-            "4",
-            "--repetitions",
-            "2",
-            "--output",
-            str(tmp_path),
-        ],
-        timeout=500,
+    _, data = run_benchmark(
+        tmp_path,
+        *("--sections", "serving,cold", "--clients", "1,3", "--new-tokens", "4"),
+        *("--repetitions", "2"),
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    data = json.loads((tmp_path / "benchmark.json").read_text())
     serving, cold = data["serving"], data["cold_start"]
     assert [row["clients"] for row in serving["rows"]] == [1, 3]
     assert serving["repetitions"] == 2 and serving["peak_memory_mb"] > 100
