@@ -150,14 +150,6 @@ def sse_events(response: httpx.Response):
             yield event
 
 
-async def async_sse_events(response: httpx.Response):
-    """``sse_events`` for an ``httpx.AsyncClient`` response."""
-    reader = SSEReader()
-    async for line in response.aiter_lines():
-        if (event := reader.read(line)) is not None:
-            yield event
-
-
 class LoadClient:
     """One simulated user: a connection of its own and, at times, a session."""
 

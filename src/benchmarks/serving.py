@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from src.benchmarks.load import async_sse_events
+from src.benchmarks.load import SSEReader
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -29,43 +29,86 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-async def stream_one(http: httpx.AsyncClient, prompt: str, new_tokens: int) -> dict:
+async def stream_one(url: str, prompt: str, new_tokens: int) -> dict:
     started = time.perf_counter()
     first = None
+    tokens = 0
     body = {"message": prompt, "max_new_tokens": new_tokens, "do_sample": False}
-    async with http.stream("POST", "/chat/stream", json=body) as response:
-        async for event, data in async_sse_events(response):
-            if event == "delta" and first is None:
-                first = time.perf_counter() - started
-            if event == "done":
-                tokens = json.loads(data)["usage"]["completion_tokens"]
+    async for event, data in post_sse(url, "/chat/stream", body):
+        if event == "delta" and first is None:
+            first = time.perf_counter() - started
+        if event == "done":
+            tokens = json.loads(data)["usage"]["completion_tokens"]
     return {"first": first or 0.0, "total": time.perf_counter() - started, "tokens": tokens}
 
 
-def measure_concurrency(url: str, clients: int, new_tokens: int, repetitions: int = 1) -> dict:
-    """``clients`` streams started at once, ``repetitions`` times; medians of each figure."""
-    rounds = [asyncio.run(measure_round(url, clients, new_tokens)) for _ in range(repetitions)]
-    return {"clients": clients} | {
-        name: statistics.median(r[name] for r in rounds) for name in rounds[0]
-    }
+async def post_sse(url: str, path: str, body: dict):
+    """(event, data) pairs of one streamed POST, read straight off an asyncio connection.
+
+    The load generator runs on the server's own two cores, so every microsecond it spends
+    per token is taken from the model: this HTTP/1.1 client (a request, a status line,
+    headers, a chunked body) costs a fraction of a general-purpose client's per-token work
+    (``client_cpu_ms_per_token`` in the results shows what it took)."""
+    address = httpx.URL(url)
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    try:
+        payload = json.dumps(body).encode()
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {address.host}:{address.port}\r\n"
+            "Content-Type: application/json\r\nConnection: close\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        await writer.drain()
+        status = (await reader.readline()).decode("latin-1")
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+        if " 200 " not in status or "transfer-encoding: chunked" not in head:
+            raise RuntimeError(f"POST {path}: {status.strip()} {await reader.read(300)!r}")
+        sse = SSEReader()
+        pending = b""
+        while size := int((await reader.readline()).strip() or b"0", 16):
+            pending += (await reader.readexactly(size + 2))[:-2]
+            *lines, pending = pending.split(b"\n")  # the last piece may be an unfinished line
+            for line in lines:
+                if (event := sse.read(line.decode())) is not None:
+                    yield event
+    finally:
+        writer.close()
+
+
+def measure_concurrency(
+    url: str, client_counts: list[int], new_tokens: int, repetitions: int = 1, progress=print
+) -> list[dict]:
+    """For each count of clients, that many streams started at once; medians over
+    ``repetitions`` rounds. The rounds take turns (1, 4, 8, 16 clients, then again), so a
+    slow spell of this shared machine falls on every count alike instead of on one of them:
+    the ratios against one client compare rounds run side by side."""
+    rounds: dict[int, list[dict]] = {count: [] for count in client_counts}
+    for repetition in range(repetitions):
+        for count in client_counts:
+            progress(f"  serving: {count} clients, round {repetition + 1}/{repetitions}")
+            rounds[count].append(asyncio.run(measure_round(url, count, new_tokens)))
+    return [
+        {"clients": count}
+        | {name: statistics.median(r[name] for r in results) for name in results[0]}
+        for count, results in rounds.items()
+    ]
 
 
 async def measure_round(url: str, clients: int, new_tokens: int) -> dict:
-    """All the clients in one thread, as asyncio tasks: the load generator shares the
-    server's cores, so it must cost little. (A thread per client with a blocking client cost
-    0.6 ms of CPU per token received, 2.5 times this; ``client_cpu_ms_per_token`` reports
-    what it took.)"""
-    limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        cpu_started, started = time.process_time(), time.perf_counter()
-        results = await asyncio.gather(
-            *(
-                stream_one(http, PROMPTS[i % len(PROMPTS)] + f" (#{i})", new_tokens)
-                for i in range(clients)
-            )
+    """All the clients in one thread, as asyncio tasks on raw connections (``post_sse``): the
+    load generator shares the server's cores, so it must cost little. (A thread per client
+    with a blocking httpx client cost 0.6 ms of CPU per token received, httpx's async client
+    0.2-0.5 ms; ``client_cpu_ms_per_token`` reports what this one took.)"""
+    cpu_started, started = time.process_time(), time.perf_counter()
+    results = await asyncio.gather(
+        *(
+            stream_one(url, PROMPTS[i % len(PROMPTS)] + f" (#{i})", new_tokens)
+            for i in range(clients)
         )
-        wall = time.perf_counter() - started
-        client_cpu = time.process_time() - cpu_started
+    )
+    wall = time.perf_counter() - started
+    client_cpu = time.process_time() - cpu_started
     firsts = [r["first"] for r in results]
     totals = [r["total"] for r in results]
     tokens = sum(r["tokens"] for r in results)

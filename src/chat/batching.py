@@ -41,11 +41,28 @@ class _Request:
     tokens: queue.Queue = field(default_factory=queue.Queue)
     abandoned: bool = False  # the consumer went away (closed the generator)
     generator: torch.Generator | None = None
-    previous_ids: torch.Tensor | None = None  # prompt + generated, for the repetition penalty
+    # Prompt + generated ids (for the repetition penalty and the prefix cache), in a buffer
+    # with room for every token the request may generate: adding one writes one element
+    # instead of copying the whole history (torch.cat) for every token of every row.
+    history: torch.Tensor = field(init=False, repr=False)
     generated: int = 0
 
-    def finished_by(self, token_id: int, eos: frozenset[int]) -> bool:
-        return token_id in eos or self.generated >= self.params.max_new_tokens
+    def __post_init__(self) -> None:
+        room = len(self.prompt_ids) + self.params.max_new_tokens
+        self.history = torch.empty(room, dtype=torch.long)
+        self.history[: len(self.prompt_ids)] = torch.tensor(self.prompt_ids, dtype=torch.long)
+
+    @property
+    def previous_ids(self) -> torch.Tensor:
+        return self.history[: len(self.prompt_ids) + self.generated]
+
+    def add(self, token_id: int) -> None:
+        self.history[len(self.prompt_ids) + self.generated] = token_id
+        self.generated += 1
+
+    def ends_with(self, token_id: int, eos: frozenset[int]) -> bool:
+        """Whether ``token_id``, about to be added, is the request's last token."""
+        return token_id in eos or self.generated + 1 >= self.params.max_new_tokens
 
 
 @dataclass
@@ -148,7 +165,6 @@ class BatchingEngine:
     def _start(self, request: _Request) -> bool:
         """Set up a request's sampling state; False if it was cancelled while waiting."""
         request.generator = sampling_generator(request.params)
-        request.previous_ids = torch.tensor(request.prompt_ids, dtype=torch.long)
         if request.should_stop() or request.abandoned:
             self._finish(request)
             return False
@@ -266,7 +282,7 @@ class BatchingEngine:
                 [request.params.repetition_penalty for request in requests],
             )
             chosen = dict(zip(greedy, tokens, strict=True))
-        keep = []
+        keep, next_tokens, sent, finished = [], [], [], []
         for row, request in enumerate(batch.requests):
             if request.abandoned or request.should_stop():
                 self._remember(batch, row, request)
@@ -281,15 +297,23 @@ class BatchingEngine:
             except Exception as exc:  # e.g. a sampling error: fail this row, not the batch
                 self._finish(request, exc)
                 continue
-            request.generated += 1
+            sent.append((request, token_id))
+            if request.ends_with(token_id, self.eos_token_ids):
+                self._remember(batch, row, request)  # the cache holds all but this last token
+                finished.append(request)
+            else:
+                keep.append(row)
+                next_tokens.append(token_id)
+            request.add(token_id)
+        # The tokens go out together after the bookkeeping: each one wakes its reply's thread,
+        # which would otherwise take the interpreter lock in the middle of this loop.
+        for request, token_id in sent:
             request.tokens.put(token_id)
-            if request.finished_by(token_id, self.eos_token_ids):
-                self._remember(batch, row, request)
-                self._finish(request)
-                continue
-            request.previous_ids = torch.cat([request.previous_ids, torch.tensor([token_id])])
-            batch.last_tokens[row] = token_id
-            keep.append(row)
+        for request in finished:
+            self._finish(request)
+        if keep:  # indexed by row, as _select expects; finished rows' entries are unused
+            batch.last_tokens = torch.zeros(len(batch.requests), dtype=torch.long)
+            batch.last_tokens[keep] = torch.tensor(next_tokens)
         return keep
 
 

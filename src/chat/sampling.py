@@ -113,11 +113,37 @@ def greedy_tokens(
     logits: torch.Tensor, previous_ids: list[torch.Tensor], penalties: list[float]
 ) -> list[int]:
     """``choose_next_token`` for a batch of greedy rows at once: (B, V) logits, each row's
-    tokens so far and repetition penalty. One conversion and one argmax for the batch instead
-    of one per row (a batched decoding step spent 1.5 ms of its 26 ms choosing 8 tokens)."""
+    tokens so far and repetition penalty. One conversion, one penalty pass and one argmax for
+    the whole batch instead of a handful of small operations per row (a batched decoding step
+    spent 1.5 ms of its 26 ms choosing 8 tokens one by one)."""
     scores = logits.float()
     if scores is logits:  # already float32: work on a copy, the caller's logits stay as given
         scores = logits.clone()
-    for row, (seen_ids, penalty) in enumerate(zip(previous_ids, penalties, strict=True)):
-        scores[row] = apply_repetition_penalty(scores[row], seen_ids, penalty)
+    penalise_rows(scores, previous_ids, penalties)
     return scores.argmax(dim=-1).tolist()
+
+
+def penalise_rows(
+    scores: torch.Tensor, previous_ids: list[torch.Tensor], penalties: list[float]
+) -> None:
+    """``apply_repetition_penalty`` on every row of ``scores`` (B, V), in place, with a few
+    operations for the whole batch: the rows' seen ids become positions in the flattened
+    (B * V) scores. A token seen twice is penalised once, as in the one-row version (the
+    scatter writes the same value twice)."""
+    rows = [
+        row
+        for row, (seen, penalty) in enumerate(zip(previous_ids, penalties, strict=True))
+        if penalty != 1.0 and seen.numel()
+    ]
+    if not rows:
+        return
+    lengths = torch.tensor([previous_ids[row].numel() for row in rows])
+    vocabulary = scores.shape[-1]
+    offsets = torch.repeat_interleave(torch.tensor(rows) * vocabulary, lengths)
+    positions = torch.cat([previous_ids[row] for row in rows]) + offsets
+    penalty = torch.repeat_interleave(
+        torch.tensor([penalties[row] for row in rows], dtype=scores.dtype), lengths
+    )
+    flat = scores.view(-1)
+    seen = flat.gather(0, positions)
+    flat.scatter_(0, positions, torch.where(seen < 0, seen * penalty, seen / penalty))

@@ -130,8 +130,11 @@ def read_with_datasets(path: Path) -> list[tuple[str, Any]]:
                 loaded = loaded["train"]
         else:
             loaded = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        raise DatasetError(f"{path}: cannot read it with datasets ({exc})") from None
+    except (FileNotFoundError, ValueError, OSError, datasets.exceptions.DatasetsError) as exc:
+        # DatasetGenerationError says only "An error occurred while generating the dataset";
+        # what went wrong (say, pyarrow's "Parquet magic bytes not found") is its cause.
+        reason = exc.__cause__ if isinstance(exc, datasets.exceptions.DatasetsError) else exc
+        raise DatasetError(f"{path}: cannot read it with datasets ({reason or exc})") from None
     return [(f"{path}: record {number}", row) for number, row in enumerate(loaded)]
 
 

@@ -17,6 +17,7 @@ from src.chat.sampling import (
     filter_top_p,
     greedy_tokens,
     next_token_distribution,
+    penalise_rows,
 )
 
 pytestmark = pytest.mark.unit
@@ -125,3 +126,22 @@ def test_greedy_rows_chosen_together_are_chosen_as_alone(dtype):
     assert together == alone
     assert together[0] != int(logits[0].argmax())  # the penalty did act
     assert torch.equal(logits, given)  # the caller's logits are left alone
+
+
+def test_rows_penalised_together_equal_rows_penalised_alone():
+    torch.manual_seed(5)
+    scores = torch.randn(4, 500) * 4
+    # Repeated ids, an empty history, a penalty of 1 (no-op) and one below 1.
+    previous = [torch.tensor([3, 9, 3, 499]), torch.tensor([], dtype=torch.long),
+                torch.tensor([0, 1, 2]), torch.tensor([7, 7, 8])]  # fmt: skip
+    penalties = [1.3, 2.0, 1.0, 0.7]
+    expected = torch.stack(
+        [
+            apply_repetition_penalty(row, seen, penalty)
+            for row, seen, penalty in zip(scores, previous, penalties, strict=True)
+        ]
+    )
+    together = scores.clone()
+    penalise_rows(together, previous, penalties)
+    assert torch.equal(together, expected)
+    assert not torch.equal(together, scores)  # it did change something
