@@ -32,7 +32,7 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     )
     from src.chat.prompts import detect_prompt_format, encode_conversation
     from src.models.loader import ensure_bundled_model
-    from src.models.quantize import quantize_model
+    from src.models.quantize import quantize_model, use_int4_kernel
     from src.models.transformer import Transformer
     from src.training.data import load_examples, tokenize_examples
 
@@ -50,8 +50,12 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         return quantize_model(model, quantization)
 
-    def scratch(dtype: torch.dtype, quantization: str = "none"):
-        return quantize_model(Transformer.from_hf(hf(dtype)), quantization)
+    def scratch(dtype: torch.dtype, quantization: str = "none", int4_kernel: str = "pytorch"):
+        model = quantize_model(Transformer.from_hf(hf(dtype)), quantization)
+        use_int4_kernel(
+            model, int4_kernel, folder.parent
+        )  # INT4_KERNEL (src/models/int4_kernel.py)
+        return model
 
     # (name, model factory); PRECISION / QUANTIZE / ENGINE select each row in the app.
     candidates = [
@@ -61,7 +65,11 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         ("HF engine bf16 + int4", lambda: hf(torch.bfloat16, "int4")),
         ("scratch engine fp32", lambda: scratch(torch.float32)),
         ("scratch engine bf16", lambda: scratch(torch.bfloat16)),
-        ("scratch engine bf16 + int4 (default)", lambda: scratch(torch.bfloat16, "int4")),
+        (
+            "scratch engine bf16 + int4, PyTorch's int4 kernel",
+            lambda: scratch(torch.bfloat16, "int4"),
+        ),
+        ("scratch engine bf16 + int4 (default)", lambda: scratch(torch.bfloat16, "int4", "auto")),
     ]
 
     def perplexity_of(model):

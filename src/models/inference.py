@@ -49,7 +49,7 @@ def load_for_inference(
     """Resolve the model (see ``src.models.loader``) and load it as configured. Raises
     ``ModelLoadingError``."""
     from src.models.loader import inference_dtype, resolve_model
-    from src.models.quantize import resolve_quantization
+    from src.models.quantize import resolve_quantization, use_int4_kernel
 
     name = model_name or settings.model_name
     folder, source = resolve_model(name, settings)
@@ -61,16 +61,23 @@ def load_for_inference(
         raise ModelLoadingError(
             "ENGINE=scratch runs base models only; LoRA adapters need ENGINE=hf (or auto)."
         )
+    loaded = None
     if requested == "scratch" or (
         requested == "auto" and adapter is None and model_type(folder) in SCRATCH_FAMILIES
     ):
         try:
-            return load_scratch_fast(folder, source, name, dtype, quantization, settings)
+            loaded = load_scratch_fast(folder, source, name, dtype, quantization, settings)
         except ValueError as exc:  # a folder the direct path cannot read: use transformers
             logger.info("Loading %s through transformers: %s", folder, exc)
-    return load_through_transformers(
-        settings, name, folder, source, adapter, requested, dtype, quantization
-    )
+    if loaded is None:
+        loaded = load_through_transformers(
+            settings, name, folder, source, adapter, requested, dtype, quantization
+        )
+    if quantization == "int4" and use_int4_kernel(
+        loaded.model, settings.int4_kernel, Path(settings.model_cache_dir)
+    ):
+        loaded.description += " (our AVX-512 BF16 int4 kernel)"
+    return loaded
 
 
 def model_type(folder: Path) -> str | None:

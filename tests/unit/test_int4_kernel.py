@@ -1,0 +1,104 @@
+"""Our int4 kernel (src/models/kernels/int4_bf16.c): the same products as PyTorch's int4
+kernel on the same packed weights, for one row up to many; INT4_KERNEL picks it per layer;
+and a machine that cannot build or run it falls back to PyTorch's kernel, never an error."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from src.models import int4_kernel
+from src.models.int4_kernel import can_run, load_int4_kernel, unavailable_reason
+from src.models.quantize import INT4_KERNEL_MIN_ROWS, Int4Linear, quantize_model, use_int4_kernel
+from src.models.transformer import Transformer, TransformerConfig
+
+pytestmark = pytest.mark.unit
+
+needs_kernel = pytest.mark.skipif(
+    unavailable_reason() is not None, reason=f"our int4 kernel cannot run: {unavailable_reason()}"
+)
+
+
+def pytorch_product(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x, layer.packed, layer.group_size, layer.scales_and_offsets
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize(("in_features", "out_features"), [(576, 960), (1536, 576), (64, 128)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 37])
+def test_our_kernel_multiplies_like_pytorchs(tmp_path, in_features, out_features, rows):
+    torch.manual_seed(rows)
+    layer = Int4Linear.from_linear(nn.Linear(in_features, out_features, bias=False))
+    x = (torch.randn(rows, in_features) * 3).bfloat16()
+    kernel = load_int4_kernel(tmp_path)
+    ours = kernel(x, layer.packed, layer.scales_and_offsets, out_features).float()
+    theirs = pytorch_product(layer, x).float()
+    # Both round fp32 sums of the same products to bf16, summed in another order: at most
+    # one bf16 step apart, and almost always equal.
+    assert torch.allclose(ours, theirs, rtol=2**-7, atol=1e-3)
+    assert (ours != theirs).float().mean() < 0.05
+    # Each row on its own gives the same numbers as within the batch.
+    alone = kernel(x[-1:], layer.packed, layer.scales_and_offsets, out_features)
+    assert torch.equal(alone.float(), ours[-1:])
+
+
+@needs_kernel
+def test_the_library_is_built_once_and_then_reused(tmp_path):
+    load_int4_kernel(tmp_path)
+    built = sorted((tmp_path / "kernels").glob("int4_bf16-*.so"))
+    assert len(built) == 1
+    modified = built[0].stat().st_mtime_ns
+    load_int4_kernel.cache_clear()  # a new process: finds the library instead of building
+    assert load_int4_kernel(tmp_path) is not None
+    assert built[0].stat().st_mtime_ns == modified
+
+
+def tiny_int4_model() -> Transformer:
+    config = TransformerConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=64,
+                               intermediate_size=128, positions="rope", norm="rmsnorm",
+                               mlp="swiglu", max_position_embeddings=64)  # fmt: skip
+    return quantize_model(Transformer(config).to(torch.bfloat16), "int4")
+
+
+@needs_kernel
+def test_int4_kernel_setting_picks_the_kernel_of_each_layer(tmp_path):
+    model = tiny_int4_model()
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert use_int4_kernel(model, "auto", tmp_path)
+    assert {layer.kernel is not None for layer in layers} == {True}
+    x = torch.randn(INT4_KERNEL_MIN_ROWS + 2, 64).bfloat16()
+    mlp_up = model.blocks[0].mlp.up  # 64 -> 128
+    ours = mlp_up(x)
+    assert not use_int4_kernel(model, "pytorch", tmp_path)
+    assert {layer.kernel is None for layer in layers} == {True}
+    assert torch.allclose(ours.float(), mlp_up(x).float(), rtol=2**-7, atol=1e-3)
+
+
+def test_shapes_outside_whole_64_column_blocks_keep_pytorchs_kernel():
+    assert can_run(960, 576) and can_run(64, 32)
+    assert not can_run(48, 576)  # PyTorch packs a partial 64-column block differently
+    assert not can_run(64, 48)
+
+
+def test_a_failed_build_falls_back_to_pytorchs_kernel(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(int4_kernel, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(int4_kernel, "compiler", lambda: "/bin/false")  # exits 1, builds nothing
+    load_int4_kernel.cache_clear()
+    with caplog.at_level(logging.INFO, logger="src.models.int4_kernel"):
+        assert load_int4_kernel(tmp_path) is None
+    assert "the build failed" in caplog.text
+    model = tiny_int4_model()
+    assert not use_int4_kernel(model, "auto", tmp_path)
+    x = torch.randn(8, 64).bfloat16()
+    assert model.blocks[0].mlp.up(x).shape == (8, 128)  # PyTorch's kernel still serves
+    load_int4_kernel.cache_clear()
+
+
+def test_a_machine_without_a_compiler_is_told_why(monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    monkeypatch.setattr(int4_kernel.shutil, "which", lambda name: None)
+    reason = unavailable_reason()
+    assert reason is not None and ("compiler" in reason or "lacks" in reason or "x86-64" in reason)
