@@ -8,10 +8,12 @@ decoding step, a prompt), where PyTorch's kernel is limited by arithmetic. The C
 explains how.
 
 It needs an x86-64 CPU with AVX-512 BF16 (AMD Zen 4 and later, Intel Cooper Lake and
-Sapphire Rapids and later) and a C compiler (``gcc``, or ``$CC``); the library is compiled
-once (under a second) into MODEL_CACHE_DIR/kernels/, named by a digest of the source and
-flags. Where either is missing, or the build fails, ``load_int4_kernel`` says why in the
-log and returns None, and the layers keep PyTorch's kernel: never an error.
+Sapphire Rapids and later) and, once, a C compiler (``gcc``, or ``$CC``): the library is
+compiled (under a second) into MODEL_CACHE_DIR/kernels/, named by a digest of the source
+and flags, and later starts load it (``python -m src.models.int4_kernel`` builds it ahead,
+as the Dockerfile does). Where the CPU lacks the instructions, or the library is not built
+and cannot be, ``load_int4_kernel`` says why in the log and returns None, and the layers
+keep PyTorch's kernel: never an error.
 """
 
 from __future__ import annotations
@@ -50,25 +52,29 @@ def unavailable_reason() -> str | None:
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
                   if line.startswith("flags")), [])  # fmt: skip
     missing = [feature for feature in CPU_FEATURES if feature not in flags]
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
-    if compiler() is None:
-        return "no C compiler (gcc, or $CC) found"
-    return None
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 
 def compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
 
 
+def library_path(cache_dir: Path) -> Path:
+    """Where the library for this source and these flags lives (built or not)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()
+    return Path(cache_dir) / "kernels" / f"int4_bf16-{digest[:16]}.so"
+
+
 def build(cache_dir: Path) -> Path:
-    """The compiled library, built now if this source, compiler and flags have none yet.
-    Raises OSError or subprocess.CalledProcessError."""
-    cc = compiler()
-    digest = hashlib.sha256(SOURCE.read_bytes() + f"|{cc}|{' '.join(FLAGS)}".encode())
-    library = Path(cache_dir) / "kernels" / f"int4_bf16-{digest.hexdigest()[:16]}.so"
+    """The compiled library, built now if this source and these flags have none yet (a
+    machine that has it, a container image say, needs no compiler). Raises RuntimeError
+    without a compiler, OSError or subprocess.CalledProcessError if the build fails."""
+    library = library_path(cache_dir)
     if library.is_file():
         return library
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc, or $CC) to build it with")
     library.parent.mkdir(parents=True, exist_ok=True)
     temporary = library.with_suffix(f".tmp{os.getpid()}")  # renamed into place: atomic
     try:
@@ -90,7 +96,7 @@ def load_int4_kernel(cache_dir: Path) -> Int4Kernel | None:
             function = ctypes.CDLL(str(build(Path(cache_dir)))).int4_bf16_matmul
         except subprocess.CalledProcessError as exc:
             reason = f"the build failed: {exc.stderr.strip()[-500:]}"
-        except (OSError, subprocess.SubprocessError) as exc:
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             reason = f"the build failed: {exc}"
     if reason is not None:
         logger.info("INT4_KERNEL: using PyTorch's int4 kernel (ours cannot run: %s)", reason)
@@ -117,3 +123,11 @@ def can_run(out_features: int, in_features: int) -> bool:
     """Shapes the C kernel takes: whole 64-column blocks (PyTorch's AVX-512 packing of a
     partial block differs) and whole groups of 32 inputs."""
     return out_features % 64 == 0 and in_features % 32 == 0
+
+
+if __name__ == "__main__":
+    # python -m src.models.int4_kernel: build the library into MODEL_CACHE_DIR now (the
+    # Dockerfile does, so that the image needs no compiler); any CPU can build it.
+    from src.config import load_settings
+
+    print(build(Path(load_settings().model_cache_dir)))

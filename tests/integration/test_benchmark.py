@@ -32,10 +32,11 @@ def test_decode_section_writes_json_markdown_and_chart(converted_bundled_model, 
     # The llama.cpp row is there exactly when the optional llama-cpp-python is installed.
     with_llama_cpp = llama_cpp.available()
     assert names[0] == "transformers generate fp32 (baseline)"
-    assert len(names) == 8 + with_llama_cpp
+    assert len(names) == 9 + with_llama_cpp
     assert ("llama.cpp Q4_1 GGUF (llama-cpp-python)" in names) == with_llama_cpp
     assert ("no llama.cpp row" in result.stdout) != with_llama_cpp
     assert "HF engine bf16 + int4" in names and "scratch engine bf16 + int4 (default)" in names
+    assert "scratch engine bf16 + int4, PyTorch's int4 kernel" in names
     rows = data["decode"]["rows"]
     fp32_rows = [row for row in rows if "fp32" in row["name"]]
     assert all(row["same_tokens"] for row in fp32_rows)  # fp32 engines: identical greedy tokens

@@ -57,59 +57,74 @@ static inline __m512bh high_codes(__m512i words) {
         _mm512_set1_epi16(0x78), _mm512_set1_epi16(0x4180), AND_THEN_OR);
 }
 
-/* Up to MAX_ROWS rows times 32 output columns: the 16 whose codes are the low nibbles of
- * 16 bytes of each k's 32 (`strip` points at them for k = 0), and the 16 in their high
- * nibbles. Each weight byte is loaded once for both. `rows` is a constant at each call
- * site, so the compiler keeps every sum in a register. */
+/* The same for both 16-byte halves of the 32 bytes of rows k and k + 1 at once. */
+static inline void interleaved_codes_of_block(const uint8_t *at_k, __m512i words[2]) {
+    __m256i a = _mm256_loadu_si256((const __m256i *)at_k);
+    __m256i b = _mm256_loadu_si256((const __m256i *)(at_k + 32));
+    __m256i low = _mm256_unpacklo_epi8(a, b), high = _mm256_unpackhi_epi8(a, b);
+    words[0] = _mm512_cvtepu8_epi16(_mm256_permute2x128_si256(low, high, 0x20));
+    words[1] = _mm512_cvtepu8_epi16(_mm256_permute2x128_si256(low, high, 0x31));
+}
+
+/* `rows` rows (at most MAX_ROWS / halves) times 32 output columns per half: with one
+ * half, the 16 columns whose codes are the low nibbles of 16 bytes of each k's 32 (`strip`
+ * points at them for k = 0) and the 16 in their high nibbles; with two halves, all 64
+ * columns of the block (`strip` at its start): each weight byte is loaded once. `halves`
+ * and `rows` are constants at each call site, so every sum stays in a register. */
 static inline __attribute__((always_inline)) void rows_times_columns(
-    const int rows, const uint16_t *x, const float *x_sums, const uint8_t *strip,
-    const uint16_t *scales_offsets, uint16_t *out, int64_t N, int64_t K, int64_t n_low) {
-    const int64_t groups = K / GROUP, n_high = n_low + 32;
-    float total[2][MAX_ROWS][16] __attribute__((aligned(64))) = {{{0}}};
+    const int halves, const int rows, const uint16_t *x, const float *x_sums,
+    const uint8_t *strip, const uint16_t *scales_offsets, uint16_t *out, int64_t N,
+    int64_t K, int64_t n_base) {
+    const int64_t groups = K / GROUP;
+    const int vectors = 2 * halves;  /* 16 columns each: half h, low or high nibbles */
+    int64_t n[4];
+    for (int v = 0; v < vectors; v++) n[v] = n_base + (v / 2) * 16 + (v % 2) * 32;
+    float total[4][MAX_ROWS][16] __attribute__((aligned(64))) = {{{0}}};
     for (int64_t g = 0; g < groups; g++) {
-        __m512 low_sums[MAX_ROWS], high_sums[MAX_ROWS];
-        for (int r = 0; r < rows; r++) low_sums[r] = high_sums[r] = _mm512_setzero_ps();
+        __m512 sums[4][MAX_ROWS];
+        for (int v = 0; v < vectors; v++)
+            for (int r = 0; r < rows; r++) sums[v][r] = _mm512_setzero_ps();
         for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 2) {
-            /* The weights stream from memory: ask for them 32 rows (1 KB) ahead. */
+            /* The weights stream from memory: ask for them 512 rows (16 KB) ahead. */
             _mm_prefetch((const char *)(strip + (k + 512) * 32), _MM_HINT_T0);
-            __m512i words = interleaved_codes(strip + k * 32);
-            __m512bh w_low = low_codes(words), w_high = high_codes(words);
+            __m512i words[2];
+            if (halves == 2)
+                interleaved_codes_of_block(strip + k * 32, words);
+            else
+                words[0] = interleaved_codes(strip + k * 32);
+            __m512bh w[4];
+            for (int h = 0; h < halves; h++) {
+                w[2 * h] = low_codes(words[h]);
+                w[2 * h + 1] = high_codes(words[h]);
+            }
             for (int r = 0; r < rows; r++) {
                 uint32_t x_pair;  /* x[r][k], x[r][k + 1] as one 32-bit lane */
                 memcpy(&x_pair, x + r * K + k, sizeof x_pair);
                 __m512bh x_both = (__m512bh)_mm512_set1_epi32((int)x_pair);
-                low_sums[r] = _mm512_dpbf16_ps(low_sums[r], x_both, w_low);
-                high_sums[r] = _mm512_dpbf16_ps(high_sums[r], x_both, w_high);
+                for (int v = 0; v < vectors; v++)
+                    sums[v][r] = _mm512_dpbf16_ps(sums[v][r], x_both, w[v]);
             }
         }
-        /* 16 (scale, offset) bf16 pairs per half: one 32-bit lane each, scale in the low
-         * half; bf16 -> fp32 is a shift into the high half. */
-        const __m512i keep_high = _mm512_set1_epi32((int)0xFFFF0000u);
-        __m512i low_pair = _mm512_loadu_si512(scales_offsets + (g * N + n_low) * 2);
-        __m512i high_pair = _mm512_loadu_si512(scales_offsets + (g * N + n_high) * 2);
-        __m512 low_scale = _mm512_castsi512_ps(_mm512_slli_epi32(low_pair, 16));
-        __m512 high_scale = _mm512_castsi512_ps(_mm512_slli_epi32(high_pair, 16));
-        /* w = (q - 8) scale + offset and the sums hold sum x (16 + q), so
-         * sum x w = scale * sums + (offset - 24 scale) * sum x. */
-        const __m512 minus_24 = _mm512_set1_ps(-24.0f);
-        __m512 low_offset = _mm512_fmadd_ps(minus_24, low_scale,
-            _mm512_castsi512_ps(_mm512_and_si512(low_pair, keep_high)));
-        __m512 high_offset = _mm512_fmadd_ps(minus_24, high_scale,
-            _mm512_castsi512_ps(_mm512_and_si512(high_pair, keep_high)));
-        for (int r = 0; r < rows; r++) {
-            __m512 x_sum = _mm512_set1_ps(x_sums[r * groups + g]);
-            __m512 t = _mm512_fmadd_ps(low_sums[r], low_scale, _mm512_load_ps(total[0][r]));
-            _mm512_store_ps(total[0][r], _mm512_fmadd_ps(x_sum, low_offset, t));
-            t = _mm512_fmadd_ps(high_sums[r], high_scale, _mm512_load_ps(total[1][r]));
-            _mm512_store_ps(total[1][r], _mm512_fmadd_ps(x_sum, high_offset, t));
+        /* 16 (scale, offset) bf16 pairs per vector: one 32-bit lane each, scale in the low
+         * half; bf16 -> fp32 is a shift into the high half. w = (q - 8) scale + offset and
+         * the sums hold sum x (16 + q), so sum x w = scale * sums + (offset - 24 scale) *
+         * sum x. */
+        for (int v = 0; v < vectors; v++) {
+            __m512i pair = _mm512_loadu_si512(scales_offsets + (g * N + n[v]) * 2);
+            __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            __m512 offset = _mm512_fmadd_ps(_mm512_set1_ps(-24.0f), scale,
+                _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xFFFF0000u))));
+            for (int r = 0; r < rows; r++) {
+                __m512 t = _mm512_fmadd_ps(sums[v][r], scale, _mm512_load_ps(total[v][r]));
+                _mm512_store_ps(total[v][r],
+                                _mm512_fmadd_ps(_mm512_set1_ps(x_sums[r * groups + g]), offset, t));
+            }
         }
     }
-    for (int r = 0; r < rows; r++) {
-        _mm256_storeu_si256((__m256i *)(out + r * N + n_low),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(total[0][r])));
-        _mm256_storeu_si256((__m256i *)(out + r * N + n_high),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(total[1][r])));
-    }
+    for (int v = 0; v < vectors; v++)
+        for (int r = 0; r < rows; r++)
+            _mm256_storeu_si256((__m256i *)(out + r * N + n[v]),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(total[v][r])));
 }
 
 static inline float bf16_to_float(uint16_t bits) {
@@ -132,22 +147,37 @@ int int4_bf16_matmul(const uint16_t *x, const uint8_t *packed, const uint16_t *s
         x_sums[i] = sum;
     }
 
+    if (M <= MAX_ROWS / 2) {
+        /* Few rows (one stream decoding): a task is a whole 64-column block, so every
+         * weight byte is read once, in one pass, as memory delivers it. */
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t task = 0; task < N / 32; task++) {
-        /* A 64-column block has two halves of 16 bytes per k: columns 0-15 and 32-47 in
-         * bytes 0-15, columns 16-31 and 48-63 in bytes 16-31. */
-        const int64_t block = task / 2, half = task % 2;
-        const uint8_t *strip = packed + block * K * 32 + half * 16;
-        const int64_t n_low = block * 64 + half * 16;
-        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-            const uint16_t *xr = x + m0 * K;
-            const float *sr = x_sums + m0 * groups;
-            uint16_t *o = out + m0 * N;
-            switch (M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS) {
+        for (int64_t block = 0; block < N / 64; block++) {
+            const uint8_t *strip = packed + block * K * 32;
+            switch (M) {
 #define CASE(R) \
-    case R: rows_times_columns(R, xr, sr, strip, scales_offsets, o, N, K, n_low); break;
-                CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+    case R: rows_times_columns(2, R, x, x_sums, strip, scales_offsets, out, N, K, block * 64); break;
+                CASE(1) CASE(2) CASE(3) CASE(4)
 #undef CASE
+            }
+        }
+    } else {
+        /* More rows: a task is half a block (columns 0-15 and 32-47 in bytes 0-15, 16-31
+         * and 48-63 in bytes 16-31), MAX_ROWS rows at a time. */
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t task = 0; task < N / 32; task++) {
+            const int64_t block = task / 2, half = task % 2;
+            const uint8_t *strip = packed + block * K * 32 + half * 16;
+            const int64_t n_base = block * 64 + half * 16;
+            for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+                const uint16_t *xr = x + m0 * K;
+                const float *sr = x_sums + m0 * groups;
+                uint16_t *o = out + m0 * N;
+                switch (M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS) {
+#define CASE(R) \
+    case R: rows_times_columns(1, R, xr, sr, strip, scales_offsets, o, N, K, n_base); break;
+                    CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+                }
             }
         }
     }
