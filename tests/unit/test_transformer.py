@@ -4,7 +4,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from src.models.transformer import KVCache, Transformer, TransformerConfig
+from src.models.transformer import (
+    KVCache,
+    RotaryEmbedding,
+    Transformer,
+    TransformerConfig,
+    apply_rotary,
+    apply_rotary_rolled,
+    signed_sin,
+)
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(180)]
 
@@ -158,3 +166,11 @@ def test_sequences_longer_than_the_positions_are_refused(tiny_gpt2_path):
     model = Transformer.from_hf(tiny_gpt2_path)
     with pytest.raises(ValueError, match="longer than max_position_embeddings=128"):
         model(torch.zeros(1, 129, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rolled_rotary_equals_the_textbook_one_bit_for_bit(dtype):
+    torch.manual_seed(3)
+    x = (torch.randn(2, 5, 7, 64) * 4).to(dtype)  # (B, heads, T, hs)
+    cos, sin = (part.to(dtype) for part in RotaryEmbedding(64, 10_000.0)(torch.arange(7)[None]))
+    assert torch.equal(apply_rotary_rolled(x, cos, signed_sin(sin)), apply_rotary(x, cos, sin))
