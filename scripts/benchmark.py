@@ -52,9 +52,7 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
 
     def scratch(dtype: torch.dtype, quantization: str = "none", int4_kernel: str = "pytorch"):
         model = quantize_model(Transformer.from_hf(hf(dtype)), quantization)
-        use_int4_kernel(
-            model, int4_kernel, folder.parent
-        )  # INT4_KERNEL (src/models/int4_kernel.py)
+        use_int4_kernel(model, int4_kernel, folder.parent)  # the INT4_KERNEL setting
         return model
 
     # (name, model factory); PRECISION / QUANTIZE / ENGINE select each row in the app.

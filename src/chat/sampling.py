@@ -21,9 +21,9 @@ def apply_repetition_penalty(
     """
     if penalty == 1.0 or previous_ids.numel() == 0:
         return logits
-    seen = logits.gather(0, previous_ids)
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return logits.scatter(0, previous_ids, seen)
+    penalised = logits.clone()
+    penalise_rows(penalised[None], [previous_ids], [penalty])  # one formula, see below
+    return penalised
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -126,7 +126,7 @@ def greedy_tokens(
 def penalise_rows(
     scores: torch.Tensor, previous_ids: list[torch.Tensor], penalties: list[float]
 ) -> None:
-    """``apply_repetition_penalty`` on every row of ``scores`` (B, V), in place, with a few
+    """The repetition penalty on every row of ``scores`` (B, V), in place, with a few
     operations for the whole batch: the rows' seen ids become positions in the flattened
     (B * V) scores. A token seen twice is penalised once, as in the one-row version (the
     scatter writes the same value twice)."""
