@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from src.chat.engine import HFEngine
-    from src.chat.params import GenerationParams
     from src.chat.service import ChatService
     from src.config import load_settings
     from src.models.loader import load_model
+    from src.params import GenerationParams
 
     try:
         loaded = load_model(load_settings(), model_name=args.model, adapter_path=args.adapter)

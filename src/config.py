@@ -14,8 +14,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from src.chat.params import GenerationParams, describe_validation_error, make_params
 from src.errors import ConfigError
+from src.params import GenerationParams, make_params
+from src.validation import describe_validation_error
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,8 +8,8 @@ import time
 import torch
 
 from src.chat.batching import BatchingEngine
-from src.chat.params import GenerationParams
 from src.chat.service import ChatService
+from src.params import GenerationParams
 
 
 def prompts_for(service: ChatService, questions: list[str], params: GenerationParams) -> list:

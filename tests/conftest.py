@@ -11,11 +11,11 @@ import torch
 
 from src.chat.batching import BatchingEngine
 from src.chat.engine import HFEngine
-from src.chat.params import GenerationParams
 from src.chat.service import ChatService
 from src.config import REPO_ROOT, Settings, load_settings
 from src.models.bundled import BUNDLED_MODEL_NAME, gpt2_tokenizer_dir
 from src.models.loader import ensure_bundled_model, load_from_folder
+from src.params import GenerationParams
 
 # The real model cache of the repository: the bundled model is converted there once per
 # machine (about 25 s) and then loads in about a second, for the tests and the CLI alike.

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from src.chat.engine import HFEngine
-from src.chat.params import GenerationParams
+from src.params import GenerationParams
 
 
 @dataclass

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from src.chat.engine import eos_token_ids, max_positions, uses_sliding_window
-from src.chat.params import GenerationParams
 from src.chat.prefix_cache import LayerKV, PrefixCache, cache_from_layers, row_layers
 from src.chat.sampling import choose_next_token, greedy_tokens, sampling_generator
+from src.params import GenerationParams
 
 logger = logging.getLogger(__name__)
 

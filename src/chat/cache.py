@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
-from src.chat.params import GenerationParams
+from src.params import GenerationParams
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from src.chat.params import GenerationParams
 from src.chat.prefix_cache import PrefixCache, cache_from_layers, row_layers
 from src.chat.sampling import choose_next_token, sampling_generator
 from src.errors import ModelLoadingError
+from src.params import GenerationParams
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from src.chat.params import GenerationParams
 from src.chat.prompts import PromptBuild, PromptFormat, build_prompt, detect_prompt_format
 from src.chat.streaming import IncrementalDecoder, StopSequenceFilter
 from src.errors import InvalidRequestError
+from src.params import GenerationParams
 
 
 class LocalBackend:

@@ -33,9 +33,9 @@ from typing import Any
 
 import httpx
 
-from src.chat.params import GenerationParams
 from src.chat.prompts import Message
 from src.errors import RemoteBackendError
+from src.params import GenerationParams
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from src.chat.params import GenerationParams
+from src.params import GenerationParams
 
 
 def apply_repetition_penalty(

@@ -25,12 +25,12 @@ from src.chat.cache import CachedReply, ResponseCache, cache_key
 from src.chat.conversation import Conversation
 from src.chat.engine import HFEngine
 from src.chat.local import LocalBackend
-from src.chat.params import GenerationParams
 from src.chat.prefix_cache import PrefixCache
 from src.chat.remote import RemoteBackend
 from src.chat.store import SessionStore
 from src.config import Settings
 from src.errors import ConfigError, InvalidRequestError
+from src.params import GenerationParams
 
 logger = logging.getLogger(__name__)
 

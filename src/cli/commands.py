@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TextIO
 
 from src.chat.conversation import Conversation, load_conversation_file, save_conversation_file
-from src.chat.params import GenerationParams, make_params
 from src.chat.service import ChatService
 from src.errors import ConversationFileError, InvalidRequestError, MiniClaudeError
+from src.params import GenerationParams, make_params
 
 HELP = """Commands:
   /help               this help

@@ -507,7 +507,7 @@ class Transformer(nn.Module):
         """Yield new token ids one by one (streaming), reusing the KV cache: the prompt goes
         through the model once, then each step feeds only the newest token. Temperature 0
         is greedy decoding. Stops after a stop token (which is yielded) or max_new_tokens."""
-        from src.chat.params import GenerationParams
+        from src.params import GenerationParams
         from src.chat.sampling import choose_next_token, sampling_generator
 
         params = GenerationParams(

@@ -12,8 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from src.chat.params import describe_validation_error
 from src.errors import TrainingConfigError
+from src.validation import describe_validation_error
 
 # Environment variables of the brief and the keys they set.
 ENVIRONMENT_OVERRIDES = {

@@ -24,10 +24,10 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from src.chat.params import short_repr
 from src.chat.prompts import IGNORE_INDEX, Message, PromptFormat, encode_for_training
 from src.errors import DatasetError
 from src.models.bundled import package_dir
+from src.validation import short_repr
 
 BUILTIN_DATASETS = ("chitchat", "chatterbot")
 SHAREGPT_ROLES = {

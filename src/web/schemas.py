@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from src.chat.params import GenerationParams, make_params
 from src.chat.service import ChatResult
+from src.params import GenerationParams, make_params
 
 
 class GenerationOverrides(BaseModel):

@@ -13,9 +13,9 @@ from typing import Any
 import gradio as gr
 
 from src.chat.adapter_pool import AdapterPool
-from src.chat.params import GenerationParams, make_params
 from src.chat.service import ChatService
 from src.errors import MiniClaudeError
+from src.params import GenerationParams, make_params
 from src.web.ui_history import history_to_conversation, history_to_messages, messages_to_history
 
 PoolGetter = Callable[[], AdapterPool | None]

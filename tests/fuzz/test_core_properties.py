@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from src.chat.conversation import Conversation, load_conversation_file, save_conversation_file
-from src.chat.params import GenerationParams, make_params
 from src.chat.prompts import PromptFormat, build_prompt, encode_conversation
 from src.chat.streaming import IncrementalDecoder, StopSequenceFilter
 from src.errors import (
@@ -38,6 +37,7 @@ from src.errors import (
     MiniClaudeError,
     TrainingConfigError,
 )
+from src.params import GenerationParams, make_params
 from src.training.config import TrainingConfig, load_training_config
 from src.training.data import load_examples
 from tests.conftest import GREEDY, make_service

@@ -57,7 +57,7 @@ def test_invalid_setting_stops_start_up_with_a_clear_message():
 
 
 def test_two_turns_keep_the_first_turn_in_the_prompt(bundled_service):
-    from src.chat.params import GenerationParams
+    from src.params import GenerationParams
 
     params = GenerationParams(do_sample=False, max_new_tokens=16)
     conversation = bundled_service.new_conversation()
@@ -70,7 +70,7 @@ def test_two_turns_keep_the_first_turn_in_the_prompt(bundled_service):
 
 
 def test_real_model_streams_a_multibyte_reply_cleanly(bundled_service):
-    from src.chat.params import GenerationParams
+    from src.params import GenerationParams
 
     params = GenerationParams(do_sample=False, max_new_tokens=24)
     stream = bundled_service.start_reply(

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from src.benchmarks.decode import held_out_perplexity
-from src.chat.params import GenerationParams
 from src.chat.service import ChatService
 from src.models.prepared import load_prepared_transformer, prepared_path
 from src.models.quantize import Int4Linear, Int8Linear
 from src.models.transformer import Transformer
+from src.params import GenerationParams
 from src.training.data import load_examples, tokenize_examples
 from tests.batching_helpers import alone_and_together, assert_same_up_to_a_near_tie, prompts_for
 from tests.conftest import bundled_settings

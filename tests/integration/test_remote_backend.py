@@ -10,11 +10,11 @@ import pytest
 from openai import OpenAI
 
 from src.benchmarks.processes import free_port
-from src.chat.params import GenerationParams
 from src.chat.service import ChatService
 from src.config import load_settings
 from src.errors import RemoteBackendError
 from src.models.bundled import BUNDLED_MODEL_NAME
+from src.params import GenerationParams
 from src.web.api import create_app
 from tests.conftest import bundled_settings
 from tests.live_server import LiveServer, read_sse

@@ -4,11 +4,11 @@ exact against Hugging Face, and serving chat through the same engines."""
 import pytest
 import torch
 
-from src.chat.params import GenerationParams
 from src.chat.service import ChatService
 from src.errors import ModelLoadingError
 from src.models.bundled import BUNDLED_MODEL_NAME
 from src.models.transformer import Transformer
+from src.params import GenerationParams
 from tests.batching_helpers import alone_and_together, prompts_for
 from tests.conftest import EXACT, bundled_settings
 from tests.integration.conftest import run_python

@@ -6,8 +6,8 @@ import pytest
 
 import src.chat.batching as batching
 from src.chat.batching import BatchingEngine, supports_batching
-from src.chat.params import GenerationParams
 from src.chat.prompts import encode_conversation
+from src.params import GenerationParams
 from tests.batching_helpers import alone_and_together, arrive_together
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]

@@ -1,7 +1,7 @@
 import pytest
 
 from src.chat.cache import CachedReply, ResponseCache, cache_key
-from src.chat.params import GenerationParams
+from src.params import GenerationParams
 
 pytestmark = pytest.mark.unit
 

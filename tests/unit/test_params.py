@@ -1,7 +1,7 @@
 import pytest
 
-from src.chat.params import GenerationParams, make_params
 from src.errors import InvalidRequestError
+from src.params import GenerationParams, make_params
 
 pytestmark = pytest.mark.unit
 

@@ -7,10 +7,10 @@ import torch
 
 from src.chat.batching import BatchingEngine
 from src.chat.engine import HFEngine
-from src.chat.params import GenerationParams
 from src.chat.prefix_cache import MIN_REUSED_TOKENS, PrefixCache
 from src.chat.prompts import encode_conversation
 from src.models.transformer import Transformer
+from src.params import GenerationParams
 from tests.batching_helpers import arrive_together
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]

@@ -9,11 +9,11 @@ import httpx
 import pytest
 
 from src.chat.conversation import Conversation
-from src.chat.params import GenerationParams
 from src.chat.remote import RemoteBackend
 from src.chat.service import ChatService
 from src.config import load_settings
 from src.errors import ConfigError, RemoteBackendError
+from src.params import GenerationParams
 from tests.conftest import GREEDY
 
 pytestmark = pytest.mark.unit

@@ -8,7 +8,6 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from src.chat.params import GenerationParams
 from src.chat.sampling import (
     apply_repetition_penalty,
     candidate_distribution,
@@ -19,6 +18,7 @@ from src.chat.sampling import (
     next_token_distribution,
     penalise_rows,
 )
+from src.params import GenerationParams
 
 pytestmark = pytest.mark.unit
 

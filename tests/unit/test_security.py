@@ -122,7 +122,7 @@ class FakeService:
     supports_system_prompt = True
 
     def __init__(self) -> None:
-        from src.chat.params import GenerationParams
+        from src.params import GenerationParams
 
         self.default_params = GenerationParams()
         self.backend = type("Backend", (), {"kind": "local"})()

@@ -5,9 +5,9 @@ import threading
 import pytest
 import torch
 
-from src.chat.params import GenerationParams
 from src.chat.prompts import encode_conversation
 from src.errors import ContextOverflowError, InvalidRequestError
+from src.params import GenerationParams
 from tests.conftest import GREEDY, make_service
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(180)]

@@ -5,9 +5,9 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from src.chat.conversation import Conversation, is_session_id
-from src.chat.params import GenerationParams
 from src.chat.service import ChatService
 from src.config import Settings
+from src.params import GenerationParams
 from src.web.deps import AdapterPoolDep, ServiceDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import HTTPProblem, sse_event
 from src.web.schemas import ChatRequest, ChatResponse, ErrorResponse, SessionResponse

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from src.chat.conversation import Conversation
-from src.chat.params import GenerationParams, make_params
 from src.config import Settings
+from src.params import GenerationParams, make_params
 from src.web.deps import ServiceDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import HTTPProblem, sse_event
 from src.web.openai_schemas import (

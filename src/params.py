@@ -1,13 +1,14 @@
-"""Generation parameters: one validated, immutable object shared by every front end."""
+"""Generation parameters: one validated, immutable object shared by every front end and the
+engine. A leaf module: it imports nothing of the project but its errors and validation helpers."""
 
 from __future__ import annotations
 
-import reprlib
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from src.errors import InvalidRequestError
+from src.validation import describe_validation_error
 
 MAX_STOP_SEQUENCES = 8
 MIN_TEMPERATURE = 0.01
@@ -74,29 +75,3 @@ def make_params(values: dict[str, Any]) -> GenerationParams:
         return GenerationParams.model_validate(values)
     except ValidationError as exc:
         raise InvalidRequestError(describe_validation_error(exc)) from None
-
-
-def describe_validation_error(exc: ValidationError, name_of=lambda field: field) -> str:
-    """One line per problem: the field, the value given and what is allowed."""
-    lines = []
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "value"
-        if error["type"] == "extra_forbidden":
-            lines.append(f"{name_of(field)}: unknown parameter")
-            continue
-        lines.append(f"{name_of(field)}={short_repr(error.get('input'))}: {error['msg']}")
-    return "; ".join(lines)
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, 80, 80, 80
-
-
-def short_repr(value: Any, limit: int = 80) -> str:
-    """repr() cut to ``limit`` characters: a message quotes the bad value, not all of it (a
-    YAML alias bomb or a huge JSON list would make it megabytes long)."""
-    try:
-        text = _REPR.repr(value)
-    except ValueError:  # an integer of over 4300 digits cannot be turned into text
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
