@@ -40,23 +40,17 @@ def install_assets_on_spaces() -> None:
 
 def build_demo() -> gr.Blocks:
     """Load the model (the bundled one unless MODEL_NAME is set) and build the chat UI."""
-    from src.chat.adapter_pool import AdapterPool
-    from src.chat.service import ChatService
     from src.config import load_settings
     from src.models.bundled import BUNDLED_MODEL_NAME
-    from src.web.ui import build_ui
+    from src.stack import build_chat_stack
+    from src.web.ui import build_chat_page
 
     install_assets_on_spaces()
     settings = load_settings()
     # The settings' default model (DialoGPT-medium, from the hub) only when asked for.
     model = settings.model_name if "model_name" in settings.model_fields_set else BUNDLED_MODEL_NAME
-    service = ChatService.from_settings(settings, model, batching=True)
-    pool = AdapterPool(
-        service,
-        settings.adapters_dir,
-        lambda path: ChatService.from_settings(settings, model, path, batching=True),
-    )
-    return build_ui(lambda: pool, service.default_params).queue(default_concurrency_limit=16)
+    stack = build_chat_stack(settings, model)
+    return build_chat_page(lambda: stack.adapters, settings)
 
 
 demo = build_demo()

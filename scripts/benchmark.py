@@ -78,9 +78,7 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     runs = [("transformers generate fp32 (baseline)", baseline_stream, perplexity_of(fp32))]
     for name, make in candidates:
         model = make()
-        runs.append(
-            (name, engine_stream(model, tokenizer, prompt, new_tokens), perplexity_of(model))
-        )
+        runs.append((name, engine_stream(model, prompt, new_tokens), perplexity_of(model)))
     runs += llama_cpp_runs(prompt, new_tokens, held_out)
     stop_ids = {tokenizer.eos_token_id, fp32.generation_config.eos_token_id}
     rows, baseline_tokens = [], None

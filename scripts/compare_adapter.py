@@ -49,20 +49,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=60)
     args = parser.parse_args(argv)
 
-    from src.chat.engine import HFEngine
     from src.chat.service import ChatService
     from src.config import load_settings
     from src.models.loader import load_model
     from src.params import GenerationParams
+    from src.stack import local_backend
 
     try:
-        loaded = load_model(load_settings(), model_name=args.model, adapter_path=args.adapter)
+        # No prefix cache: the base and the adapter read the same prompts with other weights.
+        settings = load_settings().model_copy(update={"prefix_cache_mb": 0})
+        loaded = load_model(settings, model_name=args.model, adapter_path=args.adapter)
         params = GenerationParams(do_sample=False, max_new_tokens=args.max_new_tokens)
     except MiniClaudeError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     # No response cache: the same prompt must be generated twice, once per setting.
-    service = ChatService(HFEngine(loaded.model, loaded.tokenizer), loaded.name, cache_size=0)
+    backend = local_backend(loaded.model, loaded.tokenizer, settings)
+    service = ChatService(backend, loaded.name, cache_size=0)
     width = min(shutil.get_terminal_size((120, 24)).columns, 160)
     headers = side_by_side(f"BASE ({loaded.name})", f"WITH ADAPTER ({args.adapter.name})", width)
     for prompt in args.prompt or DEFAULT_PROMPTS:

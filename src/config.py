@@ -6,6 +6,7 @@ stops start-up with a ``ConfigError`` naming the variable, the value and what is
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -16,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from src.errors import ConfigError
 from src.params import GenerationParams, make_params
-from src.validation import describe_validation_error
+from src.validation import describe_validation_error, first_field
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +34,10 @@ GENERATION_FIELDS = (
 )
 
 
+# Settings that were renamed: set under the old name they would be silently ignored.
+RENAMED_SETTINGS = {"MAX_NEW_TOKENS_LIMIT": "MAX_LENGTH"}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env",
@@ -46,6 +51,9 @@ class Settings(BaseSettings):
     model_name: str = Field("microsoft/DialoGPT-medium", min_length=1)
     model_cache_dir: Path = Path("./models")
     model_fallback: Literal["bundled", "none"] = "bundled"
+    # MAX_LENGTH: the most tokens one reply may have (max_new_tokens, OpenAI's max_tokens), in
+    # the CLI, the UI and the API alike. The context window (prompt and reply) is the model's
+    # own limit, bounded by memory (src/models/model_info.py).
     max_length: int = Field(512, ge=1, le=1024)
     adapter_path: Path | None = None
     adapters_dir: Path = Path("./outputs/adapters")  # adapters users may pick by name
@@ -90,10 +98,9 @@ class Settings(BaseSettings):
 
     max_message_chars: int = Field(16_000, ge=1, le=1_000_000)
     # API request limits (README "Security"): user and assistant messages one request may send
-    # to the model, the new one included (a full session gets 409); the most max_new_tokens a
-    # request may ask for; replies being generated at once for one client (by IP address).
+    # to the model, the new one included (a full session gets 409); replies being generated
+    # at once for one client (by IP address).
     max_history_messages: int = Field(200, ge=1, le=100_000)
-    max_new_tokens_limit: int = Field(1024, ge=1, le=4096)
     max_streams_per_client: int = Field(16, ge=1, le=10_000)
 
     # API
@@ -106,11 +113,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1_000, le=100_000_000)
     max_batch_size: int = Field(16, ge=1, le=256)  # requests decoded together
     prefix_cache_mb: int = Field(64, ge=0, le=1_000_000)  # reused keys/values; 0 disables
+    # On SIGTERM, replies in flight may finish for this long before they are interrupted.
+    shutdown_grace_seconds: float = Field(10.0, ge=0.0, le=3600.0)
 
-    # Training
-    batch_size: int = Field(4, ge=1, le=4096)
-    learning_rate: float = Field(2e-5, gt=0.0, le=1.0)
-    lora_rank: int = Field(16, ge=1, le=1024)
+    # Training: BATCH_SIZE, LEARNING_RATE and LORA_RANK override configs/lora_default.yaml's
+    # keys when set (src/training/config.py). No default here: unset (None), the YAML's apply.
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    learning_rate: float | None = Field(None, gt=0.0, le=1.0)
+    lora_rank: int | None = Field(None, ge=1, le=1024)
 
     @field_validator("api_key")
     @classmethod
@@ -165,17 +175,26 @@ def load_settings(**overrides: object) -> Settings:
         GenerationParams.model_validate(settings.generation_values())
     except ValidationError as exc:
         message = describe_validation_error(exc, name_of=str.upper)
-        raise ConfigError(f"Invalid setting: {message}") from None
+        field = first_field(exc)
+        raise ConfigError(f"Invalid setting: {message}", field and field.upper()) from None
     except (OSError, UnicodeDecodeError) as exc:  # .env unreadable or not UTF-8 text
         where = getattr(exc, "filename", None) or ", ".join(map(str, env_files or []))
         reason = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text: {exc.reason}"
         raise ConfigError(f"Cannot read the settings file {where}: {reason}") from None
     default_tokens = settings.generation_defaults().max_new_tokens
-    if default_tokens > settings.max_new_tokens_limit:
+    if default_tokens > settings.max_length:
         raise ConfigError(
-            f"Invalid setting: MAX_NEW_TOKENS={default_tokens} is over MAX_NEW_TOKENS_LIMIT="
-            f"{settings.max_new_tokens_limit}; lower MAX_NEW_TOKENS or raise the limit"
+            f"Invalid setting: MAX_NEW_TOKENS={default_tokens} is over MAX_LENGTH="
+            f"{settings.max_length} (the most tokens one reply may have); lower MAX_NEW_TOKENS "
+            "or raise MAX_LENGTH",
+            "MAX_NEW_TOKENS",
         )
+    for old, new in RENAMED_SETTINGS.items():
+        if os.environ.get(old):
+            raise ConfigError(
+                f"Invalid setting: {old} is now {new}; rename it in your environment or .env",
+                old,
+            )
     check_backend(settings)
     return settings
 

@@ -6,7 +6,15 @@ message, the web UI into ``gr.Error``). Each message names the bad value and wha
 
 
 class MiniClaudeError(Exception):
-    """Base class: anything the user can act on."""
+    """Base class: anything the user can act on.
+
+    ``field`` names the offending field, setting or parameter when there is one (``message``,
+    ``temperature``, ``MAX_LENGTH``), as data: front ends point at it without parsing the
+    message."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class ConfigError(MiniClaudeError):
@@ -24,6 +32,15 @@ class RemoteBackendError(MiniClaudeError):
 
 class InvalidRequestError(MiniClaudeError):
     """A chat request or generation parameter is invalid (empty message, bad value, ...)."""
+
+
+class EngineClosedError(MiniClaudeError):
+    """The decode engine was closed (the server is shutting down) before a reply ended."""
+
+
+class ServerShuttingDownError(MiniClaudeError):
+    """The server is shutting down: a reply still running when the grace period ended was
+    stopped, and nothing of it was saved."""
 
 
 class ContextOverflowError(InvalidRequestError):

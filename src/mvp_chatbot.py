@@ -16,8 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import argparse
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from src.errors import MiniClaudeError
+
+if TYPE_CHECKING:
+    from src.chat.service import ChatService
 
 BANNER = "Mini-Claude on {model}. Type /help for commands, /quit or Ctrl-D to leave."
 
@@ -57,21 +61,27 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the 1-second load needs none
 
-    from src.chat.service import ChatService
-    from src.cli.commands import ChatSession
-    from src.cli.reader import read_message
     from src.config import load_settings
+    from src.stack import build_chat_stack
 
     try:
         settings = load_settings()
-        service = ChatService.from_settings(
-            settings, args.model, args.adapter, engine_name=args.engine
-        )
+        stack = build_chat_stack(settings, args.model, args.adapter, engine_name=args.engine)
     except MiniClaudeError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    try:
+        return chat_loop(stack.service, args, interactive)
+    finally:
+        stack.close()
+
+
+def chat_loop(service: ChatService, args: argparse.Namespace, interactive: bool) -> int:
+    """Read messages and commands until EOF or /quit."""
+    from src.cli.commands import ChatSession
+    from src.cli.reader import read_message
 
     session = ChatSession(
         service,

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from src.errors import InvalidRequestError
-from src.validation import describe_validation_error
+from src.validation import describe_validation_error, first_field
 
 MAX_STOP_SEQUENCES = 8
 MIN_TEMPERATURE = 0.01
@@ -69,9 +69,20 @@ class GenerationParams(BaseModel):
         return make_params({**self.model_dump(), **changes})
 
 
+def check_reply_length(value: int | None, field: str, limit: int) -> None:
+    """Refuse a reply length (``max_new_tokens``, or OpenAI's ``max_tokens``) over MAX_LENGTH,
+    the most tokens one reply may have, naming the field as the client spelled it."""
+    if value is not None and value > limit:
+        raise InvalidRequestError(
+            f"{field}: {value} is over the limit of {limit} (MAX_LENGTH, the most tokens one "
+            "reply may have)",
+            field,
+        )
+
+
 def make_params(values: dict[str, Any]) -> GenerationParams:
     """Validate raw values (strings from the CLI or JSON numbers) into ``GenerationParams``."""
     try:
         return GenerationParams.model_validate(values)
     except ValidationError as exc:
-        raise InvalidRequestError(describe_validation_error(exc)) from None
+        raise InvalidRequestError(describe_validation_error(exc), first_field(exc)) from None

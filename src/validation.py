@@ -21,6 +21,13 @@ def describe_validation_error(exc: ValidationError, name_of=lambda field: field)
     return "; ".join(lines)
 
 
+def first_field(exc: ValidationError) -> str | None:
+    """The dotted name of the first field an error is about (None for the whole value)."""
+    for error in exc.errors():
+        return ".".join(str(part) for part in error["loc"]) or None
+    return None
+
+
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, 80, 80, 80
 

@@ -1,6 +1,6 @@
 """Mini-Claude in the browser: ``python src/web_app.py`` (or ``make web``).
 
-A Gradio chat UI on the same ChatService as the CLI and the API (the API also serves it at
+A Gradio chat UI on the same chat stack as the CLI and the API (the API also serves it at
 /ui). Opens on http://127.0.0.1:7860 by default; ``--host``/``--port`` change that. With
 API_KEY set it asks for a login: any user name, the key as the password.
 """
@@ -27,26 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
 
-    from src.chat.adapter_pool import AdapterPool
-    from src.chat.service import ChatService
     from src.config import load_settings
-    from src.web.ui import build_ui, enable_queue
+    from src.stack import build_chat_stack
+    from src.web.ui import build_chat_page
 
     try:
         settings = load_settings()
-        service = ChatService.from_settings(settings, args.model, args.adapter, batching=True)
+        stack = build_chat_stack(settings, args.model, args.adapter)
     except MiniClaudeError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
-    pool = AdapterPool(
-        service,
-        settings.adapters_dir,
-        lambda path: ChatService.from_settings(settings, args.model, path, batching=True),
-    )
-    demo = build_ui(lambda: pool, service.default_params)
-    enable_queue(demo, settings.max_batch_size).launch(
-        server_name=args.host, server_port=args.port, auth=login_check(settings.api_key)
-    )
+    try:
+        build_chat_page(lambda: stack.adapters, settings).launch(
+            server_name=args.host, server_port=args.port, auth=login_check(settings.api_key)
+        )
+    finally:
+        stack.close()
     return 0
 
 

@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from src.chat.batching import BatchingEngine
 from src.chat.service import ChatService
+from src.engine.batching import BatchingEngine
 from src.params import GenerationParams
 
 
@@ -24,9 +24,10 @@ def alone_and_together(
 ) -> tuple[list[list[int]], list[list[int]], BatchingEngine]:
     """Token ids of each prompt generated alone by the service's engine, and by a fresh
     ``BatchingEngine`` with every request arriving at once."""
-    alone = [list(service.engine.generate_token_ids(p, params)) for p in prompts]
-    engine = BatchingEngine(service.engine.model, service.tokenizer)
-    return alone, arrive_together(engine, prompts, params), engine
+    engine = service.backend.engine
+    alone = [list(engine.generate_token_ids(p, params)) for p in prompts]
+    together = BatchingEngine(engine.model, engine.eos_token_ids)
+    return alone, arrive_together(together, prompts, params), together
 
 
 def arrive_together(

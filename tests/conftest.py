@@ -9,13 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.chat.batching import BatchingEngine
-from src.chat.engine import HFEngine
+from src.chat.adapter_pool import AdapterPool
+from src.chat.local import LocalBackend
 from src.chat.service import ChatService
 from src.config import REPO_ROOT, Settings, load_settings
+from src.engine.batching import BatchingEngine
 from src.models.bundled import BUNDLED_MODEL_NAME, gpt2_tokenizer_dir
 from src.models.loader import ensure_bundled_model, load_from_folder
+from src.models.model_info import eos_token_ids, max_positions
 from src.params import GenerationParams
+from src.stack import ChatStack, build_chat_stack, build_service
 
 # The real model cache of the repository: the bundled model is converted there once per
 # machine (about 25 s) and then loads in about a second, for the tests and the CLI alike.
@@ -86,10 +89,14 @@ def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, bundled_model_path
     return folder
 
 
-def make_service(folder: Path, batching: bool = False, **kwargs: object) -> ChatService:
+def make_service(folder: Path, context_window: int | None = None, **kwargs: object) -> ChatService:
+    """A service on the model in ``folder``, its context window the model's own limit unless
+    given. The engine and tokenizer are reachable as ``service.backend.engine`` and
+    ``service.backend.tokenizer``."""
     model, tokenizer = load_from_folder(folder)
-    engine = BatchingEngine(model, tokenizer) if batching else HFEngine(model, tokenizer)
-    return ChatService(engine, model_name=folder.name, **kwargs)
+    engine = BatchingEngine(model, eos_token_ids(model, tokenizer))
+    window = context_window or max_positions(model.config)
+    return ChatService(LocalBackend(engine, tokenizer, window), model_name=folder.name, **kwargs)
 
 
 @pytest.fixture()
@@ -117,12 +124,21 @@ EXACT = {"engine": "hf", "precision": "fp32", "quantize": "none"}
 @pytest.fixture(scope="session")
 def bundled_service(bundled_model_path: Path) -> ChatService:
     """The bundled model as users get it by default (scratch engine, bf16, int4 weights)."""
-    settings = bundled_settings()
-    return ChatService.from_settings(settings)
+    return build_chat_stack(bundled_settings()).service
 
 
 @pytest.fixture(scope="session")
 def bundled_exact_service(bundled_model_path: Path) -> ChatService:
     """transformers' model of the bundled weights in fp32, unquantised: exact outputs."""
-    settings = bundled_settings(**EXACT)
-    return ChatService.from_settings(settings)
+    return build_chat_stack(bundled_settings(**EXACT)).service
+
+
+def stack_around(service: ChatService, settings: Settings) -> ChatStack:
+    """The chat stack the API serves, around a service a test built itself (adapters load
+    as in production: the settings' model with the adapter)."""
+    adapters = AdapterPool(
+        service,
+        settings.adapters_dir,
+        lambda path: build_service(settings, adapter_path=path, store=service.store),
+    )
+    return ChatStack(service, adapters, service.store)

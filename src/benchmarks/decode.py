@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from src.chat.engine import HFEngine
+from src.engine.batching import BatchingEngine
 from src.params import GenerationParams
 
 
@@ -84,9 +84,10 @@ def transformers_generate_stream(model: Any, prompt: list[int], new_tokens: int)
     return stream
 
 
-def engine_stream(model: Any, tokenizer: Any, prompt: list[int], new_tokens: int):
-    engine = HFEngine(model, tokenizer)
-    engine.eos_token_ids = frozenset()  # always generate exactly new_tokens, like the baseline
+def engine_stream(model: Any, prompt: list[int], new_tokens: int):
+    """Our decode engine (the one every front end uses) on ``model``, one request at a time.
+    No end-of-sequence ids: it always generates exactly ``new_tokens``, like the baseline."""
+    engine = BatchingEngine(model, eos_token_ids=frozenset())
     params = GenerationParams(do_sample=False, max_new_tokens=new_tokens, repetition_penalty=1.0)
     return lambda: engine.generate_token_ids(prompt, params)
 

@@ -47,7 +47,7 @@ def benchmark_config(steps: int, examples: int, output_dir: Path, max_length: in
     """configs/lora_default.yaml with ``steps`` optimizer steps on ``examples`` conversations
     (cut to ``max_length`` tokens if given), fp32, and evaluation and checkpoints pushed past
     the end of the run."""
-    from src.training.config import load_training_config
+    from src.training.config import load_training_config, no_settings
 
     overrides = {
         **({"data.max_length": max_length} if max_length else {}),
@@ -61,7 +61,8 @@ def benchmark_config(steps: int, examples: int, output_dir: Path, max_length: in
     return load_training_config(
         REPO_ROOT / "configs" / "lora_default.yaml",
         [f"{key}={value}" for key, value in overrides.items()],
-        environ={},  # BATCH_SIZE and friends must not make the two sides differ
+        # BATCH_SIZE and friends in .env or the environment must not make the two sides differ
+        settings=no_settings(),
     )
 
 

@@ -36,6 +36,16 @@ class AdapterPool:
             return []  # adapters run on a local model; the UI then shows no picker
         return list_adapters(self.adapters_dir)
 
+    def services(self) -> list[ChatService]:
+        """The base service and every adapter's loaded so far."""
+        with self._lock:
+            return [self.base, *self._services.values()]
+
+    def close(self) -> None:
+        """Close the base service and every adapter's (their engine threads stop)."""
+        for service in self.services():
+            service.close()
+
     def get(self, adapter: str | None) -> ChatService:
         """The service for ``adapter`` (None or "" is the base model)."""
         if not adapter:
@@ -43,7 +53,8 @@ class AdapterPool:
         if self.remote:
             raise InvalidRequestError(
                 f"adapter: {adapter!r} cannot be used: LoRA adapters run on a local model, "
-                "and this server sends generation to a remote one (BACKEND=remote)"
+                "and this server sends generation to a remote one (BACKEND=remote)",
+                "adapter",
             )
         path = resolve_adapter(self.adapters_dir, adapter)  # rejects unknown names and paths
         with self._lock:

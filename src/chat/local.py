@@ -20,19 +20,36 @@ from typing import Any
 
 from src.chat.prompts import PromptBuild, PromptFormat, build_prompt, detect_prompt_format
 from src.chat.streaming import IncrementalDecoder, StopSequenceFilter
+from src.engine.batching import BatchingEngine
 from src.errors import InvalidRequestError
 from src.params import GenerationParams
 
 
 class LocalBackend:
+    """Text in, text out, around the engine (token ids in, token ids out).
+
+    ``context_window``: the most tokens of prompt and reply together (the model's own limit,
+    bounded by memory: see ``src.models.model_info.context_window``)."""
+
     kind = "local"
 
-    def __init__(self, engine: Any, max_length: int = 1024) -> None:
-        self.engine = engine  # HFEngine or BatchingEngine: anything with generate_token_ids
-        self.tokenizer = engine.tokenizer
-        # MAX_LENGTH caps the window (prompt + reply); the model's own limit caps MAX_LENGTH.
-        self.context_window = min(max_length, engine.max_positions)
-        self.prompt_format: PromptFormat = detect_prompt_format(self.tokenizer)
+    def __init__(
+        self,
+        engine: BatchingEngine,
+        tokenizer: Any,
+        context_window: int,
+        kv_bytes_per_token: int = 0,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.context_window = context_window
+        # What a conversation filling the window holds in the KV cache (--verbose, /health).
+        self.kv_cache_bytes = context_window * kv_bytes_per_token
+        self.prompt_format: PromptFormat = detect_prompt_format(tokenizer)
+
+    def close(self) -> None:
+        """Stop the engine's thread (replies still running end with ``EngineClosedError``)."""
+        self.engine.close()
 
     @property
     def supports_system_prompt(self) -> bool:
@@ -45,8 +62,8 @@ class LocalBackend:
         if max_prompt_tokens < 1:
             raise InvalidRequestError(
                 f"max_new_tokens={params.max_new_tokens} leaves no room for the prompt in the "
-                f"{self.context_window}-token context window; use a smaller max_new_tokens "
-                "(or raise MAX_LENGTH)."
+                f"{self.context_window}-token context window; use a smaller max_new_tokens.",
+                field="max_new_tokens",
             )
         system_prompt = system_prompt if self.supports_system_prompt else None
         return build_prompt(
@@ -104,5 +121,5 @@ class LocalGeneration:
             yield tail
 
     def close(self) -> None:
-        """Stop the engine's token generator (a batching engine frees the request's row)."""
+        """Stop the engine's token generator (which frees the request's row)."""
         self._tokens.close()

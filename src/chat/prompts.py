@@ -87,7 +87,8 @@ def build_prompt(
             raise ContextOverflowError(
                 f"message: needs {len(ids)} prompt tokens, but only {max_prompt_tokens} fit the "
                 "context window after reserving max_new_tokens. Shorten the message (or the "
-                "system prompt), lower max_new_tokens, or raise MAX_LENGTH."
+                "system prompt), or lower max_new_tokens.",
+                field="message",
             )
         start = min(start + 2, len(messages) - 1)
 

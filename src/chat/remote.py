@@ -66,6 +66,8 @@ def error_detail(response: httpx.Response) -> str:
 
 class RemoteBackend:
     kind = "remote"
+    context_window = None  # the remote server's business
+    kv_cache_bytes = None
     supports_system_prompt = True  # the server's chat template decides what to do with it
 
     def __init__(

@@ -13,26 +13,19 @@ cache, sessions, timing) is the same for both.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from src.chat.batching import BatchingEngine, supports_batching
 from src.chat.cache import CachedReply, ResponseCache, cache_key
 from src.chat.conversation import Conversation
-from src.chat.engine import HFEngine
 from src.chat.local import LocalBackend
-from src.chat.prefix_cache import PrefixCache
 from src.chat.remote import RemoteBackend
 from src.chat.store import SessionStore
-from src.config import Settings
-from src.errors import ConfigError, InvalidRequestError
-from src.params import GenerationParams
-
-logger = logging.getLogger(__name__)
+from src.errors import InvalidRequestError, ServerShuttingDownError
+from src.params import GenerationParams, check_reply_length
 
 
 @dataclass
@@ -58,8 +51,10 @@ class ReplyStream:
     The exchange is added to the conversation (and to the session store, if the service has
     one) when generation ends, including when it was cancelled: the partial reply is kept, as
     in other chat UIs. A stream that is abandoned (``abandon()``, or closed before it ends,
-    e.g. a web client that went away) changes nothing. A stream that was started must be
-    iterated or abandoned: with a remote backend it holds an open response.
+    e.g. a web client that went away) changes nothing. A stream that is interrupted
+    (``interrupt()``: the server is shutting down) changes nothing either, and ends by raising
+    ``ServerShuttingDownError``. A stream that was started must be iterated or abandoned: with
+    a remote backend it holds an open response.
     """
 
     def __init__(
@@ -78,6 +73,7 @@ class ReplyStream:
         self.result: ChatResult | None = None
         self._cancelled = threading.Event()
         self._abandoned = False
+        self._interrupted = False
         self._started = False  # iter() was called
         self._running = False  # the generator's body began (so its ``finally`` will run)
         self._started_at = time.perf_counter()
@@ -100,6 +96,12 @@ class ReplyStream:
         if not self._running and self._generation is not None:
             self._generation.close()  # never iterated: release it (a remote response) now
 
+    def interrupt(self) -> None:
+        """Stop after the current token, keep nothing, and end by raising
+        ``ServerShuttingDownError`` (the server is shutting down)."""
+        self._interrupted = True
+        self._cancelled.set()
+
     def __iter__(self) -> Iterator[str]:
         if self._started:
             raise RuntimeError("a ReplyStream can be iterated only once")
@@ -115,6 +117,13 @@ class ReplyStream:
 
     def _generate(self) -> Iterator[str]:
         self._running = True
+        self.service._track(self, running=True)
+        try:
+            yield from self._generate_tracked()
+        finally:
+            self.service._track(self, running=False)
+
+    def _generate_tracked(self) -> Iterator[str]:
         cached = self._cached
         if cached is not None:
             yield cached.text
@@ -146,6 +155,12 @@ class ReplyStream:
     ) -> None:
         if self._abandoned:
             return
+        if self._interrupted:
+            raise ServerShuttingDownError(
+                f"the server is shutting down: this reply was stopped after "
+                f"{reply.completion_tokens} tokens and not saved; send the message again once "
+                "the server is back"
+            )
         self.conversation.add_exchange(self.user_message, reply.text)
         if self.conversation.persistent and self.service.store is not None:
             self.service.store.append_exchange(self.conversation, self.user_message, reply.text)
@@ -169,91 +184,61 @@ def check_text(field: str, text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidRequestError(
-            f"{field}: invalid Unicode (a lone surrogate) at character {exc.start}"
+            f"{field}: invalid Unicode (a lone surrogate) at character {exc.start}", field
         ) from None
 
 
 class ChatService:
+    """Built by the composition root (``src/stack.py``) from the settings; tests build it
+    around their own backend."""
+
     def __init__(
         self,
-        backend: LocalBackend | RemoteBackend | HFEngine | BatchingEngine,
+        backend: LocalBackend | RemoteBackend,
         model_name: str,
         default_params: GenerationParams | None = None,
-        max_length: int = 1024,
         cache_size: int = 256,
         default_system_prompt: str | None = None,
         store: SessionStore | None = None,
         max_message_chars: int = 16_000,
+        max_reply_tokens: int = 4096,
     ) -> None:
-        """``backend`` may be an engine: it then runs here, in a ``LocalBackend`` whose context
-        window is ``max_length`` (capped by the model's own limit)."""
-        if not isinstance(backend, LocalBackend | RemoteBackend):
-            backend = LocalBackend(backend, max_length)
         self.backend = backend
-        local = backend if isinstance(backend, LocalBackend) else None
-        # The local model's parts, for tests and scripts (None with a remote backend).
-        self.engine = local.engine if local else None
-        self.tokenizer = local.tokenizer if local else None
-        self.context_window = local.context_window if local else None
-        self.prompt_format = local.prompt_format if local else None
+        self.max_reply_tokens = max_reply_tokens  # MAX_LENGTH
         self.max_message_chars = max_message_chars
         self.store = store  # where sessions persist (the API's SQLite file); None in the CLI
         self.model_name = model_name
         self.default_params = default_params or GenerationParams()
         self.default_system_prompt = default_system_prompt
         self.cache = ResponseCache(cache_size)
+        self._streams: set[ReplyStream] = set()  # replies being generated (for shutdown)
+        self._streams_lock = threading.Lock()
 
-    @classmethod
-    def from_settings(
-        cls,
-        settings: Settings,
-        model_name: str | None = None,
-        adapter_path: Any = None,
-        batching: bool = False,
-        store: SessionStore | None = None,
-        engine_name: str | None = None,
-    ) -> ChatService:
-        """Load the configured model (see ``src.models.loader``) and wrap it in a service.
+    def close(self) -> None:
+        """Stop the backend (the engine's thread, or the remote client's connections). The
+        session store is the composition root's: it may be shared by several services."""
+        self.backend.close()
 
-        ``batching=True`` (the API server) decodes concurrent requests together.
-        ``engine_name`` ("auto", "hf" or "scratch", default ENGINE) picks whose forward pass
-        runs: transformers' or our from-scratch transformer on the same weights (see
-        ``src.models.inference`` for "auto", PRECISION and QUANTIZE).
+    def replies_in_flight(self) -> int:
+        with self._streams_lock:
+            return len(self._streams)
 
-        With BACKEND=remote no model is loaded: replies come from REMOTE_BASE_URL, and
-        ``model_name`` (the CLI's --model) overrides REMOTE_MODEL. Local-only choices (an
-        adapter, the scratch engine) are refused with ``ConfigError``.
-        """
-        if settings.backend == "remote":
-            if adapter_path is not None or engine_name not in (None, "auto"):
-                raise ConfigError(
-                    "LoRA adapters and --engine need a local model, but BACKEND=remote loads "
-                    "none; drop them or use BACKEND=local"
-                )
-            backend = RemoteBackend.from_settings(settings, model=model_name)
-            return cls(backend, model_name=backend.model, store=store, **service_options(settings))
+    def interrupt_all(self) -> int:
+        """End every reply still being generated (the server is shutting down): each stops
+        after its current token with finish_reason "cancelled", and none is saved. Returns how
+        many were interrupted."""
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.interrupt()
+        return len(streams)
 
-        from src.models.inference import load_for_inference
-
-        loaded = load_for_inference(settings, model_name, adapter_path, engine_name)
-        logger.info("Model: %s (%s)", loaded.name, loaded.description)
-        name, model = loaded.name, loaded.model
-        if batching and not supports_batching(model):
-            logger.warning(
-                "Notice: %s uses sliding-window attention; requests will not be batched together.",
-                name,
-            )
-            batching = False
-        prefix_cache = (
-            PrefixCache(settings.prefix_cache_mb * 2**20) if settings.prefix_cache_mb else None
-        )
-        if batching:
-            engine = BatchingEngine(
-                model, loaded.tokenizer, settings.max_batch_size, prefix_cache=prefix_cache
-            )
-        else:
-            engine = HFEngine(model, loaded.tokenizer, prefix_cache=prefix_cache)
-        return cls(engine, model_name=name, store=store, **service_options(settings))
+    def _track(self, stream: ReplyStream, running: bool) -> None:
+        with self._streams_lock:
+            if running:
+                self._streams.add(stream)
+            else:
+                self._streams.discard(stream)
 
     @property
     def supports_system_prompt(self) -> bool:
@@ -287,8 +272,9 @@ class ChatService:
     ) -> ReplyStream:
         """Validate and build the prompt now (errors raise here, before any text streams)."""
         params = params or self.default_params
+        check_reply_length(params.max_new_tokens, "max_new_tokens", self.max_reply_tokens)
         if not isinstance(user_message, str) or not user_message.strip():
-            raise InvalidRequestError("message: must not be empty")
+            raise InvalidRequestError("message: must not be empty", "message")
         check_text("message", user_message)
         check_text("system_prompt", conversation.system_prompt or "")
         for message in conversation.messages:
@@ -296,7 +282,8 @@ class ChatService:
         if len(user_message) > self.max_message_chars:
             raise InvalidRequestError(
                 f"message: {len(user_message)} characters is over the limit of "
-                f"{self.max_message_chars} (MAX_MESSAGE_CHARS)"
+                f"{self.max_message_chars} (MAX_MESSAGE_CHARS)",
+                "message",
             )
         messages = conversation.messages + [{"role": "user", "content": user_message}]
         prompt = self.backend.build_prompt(conversation.system_prompt, messages, params)
@@ -316,14 +303,3 @@ class ChatService:
         if not params.is_greedy:
             return None
         return cache_key(self.model_name, self.backend.cache_material(prompt), params)
-
-
-def service_options(settings: Settings) -> dict[str, Any]:
-    """The ChatService arguments that come from the settings, whatever the backend."""
-    return {
-        "default_params": settings.generation_defaults(),
-        "max_length": settings.max_length,
-        "cache_size": settings.response_cache_size,
-        "default_system_prompt": settings.system_prompt,
-        "max_message_chars": settings.max_message_chars,
-    }

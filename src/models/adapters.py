@@ -29,6 +29,7 @@ def resolve_adapter(adapters_dir: Path, name: str) -> Path:
     if name not in available:
         raise InvalidRequestError(
             f"adapter: no adapter named {name!r} in {adapters_dir} "
-            f"(available: {', '.join(available) or 'none'})"
+            f"(available: {', '.join(available) or 'none'})",
+            "adapter",
         )
     return Path(adapters_dir) / name

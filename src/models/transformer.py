@@ -499,33 +499,36 @@ class Transformer(nn.Module):
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
         stop_token_ids: set[int] | frozenset[int] = frozenset(),
         seed: int | None = None,
     ) -> Iterator[int]:
         """Yield new token ids one by one (streaming), reusing the KV cache: the prompt goes
-        through the model once, then each step feeds only the newest token. Temperature 0
-        is greedy decoding. Stops after a stop token (which is yielded) or max_new_tokens."""
-        from src.params import GenerationParams
-        from src.chat.sampling import choose_next_token, sampling_generator
+        through the model once, then each step feeds only the newest token. Temperature 0 is
+        greedy decoding; otherwise sample from the ``top_k`` likeliest (0: all). Stops after a
+        stop token (which is yielded) or ``max_new_tokens``.
 
-        params = GenerationParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, do_sample=temperature > 0, seed=seed,
-        )  # fmt: skip
-        generator = sampling_generator(params)
-        seen = torch.tensor(prompt_ids, dtype=torch.long)
-        next_input = seen[None]  # (1, T)
+        The short reference loop, as nanoGPT keeps one: chat runs through the engine
+        (``src/engine/batching.py``), which batches requests and has the full sampler, and the
+        tests check the two agree."""
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        next_input = torch.tensor([prompt_ids])  # (1, T): the prompt on the first step
         cache = KVCache(self.config.n_layer)
         for _ in range(max_new_tokens):
             logits = self(next_input, cache=cache, use_cache=True, logits_to_keep=1).logits
-            token = choose_next_token(logits[0, -1], seen, params, generator)
+            logits = logits[0, -1].float()  # (V,)
+            if temperature == 0:
+                token = int(logits.argmax())
+            else:
+                logits = logits / temperature
+                if 0 < top_k < logits.numel():
+                    threshold = torch.topk(logits, top_k).values[-1]
+                    logits = logits.masked_fill(logits < threshold, float("-inf"))
+                probabilities = torch.softmax(logits, dim=-1)
+                token = int(torch.multinomial(probabilities, 1, generator=generator))
             yield token
             if token in stop_token_ids:
                 return
-            seen = torch.cat([seen, torch.tensor([token])])
-            next_input = torch.tensor([[token]])  # (1, 1)
+            next_input = torch.tensor([[token]])  # (1, 1): only the new token from now on
 
     # ---- loading Hugging Face weights ----------------------------------------------------
 

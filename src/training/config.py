@@ -1,26 +1,45 @@
-"""The training configuration: a YAML file (configs/lora_default.yaml), then the brief's
-environment variables (BATCH_SIZE, LEARNING_RATE, LORA_RANK) when set, then command-line
-overrides such as ``training.max_steps=50``. Unknown keys and bad values are errors naming
-the key."""
+"""The training configuration, from one precedence rule (each layer wins over the one before):
+
+1. the YAML file (configs/lora_default.yaml), over ``TrainingConfig``'s own defaults;
+2. ``BATCH_SIZE``, ``LEARNING_RATE`` and ``LORA_RANK`` from ``.env`` or the process
+   environment, read through ``Settings`` like every other setting (so the environment wins
+   over ``.env``, as everywhere else in the app);
+3. command-line overrides such as ``training.max_steps=50``.
+
+Only the variables a user set override the YAML: unset, they are None in ``Settings``. Unknown
+keys and bad values are errors naming the key (or the variable). ``resolve_training_config``
+also says where each value came from, for the dump printed and saved at the start of a run.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from src.config import Settings, load_settings
 from src.errors import TrainingConfigError
 from src.validation import describe_validation_error
 
-# Environment variables of the brief and the keys they set.
-ENVIRONMENT_OVERRIDES = {
-    "BATCH_SIZE": "training.batch_size",
-    "LEARNING_RATE": "training.learning_rate",
-    "LORA_RANK": "lora.rank",
+# The settings that override training keys: Settings field (the variable is its name in
+# capitals: BATCH_SIZE, LEARNING_RATE, LORA_RANK) -> the key it sets. The only such mapping.
+SETTINGS_KEYS = {
+    "batch_size": "training.batch_size",
+    "learning_rate": "training.learning_rate",
+    "lora_rank": "lora.rank",
 }
+
+# Where a value came from.
+DEFAULT, YAML, ENVIRONMENT, COMMAND_LINE = "default", "yaml", ".env/environment", "command line"
+
+# Written into training.output_dir at the start of every run, beside the adapter.
+CONFIG_FILE_NAME = "training_config.yaml"
 
 
 class Section(BaseModel):
@@ -81,41 +100,175 @@ def describe_yaml_error(exc: Exception) -> str:
     return " ".join(str(exc).split())  # PyYAML's messages span several lines
 
 
+@dataclass(frozen=True)
+class Assignment:
+    """One layer's value for a key; the key "" is the whole configuration (the YAML file)."""
+
+    key: str
+    value: Any
+    source: str
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A validated configuration and where each of its values came from."""
+
+    config: TrainingConfig
+    sources: dict[str, str]  # every key, e.g. "training.batch_size" -> YAML, ENVIRONMENT...
+    path: Path | None  # the YAML file, if any
+
+    def describe(self) -> str:
+        """One line per key: its value and where it came from, for the start of a run."""
+        values = {key: format_value(value) for key, value in flat_values(self.config).items()}
+        key_width = max(map(len, values))
+        value_width = min(max(map(len, values.values())), 40)
+        lines = [f"Training configuration ({precedence(self.path)}):"]
+        lines += [
+            f"  {key:<{key_width}}  {value:<{value_width}}  {self.sources[key]}"
+            for key, value in values.items()
+        ]
+        return "\n".join(lines)
+
+    def save(self, folder: Path) -> Path:
+        """Write ``folder/training_config.yaml``: the configuration as a YAML file that
+        ``--config`` accepts, so the run can be repeated, headed by comments naming the values
+        that did not come from the YAML file. Written aside and renamed: never half a file."""
+        path = Path(folder) / CONFIG_FILE_NAME
+        others = [f"#   {key}: {source}" for key, source in self.sources.items() if source != YAML]
+        header = [
+            "# The resolved configuration of a training run, written when it started.",
+            "# Repeat it with: python src/training/train_lora.py --config <this file>",
+            "# (BATCH_SIZE, LEARNING_RATE, LORA_RANK and KEY=VALUE arguments still override it)",
+            f"# Precedence: {precedence(self.path)}.",
+            *(["# Not from the YAML file:", *others] if others else []),
+        ]
+        body = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False)
+        temporary = path.with_name(path.name + ".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text("\n".join(header) + "\n" + body, encoding="utf-8")
+            os.replace(temporary, path)
+        except OSError as exc:
+            raise TrainingConfigError(f"Cannot write {path}: {exc.strerror or exc}") from None
+        return path
+
+
 def load_training_config(
-    path: Path | None = None, overrides: list[str] = (), environ: dict | None = None
+    path: Path | None = None, overrides: Iterable[str] = (), settings: Settings | None = None
 ) -> TrainingConfig:
-    values: dict = {}
+    """The configuration of ``path`` (YAML), then ``settings`` (read from .env and the
+    environment with ``load_settings()`` when None), then ``overrides`` (``KEY=VALUE``)."""
+    return resolve_training_config(path, overrides, settings).config
+
+
+def resolve_training_config(
+    path: Path | None = None, overrides: Iterable[str] = (), settings: Settings | None = None
+) -> ResolvedConfig:
+    """``load_training_config``, and where each value came from."""
+    assignments = []
     if path is not None:
-        try:
-            values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise TrainingConfigError(f"{path}: no such config file") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:
-            # ValueError: an integer of over 4300 digits; RecursionError: nesting too deep.
-            raise TrainingConfigError(
-                f"{path}: cannot read it as YAML ({describe_yaml_error(exc)})"
-            ) from None
-        if not isinstance(values, dict):
-            raise TrainingConfigError(f"{path}: the top level must be a mapping of sections")
-    environ = os.environ if environ is None else environ
-    for variable, key in ENVIRONMENT_OVERRIDES.items():
-        if environ.get(variable):
-            set_dotted(values, key, environ[variable])
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise TrainingConfigError(
-                f"override {override!r}: expected KEY=VALUE, e.g. training.max_steps=50"
-            )
-        try:
-            value = yaml.safe_load(raw) if raw else None
-        except (yaml.YAMLError, ValueError, RecursionError) as exc:
-            raise TrainingConfigError(
-                f"override {override!r}: the value is not valid YAML ({describe_yaml_error(exc)})"
-            ) from None
-        set_dotted(values, key.strip(), value)
+        assignments.append(Assignment("", read_yaml(Path(path)), YAML))
+    assignments += settings_assignments(load_settings() if settings is None else settings)
+    assignments += [parse_override(override) for override in overrides]
+    values: dict = {}
+    for assignment in assignments:
+        if assignment.key:
+            set_dotted(values, assignment.key, assignment.value)
+        else:
+            values = assignment.value
     try:
-        return TrainingConfig.model_validate(values)
+        config = TrainingConfig.model_validate(values)
     except ValidationError as exc:
         where = f"{path}: " if path else ""
         raise TrainingConfigError(where + describe_validation_error(exc)) from None
+    sources = {key: source_of(key, assignments) for key in flat_values(config)}
+    return ResolvedConfig(config, sources, Path(path) if path is not None else None)
+
+
+def no_settings() -> Settings:
+    """Settings with nothing set, as if there were no .env and no environment: for runs that
+    must be the same on every machine (the training benchmark, the notebook)."""
+    return Settings.model_construct()  # builds without reading .env or the environment
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise TrainingConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:
+        # ValueError: an integer of over 4300 digits; RecursionError: nesting too deep.
+        raise TrainingConfigError(
+            f"{path}: cannot read it as YAML ({describe_yaml_error(exc)})"
+        ) from None
+    if not isinstance(values, dict):
+        raise TrainingConfigError(f"{path}: the top level must be a mapping of sections")
+    return values
+
+
+def settings_assignments(settings: Settings) -> list[Assignment]:
+    """The training keys set in .env or the environment. ``model_fields_set`` holds only the
+    fields pydantic-settings found there, so nothing the user did not set replaces the YAML."""
+    return [
+        Assignment(key, getattr(settings, field), ENVIRONMENT)
+        for field, key in SETTINGS_KEYS.items()
+        if field in settings.model_fields_set and getattr(settings, field) is not None
+    ]
+
+
+def parse_override(override: str) -> Assignment:
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise TrainingConfigError(
+            f"override {override!r}: expected KEY=VALUE, e.g. training.max_steps=50"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise TrainingConfigError(
+            f"override {override!r}: the value is not valid YAML ({describe_yaml_error(exc)})"
+        ) from None
+    return Assignment(key, value, COMMAND_LINE)
+
+
+def source_of(key: str, assignments: list[Assignment]) -> str:
+    """Where ``key``'s value came from: the last assignment to it or to a section holding it.
+    A section assigned without the key (``training={...}`` on the command line) leaves it at
+    its default. (Later assignments write into earlier values, but only below their own key,
+    which this backward scan meets first.)"""
+    parts = key.split(".")
+    for assignment in reversed(assignments):
+        prefix = assignment.key.split(".") if assignment.key else []
+        if parts[: len(prefix)] == prefix:
+            found = holds(assignment.value, parts[len(prefix) :])
+            return assignment.source if found else DEFAULT
+    return DEFAULT
+
+
+def holds(value: Any, parts: list[str]) -> bool:
+    for part in parts:
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True
+
+
+def flat_values(config: TrainingConfig) -> dict[str, Any]:
+    """Every key of ``config`` ("training.batch_size") and its value, sections flattened."""
+    flat = {}
+    for name, value in config.model_dump(mode="json").items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{key}": inner for key, inner in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def format_value(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def precedence(path: Path | None) -> str:
+    first = json.dumps(str(path)) if path is not None else "defaults"  # quoted: no newlines
+    return f"{first} < {ENVIRONMENT} < {COMMAND_LINE}"

@@ -5,9 +5,11 @@
     python src/training/train_lora.py --config configs/lora_default.yaml --resume
     accelerate launch --num_processes 2 src/training/train_lora.py --config ...   # DDP
 
-The final adapter (peft format), metrics.jsonl, loss_curve.png and checkpoints go to
-training.output_dir. Load the adapter with ``--adapter`` in the CLI, ADAPTER_PATH for the
-API, or pick it in the web UI when it sits under ADAPTERS_DIR.
+Precedence: the YAML file < BATCH_SIZE, LEARNING_RATE, LORA_RANK in .env or the environment <
+KEY=VALUE arguments. The resolved configuration is printed when the run starts and saved as
+training_config.yaml in training.output_dir, where the final adapter (peft format),
+metrics.jsonl, loss_curve.png and checkpoints go too. Load the adapter with ``--adapter`` in
+the CLI, ADAPTER_PATH for the API, or pick it in the web UI when it sits under ADAPTERS_DIR.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import argparse
 import random
+from typing import TYPE_CHECKING
 
 from src.errors import MiniClaudeError
+
+if TYPE_CHECKING:
+    from src.training.config import ResolvedConfig
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,8 +64,9 @@ def prepare_data(config, tokenizer):
     )
 
 
-def build_trainer(config):
-    """Model, data and trainer for ``config`` (a TrainingConfig). Raises MiniClaudeError."""
+def build_trainer(config, settings=None):
+    """Model, data and trainer for ``config`` (a TrainingConfig), the model loaded with
+    ``settings`` (read from .env and the environment when None). Raises MiniClaudeError."""
     import torch
 
     from src.config import load_settings
@@ -69,10 +76,18 @@ def build_trainer(config):
 
     set_seed(config.training.seed)  # LoRA's random A matrices depend on it
     # fp32 whatever PRECISION says (that is for inference): training has its own precision.
-    loaded = load_model(load_settings(), model_name=config.model, dtype=torch.float32)
+    settings = load_settings() if settings is None else settings
+    loaded = load_model(settings, model_name=config.model, dtype=torch.float32)
     data = prepare_data(config, loaded.tokenizer)
     model = apply_lora(loaded.model, LoraSettings(**config.lora.model_dump()))
     return LoraTrainer(config, model, loaded.tokenizer, data), loaded
+
+
+def announce_config(resolved: ResolvedConfig) -> Path:
+    """Print the resolved configuration and save it into training.output_dir before any
+    step, so that even a run that crashes says what it ran with. Returns the file."""
+    print(resolved.describe())
+    return resolved.save(resolved.config.training.output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,17 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    from src.config import load_settings
     from src.models.lora_wrapper import describe_parameters
-    from src.training.config import load_training_config
+    from src.training.config import resolve_training_config
 
     try:
-        config = load_training_config(args.config, args.overrides)
-        trainer, loaded = build_trainer(config)
+        settings = load_settings()  # one reading of .env: for the model and the config alike
+        resolved = resolve_training_config(args.config, args.overrides, settings)
+        config = resolved.config
+        trainer, loaded = build_trainer(config, settings)
+        main_process = trainer.accelerator.is_main_process
+        if main_process:
+            announce_config(resolved)
     except (MiniClaudeError, ValueError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     data = trainer.data
-    main_process = trainer.accelerator.is_main_process
     if main_process:
         stats = data.stats
         print(f"Model {loaded.name}; {describe_parameters(trainer.model)}")

@@ -1,81 +1,85 @@
 """The FastAPI server: ``uvicorn src.web.api:app --port 8000`` (or ``make serve``).
 
 The model loads once, in a background thread started by the lifespan, so the server answers
-at once: ``/health`` says 503 "loading" until the model is ready. Routes get the ChatService
-through ``Depends(get_service)``; tests build an app around their own service with
-``create_app(service_factory=...)``.
+at once: ``/health`` says 503 "loading" until the model is ready. The chat stack comes from
+the composition root (``src/stack.py``); tests build an app around their own stack with
+``create_app(stack_factory=...)``. On SIGTERM the server drains (``src/web/lifecycle.py``),
+then closes the stack.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from src.chat.adapter_pool import AdapterPool
-from src.chat.service import ChatService
-from src.chat.store import SessionStore
 from src.config import Settings, load_settings
 from src.errors import MiniClaudeError
+from src.stack import ChatStack, build_chat_stack
 from src.web.errors import BodySizeLimit, install_error_handlers
+from src.web.lifecycle import GracefulShutdown, RefuseWhileDraining
 from src.web.routes import chat, health, openai
 from src.web.security import APIKeyGuard, ClientSlots
 
 logger = logging.getLogger(__name__)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the UI never calls home
 
-ServiceFactory = Callable[[Settings], ChatService]
+StackFactory = Callable[[Settings], ChatStack]
 
 
-def default_service_factory(settings: Settings) -> ChatService:
-    """The configured model with batched decoding and sessions in SQLite."""
-    return ChatService.from_settings(
-        settings, batching=True, store=SessionStore(settings.sessions_db)
-    )
+def default_stack_factory(settings: Settings) -> ChatStack:
+    """The configured model, with sessions in SQLite."""
+    return build_chat_stack(settings, sessions=True)
 
 
 def create_app(
     settings: Settings | None = None,
-    service_factory: ServiceFactory | None = None,
+    stack_factory: StackFactory | None = None,
     mount_ui: bool = True,
 ) -> FastAPI:
     settings = settings or load_settings()
-    factory = service_factory or default_service_factory
+    factory = stack_factory or default_stack_factory
+    shutdown = GracefulShutdown(settings.shutdown_grace_seconds, lambda: app.state.adapters)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        loaded = threading.Event()
+
         def load() -> None:
             try:
-                service = factory(settings)
-                app.state.adapters = AdapterPool(
-                    service, settings.adapters_dir, lambda path: adapter_service(service, path)
-                )
-                app.state.service = service
-                logger.info("Model %s ready", service.model_name)
+                stack = factory(settings)
+                app.state.stack = stack
+                app.state.adapters = stack.adapters
+                app.state.service = stack.service
+                logger.info("Model %s ready", stack.service.model_name)
             except MiniClaudeError as exc:
                 app.state.load_error = str(exc)
                 logger.error("Model failed to load: %s", exc)
             except Exception as exc:  # anything else must not leave /health "loading" forever
                 app.state.load_error = f"{type(exc).__name__}: {exc}"
                 logger.exception("Model failed to load")
+            finally:
+                loaded.set()
 
-        def adapter_service(base: ChatService, adapter: Path) -> ChatService:
-            return ChatService.from_settings(
-                settings, adapter_path=adapter, batching=True, store=base.store
-            )
-
-        loader = threading.Thread(target=load, name="model-loader", daemon=True)
-        loader.start()
-        yield
-        service = app.state.service
-        if service is not None and service.store is not None:
-            service.store.close()
+        shutdown.install()
+        threading.Thread(target=load, name="model-loader", daemon=True).start()
+        try:
+            yield
+        finally:
+            shutdown.uninstall()
+            shutdown.begin()  # a shutdown without a signal (a test's server) drains too
+            deadline = time.monotonic() + settings.shutdown_grace_seconds + 5
+            while shutdown.in_flight() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if loaded.wait(timeout=0) and app.state.stack is not None:
+                app.state.stack.close()
 
     app = FastAPI(
         title="Mini-Claude API",
@@ -86,6 +90,7 @@ def create_app(
         debug=settings.debug,
     )
     app.state.settings = settings
+    app.state.stack = None
     app.state.service = None
     app.state.adapters = None  # an AdapterPool once the model is loaded (used by the UI)
     app.state.load_error = None
@@ -95,6 +100,7 @@ def create_app(
     # the API key (before any body is read), then the body size limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(APIKeyGuard, api_key=settings.api_key)
+    app.add_middleware(RefuseWhileDraining, shutdown=shutdown)
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,
@@ -116,11 +122,9 @@ def mount_web_ui(app: FastAPI, settings: Settings) -> None:
     sends it with each of the page's requests, so no part of Gradio is reachable without it."""
     import gradio as gr
 
-    from src.web.ui import build_ui, enable_queue
+    from src.web.ui import build_chat_page
 
-    ui = build_ui(lambda: app.state.adapters, settings.generation_defaults())
-    enable_queue(ui, settings.max_batch_size)
-    gr.mount_gradio_app(app, ui, path="/ui")
+    gr.mount_gradio_app(app, build_chat_page(lambda: app.state.adapters, settings), path="/ui")
 
 
 app = create_app()

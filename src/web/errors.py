@@ -18,6 +18,7 @@ from src.errors import (
     InvalidRequestError,
     MiniClaudeError,
     RemoteBackendError,
+    ServerShuttingDownError,
     StorageError,
 )
 
@@ -50,10 +51,11 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _param_of(message: str) -> str | None:
-    """Our messages start with the field's name ("temperature=-1: ...")."""
-    head = message.split(":", 1)[0].split("=", 1)[0].strip()
-    return head if head.isidentifier() else None
+def stream_error(exc: BaseException) -> dict:
+    """The body of an in-band error event, for a stream whose headers are already sent."""
+    kind = "server_shutdown" if isinstance(exc, ServerShuttingDownError) else "server_error"
+    param = exc.field if isinstance(exc, MiniClaudeError) else None
+    return {"error": {"message": str(exc), "type": kind, "param": param}}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -66,7 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequestError)
     async def _invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:
         kind = "context_length_exceeded" if isinstance(exc, ContextOverflowError) else None
-        return error_response(400, str(exc), kind or "invalid_request_error", _param_of(str(exc)))
+        return error_response(400, str(exc), kind or "invalid_request_error", exc.field)
 
     @app.exception_handler(RemoteBackendError)
     async def _remote(_: Request, exc: RemoteBackendError) -> JSONResponse:
@@ -80,9 +82,13 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.error("%s", exc)
         return error_response(503, str(exc), "storage_error")
 
+    @app.exception_handler(ServerShuttingDownError)
+    async def _shutdown(_: Request, exc: ServerShuttingDownError) -> JSONResponse:
+        return error_response(503, str(exc), "server_shutdown")
+
     @app.exception_handler(MiniClaudeError)
     async def _core(_: Request, exc: MiniClaudeError) -> JSONResponse:
-        return error_response(500, str(exc), type(exc).__name__)
+        return error_response(500, str(exc), type(exc).__name__, exc.field)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

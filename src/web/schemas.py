@@ -98,6 +98,12 @@ class HealthResponse(BaseModel):
     backend: Literal["local", "remote"] | None = Field(
         None, description="Where replies are generated: here, or on REMOTE_BASE_URL."
     )
+    context_window: int | None = Field(
+        None, description="Most tokens of prompt and reply one conversation may hold (local)."
+    )
+    kv_cache_mb: float | None = Field(
+        None, description="Memory the keys and values of a conversation filling it take."
+    )
     detail: str | None = None
 
 

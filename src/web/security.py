@@ -193,17 +193,6 @@ class SlotStreamingResponse(StreamingResponse):
 # ---- request limits ------------------------------------------------------------------------
 
 
-def check_max_new_tokens(value: int | None, field: str, limit: int) -> None:
-    """400 for a request asking for more new tokens than MAX_NEW_TOKENS_LIMIT."""
-    if value is not None and value > limit:
-        raise HTTPProblem(
-            400,
-            f"{field}: {value} is over the limit of {limit} (MAX_NEW_TOKENS_LIMIT)",
-            "invalid_request_error",
-            field,
-        )
-
-
 def check_chars(field: str, text: str | None, limit: int, param: str | None = None) -> None:
     """400 for a text (a system prompt, a message of the history) over MAX_MESSAGE_CHARS."""
     if text is not None and len(text) > limit:

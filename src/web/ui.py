@@ -14,6 +14,7 @@ import gradio as gr
 
 from src.chat.adapter_pool import AdapterPool
 from src.chat.service import ChatService
+from src.config import Settings
 from src.errors import MiniClaudeError
 from src.params import GenerationParams, make_params
 from src.web.ui_history import history_to_conversation, history_to_messages, messages_to_history
@@ -100,6 +101,14 @@ QUEUE_POLL_SECONDS = 0.05
 PROGRESS_POLL_SECONDS = 0.1
 
 
+def build_chat_page(get_pool: PoolGetter, settings: Settings) -> gr.Blocks:
+    """The chat page with its event queue, as every entry point serves it (the API at /ui,
+    ``src/web_app.py`` and the Spaces ``app.py``): sliders at the settings' generation
+    defaults, at most MAX_BATCH_SIZE replies running at once."""
+    page = build_ui(get_pool, settings.generation_defaults(), settings.max_length)
+    return enable_queue(page, settings.max_batch_size)
+
+
 def enable_queue(demo: gr.Blocks, concurrency: int) -> gr.Blocks:
     """Turn on the demo's event queue (needed for streaming) with up to ``concurrency``
     events running at once, polling at a calmer rate than Gradio's default."""
@@ -111,8 +120,11 @@ def enable_queue(demo: gr.Blocks, concurrency: int) -> gr.Blocks:
     return demo
 
 
-def build_ui(get_pool: PoolGetter, defaults: GenerationParams | None = None) -> gr.Blocks:
-    """The chat page; sliders start at ``defaults`` (the settings' generation defaults)."""
+def build_ui(
+    get_pool: PoolGetter, defaults: GenerationParams | None = None, max_reply_tokens: int = 1024
+) -> gr.Blocks:
+    """The chat page; sliders start at ``defaults`` (the settings' generation defaults), and
+    the reply length goes up to ``max_reply_tokens`` (MAX_LENGTH)."""
     defaults = defaults or GenerationParams()
     with gr.Blocks(title="Mini-Claude") as demo:
         gr.Markdown(
@@ -152,7 +164,7 @@ def build_ui(get_pool: PoolGetter, defaults: GenerationParams | None = None) -> 
             )
             top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
             max_new_tokens = gr.Slider(
-                1, 1024, value=defaults.max_new_tokens, step=1, label="Max new tokens"
+                1, max_reply_tokens, value=defaults.max_new_tokens, step=1, label="Max new tokens"
             )
             repetition_penalty = gr.Slider(
                 1.0, 2.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"

@@ -44,7 +44,7 @@ from src.config import Settings, load_settings
 from src.web.api import create_app
 from src.web.openai_schemas import ChatCompletion
 from src.web.schemas import ChatResponse
-from tests.conftest import GREEDY, make_service
+from tests.conftest import GREEDY, make_service, stack_around
 from tests.fuzz.conftest import count, examples
 from tests.live_server import LiveServer
 
@@ -90,13 +90,15 @@ def live(tmp_path_factory, tiny_llama_path):
     )
 
     def factory(settings):
-        return make_service(
-            tiny_llama_path,
-            batching=True,
-            default_params=GREEDY.updated(max_new_tokens=8),
-            max_length=settings.max_length,
-            store=SessionStore(settings.sessions_db),
-            max_message_chars=settings.max_message_chars,
+        return stack_around(
+            make_service(
+                tiny_llama_path,
+                default_params=GREEDY.updated(max_new_tokens=8),
+                max_reply_tokens=settings.max_length,
+                store=SessionStore(settings.sessions_db),
+                max_message_chars=settings.max_message_chars,
+            ),
+            settings,
         )
 
     with LiveServer(create_app(config, factory, mount_ui=False)) as server:

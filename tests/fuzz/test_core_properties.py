@@ -38,7 +38,7 @@ from src.errors import (
     TrainingConfigError,
 )
 from src.params import GenerationParams, make_params
-from src.training.config import TrainingConfig, load_training_config
+from src.training.config import TrainingConfig, load_training_config, no_settings
 from src.training.data import load_examples
 from tests.conftest import GREEDY, make_service
 from tests.fuzz.conftest import count, examples
@@ -424,7 +424,7 @@ def test_training_config_loads_or_names_the_file_and_key(tmp_path):
         path.write_bytes(content)
         note(f"{content[:300]!r} {overrides!r}")
         try:
-            config = load_training_config(path, overrides, environ={})
+            config = load_training_config(path, overrides, settings=no_settings())
         except TrainingConfigError as exc:
             count("core", "load_training_config", "refused")
             assert_own_error(exc, TrainingConfigError)

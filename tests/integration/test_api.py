@@ -12,7 +12,7 @@ from src.chat.store import SessionStore
 from src.config import load_settings
 from src.errors import ModelLoadingError
 from src.web.api import create_app
-from tests.conftest import GREEDY, make_service
+from tests.conftest import GREEDY, make_service, stack_around
 from tests.live_server import LiveServer, read_sse
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -31,12 +31,14 @@ def settings(tmp_path):
 
 def tiny_factory(tiny_llama_path):
     def factory(settings):
-        return make_service(
-            tiny_llama_path,
-            batching=True,
-            default_params=GREEDY.updated(max_new_tokens=8),
-            store=SessionStore(settings.sessions_db),
-            max_message_chars=settings.max_message_chars,
+        return stack_around(
+            make_service(
+                tiny_llama_path,
+                default_params=GREEDY.updated(max_new_tokens=8),
+                store=SessionStore(settings.sessions_db),
+                max_message_chars=settings.max_message_chars,
+            ),
+            settings,
         )
 
     return factory

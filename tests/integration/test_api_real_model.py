@@ -113,8 +113,8 @@ def test_concurrent_greedy_replies_equal_one_by_one_and_are_batched(server):
     cache = server.app.state.service.cache
     cache.clear()  # the second round must be generated, not served from the cache
     cache.max_entries = 0
-    engine = server.app.state.service.engine
-    steps_before, rows_before = engine.steps, engine.rows_decoded
+    engine = server.app.state.service.backend.engine
+    steps_before, rows_before = engine.stats.steps, engine.stats.rows_decoded
     together: list[str | None] = [None] * len(QUESTIONS)
 
     def worker(index: int) -> None:
@@ -128,13 +128,13 @@ def test_concurrent_greedy_replies_equal_one_by_one_and_are_batched(server):
         thread.join()
     cache.max_entries = 256
     assert together == alone
-    steps = engine.steps - steps_before
-    rows = engine.rows_decoded - rows_before
+    steps = engine.stats.steps - steps_before
+    rows = engine.stats.rows_decoded - rows_before
     assert rows / steps > 2, f"average batch {rows / steps:.1f}: requests were not batched"
 
 
 def test_a_client_that_disconnects_mid_stream_stops_generation(server):
-    engine = server.app.state.service.engine
+    engine = server.app.state.service.backend.engine
     with server.client() as http:
         with http.stream(
             "POST",
@@ -144,15 +144,15 @@ def test_a_client_that_disconnects_mid_stream_stops_generation(server):
             for line in response.iter_lines():
                 if line.startswith("data:") and json.loads(line[5:]).get("text"):
                     break  # one token arrived: now go away
-        rows_at_disconnect = engine.rows_decoded
+        rows_at_disconnect = engine.stats.rows_decoded
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            before = engine.rows_decoded
+            before = engine.stats.rows_decoded
             time.sleep(0.5)
-            if engine.rows_decoded == before:
+            if engine.stats.rows_decoded == before:
                 break
-        assert engine.rows_decoded == before, "generation went on after the client left"
-        assert engine.rows_decoded - rows_at_disconnect < 50  # stopped long before 400 tokens
+        assert engine.stats.rows_decoded == before, "generation went on after the client left"
+        assert engine.stats.rows_decoded - rows_at_disconnect < 50  # stopped long before 400 tokens
         with server.app.state.service.store._lock:
             stories = server.app.state.service.store._db.execute(
                 "SELECT COUNT(*) FROM sessions WHERE messages LIKE '%long story about the sea%'"

@@ -63,7 +63,7 @@ def test_two_turns_keep_the_first_turn_in_the_prompt(bundled_service):
     conversation = bundled_service.new_conversation()
     first = bundled_service.reply(conversation, "My name is Ada.", params)
     stream = bundled_service.start_reply(conversation, "What is my name?", params)
-    prompt = bundled_service.tokenizer.decode(stream.prompt.input_ids)
+    prompt = bundled_service.backend.tokenizer.decode(stream.prompt.input_ids)
     assert "<|im_start|>user\nMy name is Ada.<|im_end|>" in prompt
     assert f"<|im_start|>assistant\n{first.text}<|im_end|>" in prompt
     assert prompt.endswith("<|im_start|>user\nWhat is my name?<|im_end|>\n<|im_start|>assistant\n")

@@ -249,17 +249,19 @@ def test_a_full_sessions_database_is_a_clean_503_and_no_session_is_damaged(
     from src.chat.store import SessionStore
     from src.config import load_settings
     from src.web.api import create_app
-    from tests.conftest import GREEDY, make_service
+    from tests.conftest import GREEDY, make_service, stack_around
     from tests.live_server import LiveServer, read_sse
 
     settings = load_settings(_env_file=None, data_dir=tmp_path / "data")
 
     def factory(settings):
-        return make_service(
-            tiny_llama_path,
-            batching=True,
-            default_params=GREEDY.updated(max_new_tokens=4),
-            store=SessionStore(settings.sessions_db),
+        return stack_around(
+            make_service(
+                tiny_llama_path,
+                default_params=GREEDY.updated(max_new_tokens=4),
+                store=SessionStore(settings.sessions_db),
+            ),
+            settings,
         )
 
     app = create_app(settings, factory, mount_ui=False)

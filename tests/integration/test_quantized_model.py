@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from src.benchmarks.decode import held_out_perplexity
-from src.chat.service import ChatService
 from src.models.prepared import load_prepared_transformer, prepared_path
 from src.models.quantize import Int4Linear, Int8Linear
 from src.models.transformer import Transformer
 from src.params import GenerationParams
+from src.stack import build_service
 from src.training.data import load_examples, tokenize_examples
 from tests.batching_helpers import alone_and_together, assert_same_up_to_a_near_tie, prompts_for
 from tests.conftest import bundled_settings
@@ -23,7 +23,7 @@ QUESTIONS = ["What is the capital of France?", "Name three colours.", "Why is th
 
 
 def test_default_service_runs_the_scratch_engine_with_int4_layers_in_bf16(bundled_service):
-    model = bundled_service.engine.model
+    model = bundled_service.backend.engine.model
     assert isinstance(model, Transformer)
     assert isinstance(model.blocks[0].attention.qkv, Int4Linear)
     assert isinstance(model.blocks[-1].mlp.down, Int4Linear)
@@ -35,8 +35,8 @@ def test_default_service_runs_the_scratch_engine_with_int4_layers_in_bf16(bundle
 
 def test_engine_hf_quantises_the_transformers_model_too(bundled_model_path):
     settings = bundled_settings()
-    service = ChatService.from_settings(settings, engine_name="hf")
-    model = service.engine.model
+    service = build_service(settings, engine_name="hf")
+    model = service.backend.engine.model
     assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
     assert isinstance(model.lm_head, Int8Linear)
     reply = service.reply(service.new_conversation(), QUESTIONS[0], GREEDY)
@@ -44,13 +44,13 @@ def test_engine_hf_quantises_the_transformers_model_too(bundled_model_path):
 
 
 def test_int4_perplexity_is_within_two_percent_of_fp32(bundled_service, bundled_exact_service):
-    tokenizer = bundled_exact_service.tokenizer
+    tokenizer = bundled_exact_service.backend.tokenizer
     conversations = load_examples("chitchat")[-12:]
     held_out = tokenize_examples(
-        conversations, tokenizer, bundled_exact_service.prompt_format, 128, 0.0, seed=0
+        conversations, tokenizer, bundled_exact_service.backend.prompt_format, 128, 0.0, seed=0
     ).train
-    exact = held_out_perplexity(bundled_exact_service.engine.model, held_out)
-    quantized = held_out_perplexity(bundled_service.engine.model, held_out)
+    exact = held_out_perplexity(bundled_exact_service.backend.engine.model, held_out)
+    quantized = held_out_perplexity(bundled_service.backend.engine.model, held_out)
     assert abs(quantized - exact) / exact < 0.02, (exact, quantized)
 
 
@@ -58,9 +58,11 @@ def test_default_engine_batches_like_one_request_at_a_time(bundled_service):
     prompts = prompts_for(bundled_service, QUESTIONS, GREEDY)
     alone, together, engine = alone_and_together(bundled_service, prompts, GREEDY)
     for prompt, reference, batched in zip(prompts, alone, together, strict=True):
-        assert_same_up_to_a_near_tie(bundled_service.engine.model, prompt, reference, batched)
-    assert engine.prefill_passes == 1
-    assert engine.rows_decoded > engine.steps
+        assert_same_up_to_a_near_tie(
+            bundled_service.backend.engine.model, prompt, reference, batched
+        )
+    assert engine.stats.prefill_passes == 1
+    assert engine.stats.rows_decoded > engine.stats.steps
 
 
 def test_the_prepared_model_is_cached_reused_and_rebuilt_when_damaged(
@@ -94,7 +96,7 @@ def test_the_prepared_model_is_cached_reused_and_rebuilt_when_damaged(
 def test_the_next_turn_reuses_the_conversation_so_far(bundled_service, bundled_model_path):
     """With the default PREFIX_CACHE_MB, a second turn runs only its new tokens through the
     model, and its reply starts as it does without the cache."""
-    cache = bundled_service.engine.prefix_cache
+    cache = bundled_service.backend.engine.prefix_cache
     conversation = bundled_service.new_conversation()
     first = bundled_service.start_reply(conversation, "Name three colours.", GREEDY)
     first.complete()
@@ -102,11 +104,11 @@ def test_the_next_turn_reuses_the_conversation_so_far(bundled_service, bundled_m
     second = bundled_service.start_reply(conversation, "And three animals?", GREEDY)
     prompt = second.prompt.input_ids
     second.abandon()  # (the engine is asked directly, for token ids)
-    cached = list(bundled_service.engine.generate_token_ids(prompt, GREEDY))
+    cached = list(bundled_service.backend.engine.generate_token_ids(prompt, GREEDY))
     # The whole first prompt and the start of its reply (as re-encoded in the history).
     assert cache.tokens_reused - reused_before > len(first.prompt.input_ids) + 5
 
-    uncached = ChatService.from_settings(bundled_settings(prefix_cache_mb=0))
+    uncached = build_service(bundled_settings(prefix_cache_mb=0))
     assert uncached.engine.prefix_cache is None
     expected = list(uncached.engine.generate_token_ids(prompt, GREEDY))
     assert_same_up_to_a_near_tie(uncached.engine.model, prompt, expected, cached)
@@ -115,9 +117,9 @@ def test_the_next_turn_reuses_the_conversation_so_far(bundled_service, bundled_m
 def test_the_near_tie_check_refuses_a_reply_that_is_really_different(bundled_service):
     """The check above must not pass anything: another question's reply, or a reply with
     one wrong token, leaves the reference where its logits are far apart."""
-    model = bundled_service.engine.model
+    model = bundled_service.backend.engine.model
     prompts = prompts_for(bundled_service, QUESTIONS[:2], GREEDY)
-    replies = [list(bundled_service.engine.generate_token_ids(p, GREEDY)) for p in prompts]
+    replies = [list(bundled_service.backend.engine.generate_token_ids(p, GREEDY)) for p in prompts]
     with pytest.raises(AssertionError, match="below it"):
         assert_same_up_to_a_near_tie(model, prompts[0], replies[0], replies[1])
     wrong = replies[0][:3] + [replies[0][3] + 1] + replies[0][4:]

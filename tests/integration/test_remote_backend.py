@@ -10,11 +10,11 @@ import pytest
 from openai import OpenAI
 
 from src.benchmarks.processes import free_port
-from src.chat.service import ChatService
 from src.config import load_settings
 from src.errors import RemoteBackendError
 from src.models.bundled import BUNDLED_MODEL_NAME
 from src.params import GenerationParams
+from src.stack import build_service
 from src.web.api import create_app
 from tests.conftest import bundled_settings
 from tests.live_server import LiveServer, read_sse
@@ -58,7 +58,7 @@ def remote_settings(upstream_url: str, tmp_path_factory, **overrides):
 
 @pytest.fixture(scope="module")
 def remote_service(upstream, tmp_path_factory):
-    return ChatService.from_settings(remote_settings(upstream.url, tmp_path_factory))
+    return build_service(remote_settings(upstream.url, tmp_path_factory))
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +80,9 @@ def wait_until_idle(engine, timeout: float = 10) -> int:
     """The upstream engine's decoded-row count once it stops changing."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        before = engine.rows_decoded
+        before = engine.stats.rows_decoded
         time.sleep(0.5)
-        if engine.rows_decoded == before:
+        if engine.stats.rows_decoded == before:
             return before
     raise AssertionError("the upstream engine never went idle")
 
@@ -90,7 +90,9 @@ def wait_until_idle(engine, timeout: float = 10) -> int:
 def test_remote_service_replies_like_the_local_one_streams_and_keeps_history(
     remote_service, expected
 ):
-    assert remote_service.engine is None and remote_service.tokenizer is None  # no local model
+    assert (
+        remote_service.backend.kind == "remote" and remote_service.backend.context_window is None
+    )  # no local model
     assert remote_service.model_name == BUNDLED_MODEL_NAME  # the server's first /v1/models id
     conversation = remote_service.new_conversation(SYSTEM)
     for message, local in zip(MESSAGES, expected, strict=True):
@@ -164,7 +166,7 @@ def test_an_api_in_front_of_the_remote_serves_chat_sessions_and_the_openai_route
 def test_cancelling_keeps_the_partial_reply_and_stops_the_remote_generation(
     remote_service, upstream, proxy
 ):
-    engine = upstream.app.state.service.engine
+    engine = upstream.app.state.service.backend.engine
     conversation = remote_service.new_conversation()
     stream = remote_service.start_reply(
         conversation, "Write a long story about the sea.", PARAMS.updated(max_new_tokens=300)
@@ -197,14 +199,14 @@ def test_cancelling_keeps_the_partial_reply_and_stops_the_remote_generation(
 def test_an_unreachable_server_is_a_clear_error_and_a_502(tmp_path_factory):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     settings = remote_settings(url, tmp_path_factory, remote_model="some-model", remote_timeout=5)
-    service = ChatService.from_settings(settings)  # REMOTE_MODEL set: no request yet
+    service = build_service(settings)  # REMOTE_MODEL set: no request yet
     conversation = service.new_conversation()
     with pytest.raises(RemoteBackendError) as error:
         service.start_reply(conversation, "Hi")  # before any text streams
     assert f"remote backend {url}/v1/chat/completions: cannot connect" in str(error.value)
     assert conversation.messages == []
     with pytest.raises(RemoteBackendError, match=f"{url}/v1/models: cannot connect"):
-        ChatService.from_settings(remote_settings(url, tmp_path_factory))  # asks for the model
+        build_service(remote_settings(url, tmp_path_factory))  # asks for the model
 
     with LiveServer(create_app(settings, mount_ui=False)) as live, live.client() as http:
         for path, body in [
@@ -227,7 +229,7 @@ def test_a_wrong_remote_api_key_is_reported_with_the_servers_message(upstream, t
     settings = remote_settings(
         upstream.url, tmp_path_factory, remote_api_key="wrong", remote_model=BUNDLED_MODEL_NAME
     )
-    service = ChatService.from_settings(settings)
+    service = build_service(settings)
     with pytest.raises(RemoteBackendError) as error:
         service.reply(service.new_conversation(), "Hi")
     assert f"{upstream.url}/v1/chat/completions: HTTP 401 Unauthorized" in str(error.value)

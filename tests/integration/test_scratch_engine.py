@@ -4,11 +4,11 @@ exact against Hugging Face, and serving chat through the same engines."""
 import pytest
 import torch
 
-from src.chat.service import ChatService
 from src.errors import ModelLoadingError
 from src.models.bundled import BUNDLED_MODEL_NAME
 from src.models.transformer import Transformer
 from src.params import GenerationParams
+from src.stack import build_service
 from tests.batching_helpers import alone_and_together, prompts_for
 from tests.conftest import EXACT, bundled_settings
 from tests.integration.conftest import run_python
@@ -22,13 +22,13 @@ GREEDY = GenerationParams(do_sample=False, max_new_tokens=32)
 @pytest.fixture(scope="module")
 def scratch_service(bundled_model_path):
     settings = bundled_settings(**EXACT)
-    return ChatService.from_settings(settings, engine_name="scratch")
+    return build_service(settings, engine_name="scratch")
 
 
 def test_logits_equal_hugging_face_on_the_bundled_model(bundled_exact_service):
-    hf = bundled_exact_service.engine.model
+    hf = bundled_exact_service.backend.engine.model
     ours = Transformer.from_hf(hf)
-    tokenizer = bundled_exact_service.tokenizer
+    tokenizer = bundled_exact_service.backend.tokenizer
     encoded = [tokenizer.encode(q) for q in QUESTIONS]
     length = max(map(len, encoded))
     ids = torch.tensor([[2] * (length - len(e)) + e for e in encoded])
@@ -41,9 +41,9 @@ def test_logits_equal_hugging_face_on_the_bundled_model(bundled_exact_service):
 
 
 def test_greedy_32_tokens_equal_hugging_face(bundled_exact_service):
-    hf = bundled_exact_service.engine.model
+    hf = bundled_exact_service.backend.engine.model
     ours = Transformer.from_hf(hf)
-    stop = bundled_exact_service.engine.eos_token_ids
+    stop = bundled_exact_service.backend.engine.eos_token_ids
     for question in QUESTIONS:
         prompt = bundled_exact_service.start_reply(
             bundled_exact_service.new_conversation(), question, GREEDY
@@ -57,7 +57,7 @@ def test_greedy_32_tokens_equal_hugging_face(bundled_exact_service):
 def test_engine_scratch_gives_the_same_replies_as_the_default_engine(
     bundled_exact_service, scratch_service
 ):
-    assert scratch_service.engine.model.__class__ is Transformer
+    assert scratch_service.backend.engine.model.__class__ is Transformer
     for question in QUESTIONS:
         exact = bundled_exact_service
         default = exact.reply(exact.new_conversation(), question, GREEDY)
@@ -69,8 +69,8 @@ def test_scratch_model_batches_like_one_request_at_a_time(scratch_service):
     prompts = prompts_for(scratch_service, QUESTIONS, GREEDY)
     alone, together, engine = alone_and_together(scratch_service, prompts, GREEDY)
     assert together == alone
-    assert engine.prefill_passes == 1  # the three prompts were prefilled in one pass
-    assert engine.rows_decoded > engine.steps  # some steps decoded several requests
+    assert engine.stats.prefill_passes == 1  # the three prompts were prefilled in one pass
+    assert engine.stats.rows_decoded > engine.stats.steps  # some steps decoded several requests
 
 
 def test_cli_engine_flag(bundled_model_path):
@@ -93,4 +93,4 @@ def test_scratch_engine_refuses_adapters(bundled_model_path, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(bundled_model_path)
     get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadingError, match="LoRA adapters need ENGINE=hf"):
-        ChatService.from_settings(settings, adapter_path=tmp_path)
+        build_service(settings, adapter_path=tmp_path)

@@ -18,7 +18,7 @@ from src.chat.conversation import is_session_id
 from src.chat.store import SessionStore
 from src.config import load_settings
 from src.web.api import create_app
-from tests.conftest import GREEDY, make_service
+from tests.conftest import GREEDY, make_service, stack_around
 from tests.live_server import LiveServer, read_sse
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -77,14 +77,13 @@ def factory_for(tiny_llama_path: Path, gate: Gate | None = None):
     def factory(settings):
         service = make_service(
             tiny_llama_path,
-            batching=True,
             default_params=GREEDY.updated(max_new_tokens=4),
             store=SessionStore(settings.sessions_db),
             max_message_chars=settings.max_message_chars,
         )
         if gate is not None:
             gate.wrap(service.backend.engine)
-        return service
+        return stack_around(service, settings)
 
     return factory
 
@@ -456,18 +455,18 @@ def test_openai_history_length(tmp_path, tiny_llama_path):
 
 
 def test_max_new_tokens_is_capped(tmp_path, tiny_llama_path):
-    limits = {"max_new_tokens_limit": 6, "max_new_tokens": 4}  # the default must fit the limit
+    limits = {"max_length": 6, "max_new_tokens": 4}  # the default must fit MAX_LENGTH
     with serve(tmp_path, tiny_llama_path, **limits) as live, live.client() as http:
         for route in ("/chat", "/chat/stream"):
             error = assert_error(http.post(route, json={"message": "hi", "max_new_tokens": 7}), 400)
             assert error["param"] == "max_new_tokens"
-            assert "over the limit of 6 (MAX_NEW_TOKENS_LIMIT)" in error["message"]
+            assert "over the limit of 6 (MAX_LENGTH" in error["message"]
         ok = http.post("/chat", json={"message": "hi", "max_new_tokens": 6})
         assert ok.status_code == 200
         for field in ("max_tokens", "max_completion_tokens"):
             request = {"messages": [USER], field: 7}
             error = assert_error(http.post("/v1/chat/completions", json=request), 400)
-            assert error["param"] == field and "MAX_NEW_TOKENS_LIMIT" in error["message"]
+            assert error["param"] == field and "MAX_LENGTH" in error["message"]
             request[field] = 6
             assert http.post("/v1/chat/completions", json=request).status_code == 200
 

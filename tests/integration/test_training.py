@@ -1,6 +1,7 @@
 """The LoRA training pipeline end to end on a tiny Llama with SmolLM2's real tokenizer."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -60,9 +61,7 @@ def config_for(tiny_llama_path, dataset, output_dir, **training):
             **training,
         },
     }
-    return load_training_config(
-        overrides=[f"{k}={json.dumps(v)}" for k, v in values.items()], environ={}
-    )
+    return load_training_config(overrides=[f"{k}={json.dumps(v)}" for k, v in values.items()])
 
 
 def losses(output_dir):
@@ -155,31 +154,30 @@ def test_config_errors_name_the_key(tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("training: [unclosed")
     with pytest.raises(TrainingConfigError, match="cannot read it as YAML"):
-        load_training_config(bad_yaml, environ={})
+        load_training_config(bad_yaml)
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text(yaml.safe_dump({"training": {"max_stpes": 3}}))
     with pytest.raises(TrainingConfigError, match="training.max_stpes: unknown parameter"):
-        load_training_config(unknown, environ={})
+        load_training_config(unknown)
     with pytest.raises(TrainingConfigError, match="training.learning_rate=-1"):
-        load_training_config(overrides=["training.learning_rate=-1"], environ={})
+        load_training_config(overrides=["training.learning_rate=-1"])
     with pytest.raises(TrainingConfigError, match="expected KEY=VALUE"):
-        load_training_config(overrides=["max_steps"], environ={})
+        load_training_config(overrides=["max_steps"])
     with pytest.raises(TrainingConfigError, match="no such config file"):
-        load_training_config(tmp_path / "missing.yaml", environ={})
+        load_training_config(tmp_path / "missing.yaml")
 
 
-def test_environment_overrides_of_the_brief():
-    config = load_training_config(
-        overrides=["lora.rank=4"],
-        environ={"BATCH_SIZE": "8", "LEARNING_RATE": "1e-3", "LORA_RANK": "32"},
-    )
+def test_environment_overrides_of_the_brief(monkeypatch):
+    for variable, value in {"BATCH_SIZE": "8", "LEARNING_RATE": "1e-3", "LORA_RANK": "32"}.items():
+        monkeypatch.setenv(variable, value)
+    config = load_training_config(overrides=["lora.rank=4"])
     assert config.training.batch_size == 8 and config.training.learning_rate == 1e-3
     assert config.lora.rank == 4  # the command line wins over the environment
 
 
 def test_the_default_config_is_valid_and_every_key_is_commented():
     path = REPO_ROOT / "configs" / "lora_default.yaml"
-    config = load_training_config(path, environ={})
+    config = load_training_config(path)
     assert config.model == "smollm2-135m-instruct" and config.data.source == "chitchat"
     lines = path.read_text().splitlines()
     for number, line in enumerate(lines):
@@ -203,6 +201,9 @@ def test_command_line_training_then_chat_with_the_adapter(tiny_llama_path, datas
     assert trained.returncode == 0, trained.stderr
     assert "Done: 4 steps" in trained.stdout and "validation loss" in trained.stdout
     assert "trainable parameters" in trained.stdout
+    # The resolved configuration is printed and saved beside the adapter (with its source).
+    assert re.search(r"training\.eval_every +2 +command line", trained.stdout)
+    assert load_training_config(tmp_path / "out" / "training_config.yaml").training.eval_every == 2
     chat = run_python(
         ["src/mvp_chatbot.py", "--model", str(tiny_llama_path), "--adapter", str(tmp_path / "out")],
         stdin="Hello\n",
@@ -261,7 +262,7 @@ def test_setup_training_checks_and_writes_a_starter_config(tiny_llama_path, data
     )
     assert ready.returncode == 0, ready.stdout + ready.stderr
     assert "8 conversations, every record valid" in ready.stdout and "Ready:" in ready.stdout
-    config = load_training_config(output, environ={})
+    config = load_training_config(output)
     assert config.model == str(tiny_llama_path) and config.data.source == str(dataset)
 
     broken = tmp_path / "broken.jsonl"

@@ -4,9 +4,11 @@ import threading
 
 import pytest
 
-import src.chat.batching as batching
-from src.chat.batching import BatchingEngine, supports_batching
+import src.engine.batching as batching
 from src.chat.prompts import encode_conversation
+from src.engine.batching import BatchingEngine
+from src.engine.logits import LogitsPipeline, repetition_penalty
+from src.engine.prefix_cache import PrefixCache
 from src.params import GenerationParams
 from tests.batching_helpers import alone_and_together, arrive_together
 
@@ -17,12 +19,17 @@ GREEDY = GenerationParams(do_sample=False, repetition_penalty=1.0, max_new_token
 
 @pytest.fixture()
 def engine(tiny_llama_service):
-    return BatchingEngine(tiny_llama_service.engine.model, tiny_llama_service.tokenizer)
+    return BatchingEngine(
+        tiny_llama_service.backend.engine.model, tiny_llama_service.backend.engine.eos_token_ids
+    )
 
 
 def prompt(service, text):
     return encode_conversation(
-        service.tokenizer, service.prompt_format, None, [{"role": "user", "content": text}]
+        service.backend.tokenizer,
+        service.backend.prompt_format,
+        None,
+        [{"role": "user", "content": text}],
     )
 
 
@@ -49,16 +56,17 @@ def test_a_crash_while_merging_fails_every_request_instead_of_hanging(
 def test_a_sampling_error_in_one_row_fails_only_that_request(
     engine, tiny_llama_service, monkeypatch
 ):
-    original = batching.choose_next_token
-
-    def poisoned(logits, previous, params, generator):
-        if params.seed == 13 and len(previous) > 40:
+    def poisoned(scores, rows):  # a score processor that fails on one request's rows
+        if any(row.params.seed == 13 and len(row.seen) > 40 for row in rows):
             raise RuntimeError("invalid probabilities (simulated)")
-        return original(logits, previous, params, generator)
 
     healthy_prompt = prompt(tiny_llama_service, "healthy")
-    expected = list(tiny_llama_service.engine.generate_token_ids(healthy_prompt, GREEDY))
-    monkeypatch.setattr(batching, "choose_next_token", poisoned)
+    expected = list(tiny_llama_service.backend.engine.generate_token_ids(healthy_prompt, GREEDY))
+    engine = BatchingEngine(
+        engine.model,
+        engine.eos_token_ids,
+        pipeline=LogitsPipeline(score_processors=[repetition_penalty, poisoned]),
+    )
     results = {}
 
     def run(name, ids, params):
@@ -86,15 +94,23 @@ def test_a_sampling_error_in_one_row_fails_only_that_request(
     assert results["healthy"] == expected
 
 
-def test_sliding_window_models_are_not_batched():
+def test_sliding_window_models_are_decoded_one_at_a_time_without_a_prefix_cache():
     from transformers import LlamaConfig, MistralConfig
 
     class Model:
         def __init__(self, config):
             self.config = config
 
-    assert supports_batching(Model(LlamaConfig()))
-    assert not supports_batching(Model(MistralConfig(sliding_window=4096)))
+    full = BatchingEngine(Model(LlamaConfig()), frozenset(), 8, PrefixCache(2**20))
+    sliding = BatchingEngine(
+        Model(MistralConfig(sliding_window=4096)), frozenset(), 8, PrefixCache(2**20)
+    )
+    try:
+        assert (full.max_batch_size, full.prefix_cache is not None) == (8, True)
+        assert (sliding.max_batch_size, sliding.prefix_cache) == (1, None)
+    finally:
+        full.close()
+        sliding.close()
 
 
 @pytest.mark.parametrize("service_fixture", ["tiny_llama_service", "tiny_gpt2_service"])
@@ -106,15 +122,15 @@ def test_requests_arriving_together_share_one_prefill_and_decode_as_alone(servic
     prompts = [prompt(service, text) for text in texts]
     alone, together, engine = alone_and_together(service, prompts, GREEDY)
     assert together == alone
-    assert (engine.prefill_passes, engine.rows_prefilled) == (1, 3)
+    assert (engine.stats.prefill_passes, engine.stats.rows_prefilled) == (1, 3)
 
 
 def test_a_prompt_that_fails_in_a_joint_prefill_fails_alone(tiny_gpt2_service):
     service = tiny_gpt2_service  # learned positions: at most 128
-    engine = BatchingEngine(service.engine.model, service.tokenizer)
+    engine = BatchingEngine(service.backend.engine.model, service.backend.engine.eos_token_ids)
     good = prompt(service, "hello there")
     too_long = prompt(service, "word " * 200)
     results = arrive_together(engine, [good, too_long, good], GREEDY)
-    expected = list(service.engine.generate_token_ids(good, GREEDY))
+    expected = list(service.backend.engine.generate_token_ids(good, GREEDY))
     assert results[0] == results[2] == expected
     assert isinstance(results[1], Exception)

@@ -153,7 +153,7 @@ def test_errors_are_shown_not_raised(session):
 def test_verbose_reports_speed_and_dropped_turns(tiny_llama_path):
     from tests.conftest import make_service
 
-    service = make_service(tiny_llama_path, max_length=80)
+    service = make_service(tiny_llama_path, context_window=80)
     err = io.StringIO()
     chat = ChatSession(
         service,

@@ -14,7 +14,8 @@ def test_defaults_follow_the_brief():
     assert settings.model_cache_dir == Path("./models")
     assert settings.max_length == 512
     assert (settings.api_host, settings.api_port, settings.debug) == ("0.0.0.0", 8000, False)
-    assert (settings.batch_size, settings.learning_rate, settings.lora_rank) == (4, 2e-5, 16)
+    # Unset: training takes configs/lora_default.yaml's (tests/unit/test_training_config.py).
+    assert (settings.batch_size, settings.learning_rate, settings.lora_rank) == (None,) * 3
     assert settings.huggingface_token is None
     assert settings.model_fallback == "bundled"
     assert settings.trust_remote_code is False

@@ -292,17 +292,17 @@ def test_an_unreadable_training_config_is_named(tmp_path, monkeypatch):
     config = tmp_path / "lora.yaml"
     config.mkdir()
     with pytest.raises(TrainingConfigError, match=rf"{config}: cannot read it .*Is a directory"):
-        load_training_config(config, environ={})
+        load_training_config(config)
     config.rmdir()
     config.write_text("training:\n  max_steps: 5\n")
-    assert load_training_config(config, environ={}).training.max_steps == 5
+    assert load_training_config(config).training.max_steps == 5
     with monkeypatch.context() as patch:
         deny_reading(patch, config)
         with pytest.raises(TrainingConfigError, match=rf"{config}: cannot .*Permission denied"):
-            load_training_config(config, environ={})
+            load_training_config(config)
     config.write_bytes(b"training: {max_steps: \xff}")
     with pytest.raises(TrainingConfigError, match=rf"{config}: cannot read it"):
-        load_training_config(config, environ={})
+        load_training_config(config)
 
 
 # ---- corrupt, truncated, missing or unreadable model files ----------------------------------

@@ -5,10 +5,9 @@ kinds (transformers' Llama and GPT-2, our Transformer)."""
 import pytest
 import torch
 
-from src.chat.batching import BatchingEngine
-from src.chat.engine import HFEngine
-from src.chat.prefix_cache import MIN_REUSED_TOKENS, PrefixCache
 from src.chat.prompts import encode_conversation
+from src.engine.batching import BatchingEngine
+from src.engine.prefix_cache import MIN_REUSED_TOKENS, PrefixCache
 from src.models.transformer import Transformer
 from src.params import GenerationParams
 from tests.batching_helpers import arrive_together
@@ -71,7 +70,7 @@ def conversation_prompts(service) -> tuple[list[int], list[int]]:
     """A first turn, and the second turn of the same conversation (which starts with it)."""
     first = [{"role": "user", "content": "Tell me about the weather in spring."}]
     encode = lambda messages: encode_conversation(  # noqa: E731
-        service.tokenizer, service.prompt_format, "Be brief.", messages
+        service.backend.tokenizer, service.backend.prompt_format, "Be brief.", messages
     )
     second = first + [
         {"role": "assistant", "content": "It is mild."},
@@ -82,7 +81,10 @@ def conversation_prompts(service) -> tuple[list[int], list[int]]:
 
 def models(service):
     """The service's transformers model and our Transformer built from its weights."""
-    return {"hf": service.engine.model, "scratch": Transformer.from_hf(service.engine.model)}
+    return {
+        "hf": service.backend.engine.model,
+        "scratch": Transformer.from_hf(service.backend.engine.model),
+    }
 
 
 @pytest.mark.parametrize("service_fixture", ["tiny_llama_service", "tiny_gpt2_service"])
@@ -93,8 +95,10 @@ def test_single_stream_engine_reuses_the_previous_turn_with_identical_replies(
     service = request.getfixturevalue(service_fixture)
     model = models(service)[kind]
     first, second = conversation_prompts(service)
-    plain = HFEngine(model, service.tokenizer)
-    cached = HFEngine(model, service.tokenizer, prefix_cache=PrefixCache(BUDGET))
+    plain = BatchingEngine(model, service.backend.engine.eos_token_ids)
+    cached = BatchingEngine(
+        model, service.backend.engine.eos_token_ids, prefix_cache=PrefixCache(BUDGET)
+    )
     assert list(cached.generate_token_ids(first, GREEDY)) == list(
         plain.generate_token_ids(first, GREEDY)
     )
@@ -120,21 +124,26 @@ def test_batched_prefill_mixes_cached_and_uncached_rows_with_identical_replies(
     model = models(service)[kind]
     first, second = conversation_prompts(service)
     unrelated = encode_conversation(
-        service.tokenizer, service.prompt_format, None, [{"role": "user", "content": "Hi!"}]
+        service.backend.tokenizer,
+        service.backend.prompt_format,
+        None,
+        [{"role": "user", "content": "Hi!"}],
     )
     # The last row reuses all of `first` but one token: its cache has padding between its
     # cached part and its one new token. It also decodes longest, so it ends up alone in the
     # batch with that gap still in its cache (which only the mask can hide).
     params = [GREEDY, GREEDY, GREEDY.updated(max_new_tokens=3 * GREEDY.max_new_tokens)]
     prompts = [second, unrelated, first]
-    plain = HFEngine(model, service.tokenizer)
+    plain = BatchingEngine(model, service.backend.engine.eos_token_ids)
     expected = [list(plain.generate_token_ids(p, q)) for p, q in zip(prompts, params, strict=True)]
 
-    engine = BatchingEngine(model, service.tokenizer, prefix_cache=PrefixCache(BUDGET))
+    engine = BatchingEngine(
+        model, service.backend.engine.eos_token_ids, prefix_cache=PrefixCache(BUDGET)
+    )
     assert list(engine.generate_token_ids(first, GREEDY)) == expected[2][: len(expected[0])]
     results = arrive_together(engine, prompts, params)
     assert results == expected
-    assert engine.prefill_passes == 2
+    assert engine.stats.prefill_passes == 2
     assert engine.prefix_cache.hits == 2  # second and first again; "Hi!" shares too little
 
 
@@ -142,9 +151,11 @@ def test_a_forward_pass_that_fails_halfway_leaves_nothing_in_the_cache(tiny_llam
     """The first layer has already appended its keys when the second fails: such a cache is
     inconsistent, so it must not be kept (the error itself reaches the caller)."""
     service = tiny_llama_service
-    model = service.engine.model
+    model = service.backend.engine.model
     first, second = conversation_prompts(service)
-    engine = HFEngine(model, service.tokenizer, prefix_cache=PrefixCache(BUDGET))
+    engine = BatchingEngine(
+        model, service.backend.engine.eos_token_ids, prefix_cache=PrefixCache(BUDGET)
+    )
     list(engine.generate_token_ids(first, GREEDY))
     assert len(engine.prefix_cache) == 1
     layer = model.model.layers[1]
@@ -164,6 +175,6 @@ def test_a_forward_pass_that_fails_halfway_leaves_nothing_in_the_cache(tiny_llam
     finally:
         del layer.forward
     assert len(engine.prefix_cache) == 1  # only the first turn's entry
-    plain = HFEngine(model, service.tokenizer)
+    plain = BatchingEngine(model, service.backend.engine.eos_token_ids)
     expected = list(plain.generate_token_ids(second, GREEDY))
     assert list(engine.generate_token_ids(second, GREEDY)) == expected

@@ -14,6 +14,7 @@ from src.chat.service import ChatService
 from src.config import load_settings
 from src.errors import ConfigError, RemoteBackendError
 from src.params import GenerationParams
+from src.stack import build_service
 from tests.conftest import GREEDY
 
 pytestmark = pytest.mark.unit
@@ -278,6 +279,6 @@ def test_a_response_that_is_not_a_stream_is_refused():
 def test_local_only_options_are_refused_with_a_remote_backend():
     settings = load_settings(_env_file=None, backend="remote", remote_base_url=BASE)
     with pytest.raises(ConfigError, match="BACKEND=remote loads none"):
-        ChatService.from_settings(settings, adapter_path="outputs/adapters/x")
+        build_service(settings, adapter_path="outputs/adapters/x")
     with pytest.raises(ConfigError, match="BACKEND=remote loads none"):
-        ChatService.from_settings(settings, engine_name="scratch")
+        build_service(settings, engine_name="scratch")

@@ -99,14 +99,17 @@ def test_the_standalone_ui_asks_for_the_key_when_one_is_set(monkeypatch):
     """``python src/web_app.py`` (no API in front) hands the key to Gradio's login."""
     import gradio
 
-    import src.chat.service
+    import src.stack
     import src.web_app
+    from src.chat.adapter_pool import AdapterPool
+
+    def fake_stack(settings, *args, **kwargs):
+        service = FakeService()
+        return src.stack.ChatStack(service, AdapterPool(service, settings.adapters_dir, None), None)
 
     launched = {}
     monkeypatch.setenv("API_KEY", "the-key")
-    monkeypatch.setattr(
-        src.chat.service.ChatService, "from_settings", lambda *args, **kwargs: FakeService()
-    )
+    monkeypatch.setattr(src.stack, "build_chat_stack", fake_stack)
     monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
     assert src.web_app.main(["--port", "7999"]) == 0
     auth = launched["auth"]
@@ -126,6 +129,9 @@ class FakeService:
 
         self.default_params = GenerationParams()
         self.backend = type("Backend", (), {"kind": "local"})()
+
+    def close(self) -> None:
+        pass
 
 
 # ---- sessions ------------------------------------------------------------------------------
@@ -161,7 +167,7 @@ def test_limit_defaults():
     settings = load_settings()
     assert settings.max_message_chars == 16_000
     assert settings.max_history_messages == 200
-    assert settings.max_new_tokens_limit == 1024
+    assert settings.max_length == 512  # the most tokens one reply may have
     assert settings.max_body_bytes == 1_000_000
     assert settings.max_streams_per_client == 16
     assert settings.trust_remote_code is False and settings.allow_pickle is False
@@ -173,8 +179,8 @@ def test_limit_defaults():
     [
         ("MAX_HISTORY_MESSAGES", "0", "greater than or equal to 1"),
         ("MAX_HISTORY_MESSAGES", "many", "valid integer"),
-        ("MAX_NEW_TOKENS_LIMIT", "0", "greater than or equal to 1"),
-        ("MAX_NEW_TOKENS_LIMIT", "5000", "less than or equal to 4096"),
+        ("MAX_LENGTH", "0", "greater than or equal to 1"),
+        ("MAX_LENGTH", "5000", "less than or equal to 1024"),
         ("MAX_STREAMS_PER_CLIENT", "0", "greater than or equal to 1"),
         ("MAX_MESSAGE_CHARS", "0", "greater than or equal to 1"),
         ("MAX_BODY_BYTES", "10", "greater than or equal to 1000"),
@@ -189,12 +195,19 @@ def test_limit_settings_are_validated(monkeypatch, variable, value, allowed):
     assert allowed in str(error.value)
 
 
-def test_the_default_max_new_tokens_must_fit_the_limit(monkeypatch):
-    monkeypatch.setenv("MAX_NEW_TOKENS_LIMIT", "64")
-    with pytest.raises(ConfigError, match=r"MAX_NEW_TOKENS=128 is over MAX_NEW_TOKENS_LIMIT=64"):
+def test_the_default_max_new_tokens_must_fit_max_length(monkeypatch):
+    monkeypatch.setenv("MAX_LENGTH", "64")
+    with pytest.raises(ConfigError, match=r"MAX_NEW_TOKENS=128 is over MAX_LENGTH=64") as error:
         load_settings()
+    assert error.value.field == "MAX_NEW_TOKENS"
     monkeypatch.setenv("MAX_NEW_TOKENS", "64")
-    assert load_settings().max_new_tokens_limit == 64
+    assert load_settings().max_length == 64
+
+
+def test_the_renamed_max_new_tokens_limit_is_refused_not_ignored(monkeypatch):
+    monkeypatch.setenv("MAX_NEW_TOKENS_LIMIT", "2048")
+    with pytest.raises(ConfigError, match="MAX_NEW_TOKENS_LIMIT is now MAX_LENGTH"):
+        load_settings()
 
 
 def test_client_slots_count_per_client_and_release_once():

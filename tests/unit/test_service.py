@@ -7,6 +7,8 @@ import torch
 
 from src.chat.prompts import encode_conversation
 from src.errors import ContextOverflowError, InvalidRequestError
+from src.models.loader import load_from_folder
+from src.models.model_info import context_window, kv_bytes_per_token
 from src.params import GenerationParams
 from tests.conftest import GREEDY, make_service
 
@@ -21,14 +23,14 @@ def service(request):
 
 
 def hf_greedy(service, prompt_ids, max_new_tokens, repetition_penalty=1.0):
-    model = service.engine.model
+    model = service.backend.engine.model
     output = model.generate(
         torch.tensor([prompt_ids]),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         repetition_penalty=repetition_penalty,
-        eos_token_id=list(service.engine.eos_token_ids),
-        pad_token_id=service.tokenizer.eos_token_id,
+        eos_token_id=list(service.backend.engine.eos_token_ids),
+        pad_token_id=service.backend.tokenizer.eos_token_id,
     )
     return output[0, len(prompt_ids) :].tolist()
 
@@ -38,7 +40,7 @@ def test_greedy_tokens_equal_transformers_generate(service, penalty):
     conversation = service.new_conversation()
     params = GREEDY.updated(max_new_tokens=24, repetition_penalty=penalty)
     stream = service.start_reply(conversation, "Tell me about the sea.", params)
-    ours = list(service.engine.generate_token_ids(stream.prompt.input_ids, params))
+    ours = list(service.backend.engine.generate_token_ids(stream.prompt.input_ids, params))
     assert ours == hf_greedy(service, stream.prompt.input_ids, 24, penalty)
 
 
@@ -59,7 +61,7 @@ def test_max_new_tokens_gives_finish_reason_length(tiny_gpt2_service):
     params = GREEDY.updated(max_new_tokens=5)
     prompt_ids = service.start_reply(service.new_conversation(), "Hi", params).prompt.input_ids
     expected = hf_greedy(service, prompt_ids, 5)
-    assert service.engine.tokenizer.eos_token_id not in expected  # random weights: no EOS
+    assert service.backend.tokenizer.eos_token_id not in expected  # random weights: no EOS
     result = service.reply(service.new_conversation(), "Hi", params)
     assert result.finish_reason == "length" and result.completion_tokens == 5
 
@@ -80,8 +82,8 @@ def test_two_turns_the_second_prompt_holds_the_first(service):
     first = service.reply(conversation, "My name is Ada.")
     stream = service.start_reply(conversation, "What is my name?")
     expected = encode_conversation(
-        service.tokenizer,
-        service.prompt_format,
+        service.backend.tokenizer,
+        service.backend.prompt_format,
         conversation.system_prompt,
         [
             {"role": "user", "content": "My name is Ada."},
@@ -150,18 +152,37 @@ def test_empty_message_is_rejected(service):
 
 
 def test_max_new_tokens_that_fills_the_window_is_rejected(tiny_gpt2_path):
-    service = make_service(tiny_gpt2_path, max_length=64)
+    service = make_service(tiny_gpt2_path, context_window=64)
     with pytest.raises(InvalidRequestError, match=r"max_new_tokens=64 leaves no room.*64-token"):
         service.start_reply(service.new_conversation(), "Hi", GREEDY.updated(max_new_tokens=64))
 
 
-def test_context_window_is_the_smaller_of_max_length_and_the_model_limit(tiny_gpt2_path):
-    assert make_service(tiny_gpt2_path, max_length=1024).context_window == 128  # n_positions
-    assert make_service(tiny_gpt2_path, max_length=100).context_window == 100
+def test_the_context_window_is_the_model_limit_unless_memory_is_short(tiny_gpt2_path):
+    model, _ = load_from_folder(tiny_gpt2_path)
+    per_token = kv_bytes_per_token(model)
+    assert per_token == 2 * 2 * 2 * 16 * 4  # keys and values, 2 layers, 2 heads of 16, fp32
+    assert context_window(model, rows=16, memory_bytes=2**40) == 128  # n_positions
+    # 16 rows of 100 tokens fill exactly a quarter of this much memory:
+    assert context_window(model, rows=16, memory_bytes=4 * 16 * 100 * per_token) == 100
+
+
+def test_the_bundled_model_keeps_its_whole_8k_window_by_default(bundled_service):
+    """The brief's MAX_LENGTH=512 once capped the window: three exchanges and the chat forgot
+    its beginning. The window is now the model's own 8,192 positions."""
+    backend = bundled_service.backend
+    assert backend.context_window == 8192
+    assert backend.kv_cache_bytes == 8192 * kv_bytes_per_token(backend.engine.model)
+    conversation = bundled_service.new_conversation()
+    for number in range(12):
+        conversation.add_exchange(f"Tell me about topic {number}. " * 20, "Sure. " * 60)
+    stream = bundled_service.start_reply(conversation, "And the first topic?")
+    stream.abandon()
+    assert stream.prompt.dropped_messages == 0
+    assert len(stream.prompt.input_ids) > 2048
 
 
 def test_old_turns_are_dropped_and_reported_when_the_window_is_full(tiny_gpt2_path):
-    service = make_service(tiny_gpt2_path, max_length=60, default_params=GREEDY)
+    service = make_service(tiny_gpt2_path, context_window=60, default_params=GREEDY)
     conversation = service.new_conversation()
     for number in range(4):
         conversation.add_exchange(f"question number {number} " * 3, f"answer {number} " * 3)
@@ -172,7 +193,7 @@ def test_old_turns_are_dropped_and_reported_when_the_window_is_full(tiny_gpt2_pa
 
 
 def test_a_message_too_long_for_the_window_is_a_clear_error(tiny_gpt2_path):
-    service = make_service(tiny_gpt2_path, max_length=64, default_params=GREEDY)
+    service = make_service(tiny_gpt2_path, context_window=64, default_params=GREEDY)
     conversation = service.new_conversation()
     with pytest.raises(ContextOverflowError, match="Shorten the message"):
         service.start_reply(conversation, "word " * 200)
@@ -182,5 +203,7 @@ def test_a_message_too_long_for_the_window_is_a_clear_error(tiny_gpt2_path):
 def test_system_prompt_is_used_with_a_chat_template(tiny_llama_service):
     conversation = tiny_llama_service.new_conversation("You are a pirate.")
     stream = tiny_llama_service.start_reply(conversation, "Hi")
-    assert "You are a pirate." in tiny_llama_service.tokenizer.decode(stream.prompt.input_ids)
+    assert "You are a pirate." in tiny_llama_service.backend.tokenizer.decode(
+        stream.prompt.input_ids
+    )
     assert tiny_llama_service.supports_system_prompt

@@ -7,11 +7,11 @@ from starlette.concurrency import run_in_threadpool
 from src.chat.conversation import Conversation, is_session_id
 from src.chat.service import ChatService
 from src.config import Settings
-from src.params import GenerationParams
+from src.params import GenerationParams, check_reply_length
 from src.web.deps import AdapterPoolDep, ServiceDep, SettingsDep, SlotsDep, require_api_key
-from src.web.errors import HTTPProblem, sse_event
+from src.web.errors import HTTPProblem, sse_event, stream_error
 from src.web.schemas import ChatRequest, ChatResponse, ErrorResponse, SessionResponse
-from src.web.security import SlotStreamingResponse, check_chars, check_max_new_tokens, client_id
+from src.web.security import SlotStreamingResponse, check_chars, client_id
 from src.web.streaming import deltas_of
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 502, 503)}
@@ -64,9 +64,9 @@ def open_session(service: ChatService, body: ChatRequest, settings: Settings) ->
 def prepare(
     body: ChatRequest, service: ChatService, settings: Settings
 ) -> tuple[GenerationParams, Conversation]:
-    """The request's generation parameters (within MAX_NEW_TOKENS_LIMIT) and its session;
-    its system prompt within MAX_MESSAGE_CHARS (the service checks the message itself)."""
-    check_max_new_tokens(body.max_new_tokens, "max_new_tokens", settings.max_new_tokens_limit)
+    """The request's generation parameters (a reply within MAX_LENGTH) and its session; its
+    system prompt within MAX_MESSAGE_CHARS (the service checks the message itself)."""
+    check_reply_length(body.max_new_tokens, "max_new_tokens", settings.max_length)
     check_chars("system_prompt", body.system_prompt, settings.max_message_chars)
     params = body.apply_to(service.default_params)
     return params, open_session(service, body, settings)
@@ -116,7 +116,7 @@ async def chat_stream(
             async for delta in deltas_of(stream):
                 yield sse_event({"text": delta}, event="delta")
         except Exception as exc:  # headers are sent: report in-band rather than cut the stream
-            yield sse_event({"error": {"message": str(exc), "type": "server_error"}}, "error")
+            yield sse_event(stream_error(exc), "error")
             return
         done = ChatResponse.from_result(stream.result, conversation.id)
         yield sse_event(done.model_dump(), event="done")

@@ -13,7 +13,15 @@ def health(request: Request) -> JSONResponse:
     state = request.app.state
     if state.service is not None:
         service = state.service
-        body = HealthResponse(status="ok", model=service.model_name, backend=service.backend.kind)
+        backend = service.backend
+        kv_bytes = backend.kv_cache_bytes
+        body = HealthResponse(
+            status="ok",
+            model=service.model_name,
+            backend=backend.kind,
+            context_window=backend.context_window,
+            kv_cache_mb=None if kv_bytes is None else round(kv_bytes / 2**20, 1),
+        )
         return JSONResponse(body.model_dump())
     if state.load_error:
         body = HealthResponse(status="error", detail=state.load_error)

@@ -11,9 +11,9 @@ from starlette.concurrency import run_in_threadpool
 
 from src.chat.conversation import Conversation
 from src.config import Settings
-from src.params import GenerationParams, make_params
+from src.params import GenerationParams, check_reply_length, make_params
 from src.web.deps import ServiceDep, SettingsDep, SlotsDep, require_api_key
-from src.web.errors import HTTPProblem, sse_event
+from src.web.errors import HTTPProblem, sse_event, stream_error
 from src.web.openai_schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -27,7 +27,6 @@ from src.web.routes.chat import ERRORS
 from src.web.security import (
     SlotStreamingResponse,
     check_chars,
-    check_max_new_tokens,
     client_id,
 )
 from src.web.streaming import deltas_of
@@ -86,7 +85,7 @@ def openai_params(
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens_limit is not None:
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        check_max_new_tokens(max_tokens, field, max_tokens_limit)
+        check_reply_length(max_tokens, field, max_tokens_limit)
     if max_tokens is not None:
         values["max_new_tokens"] = max_tokens
     if body.temperature is not None:
@@ -121,7 +120,7 @@ async def chat_completions(
     """``model`` is only echoed: the server answers with the one model it loaded at start-up
     and never loads anything a request names."""
     conversation, message = split_messages(body, settings)
-    params = openai_params(body, service.default_params, settings.max_new_tokens_limit)
+    params = openai_params(body, service.default_params, settings.max_length)
     slot = slots.acquire(client_id(request))
     try:
         stream = await run_in_threadpool(service.start_reply, conversation, message, params)
@@ -163,7 +162,7 @@ async def chat_completions(
             async for delta in deltas_of(stream):
                 yield sse_event(chunk({"content": delta}))
         except Exception as exc:
-            yield sse_event({"error": {"message": str(exc), "type": "server_error"}})
+            yield sse_event(stream_error(exc))
             return
         yield sse_event(chunk({}, _finish_reason(stream.result.finish_reason)))
         if body.stream_options is not None and body.stream_options.include_usage:

@@ -1,15 +1,21 @@
-"""Continuous batching: concurrent requests share one forward pass per decoding step.
+"""The decode loop: every reply of the CLI, the API, the web UI and the scripts comes from here.
 
-A single scheduler thread owns the model. Requests that arrive together are first prefilled
-together (their left-padded prompts through the model in one pass, giving their KV caches and
-first tokens), then join the running batch. At
-every step the batch's last tokens go through the model together, (B, 1), and each row picks
-its next token with its own parameters. Finished or cancelled rows leave the batch at once,
-and waiting requests join between two steps, so nobody waits for a whole batch to finish.
+Token ids in, token ids out: the engine knows nothing of tokenizers or chat. A single scheduler
+thread owns the model, and concurrent requests share one forward pass per decoding step
+(continuous batching). Requests that arrive together are first prefilled together (their
+left-padded prompts through the model in one pass, giving their KV caches and first tokens),
+then join the running batch. At every step the batch's last tokens go through the model
+together, (B, 1), and the logits pipeline (``src/engine/logits.py``) picks each row's next
+token with the row's own parameters. Finished or cancelled rows leave the batch at once, and
+waiting requests join between two steps, so nobody waits for a whole batch to finish. A single
+stream is the same loop with one row.
 
 Rows have different lengths, so the shared KV cache is left-padded: the attention mask hides
 the padding, and each row gets explicit position ids (its own token count), which is what
-RoPE and learned positions need. With one request this is the same loop as ``HFEngine``.
+RoPE and learned positions need.
+
+With a ``PrefixCache``, a prompt that starts like an earlier sequence (the previous turn of the
+conversation, the shared system prompt) only runs its new tokens through the model.
 """
 
 from __future__ import annotations
@@ -23,14 +29,17 @@ from typing import Any
 
 import torch
 
-from src.chat.engine import eos_token_ids, max_positions, uses_sliding_window
-from src.chat.prefix_cache import LayerKV, PrefixCache, cache_from_layers, row_layers
-from src.chat.sampling import choose_next_token, greedy_tokens, sampling_generator
+from src.engine.logits import LogitsPipeline, sampling_generator
+from src.engine.prefix_cache import PrefixCache
+from src.errors import EngineClosedError
+from src.models.caches import LayerKV, cache_from_layers, row_layers
+from src.models.model_info import uses_sliding_window
 from src.params import GenerationParams
 
 logger = logging.getLogger(__name__)
 
 _DONE = object()  # end-of-stream marker on a request's queue
+_CLOSE = object()  # on the waiting queue: the scheduler thread ends
 
 
 @dataclass
@@ -53,7 +62,7 @@ class _Request:
         self.history[: len(self.prompt_ids)] = torch.tensor(self.prompt_ids, dtype=torch.long)
 
     @property
-    def previous_ids(self) -> torch.Tensor:
+    def seen(self) -> torch.Tensor:
         return self.history[: len(self.prompt_ids) + self.generated]
 
     def add(self, token_id: int) -> None:
@@ -75,30 +84,35 @@ class _Batch:
 
 
 class BatchingEngine:
-    """Same interface as ``HFEngine``; safe to call from many threads at once."""
+    """Generates token ids for many requests at once; safe to call from many threads.
+
+    ``eos_token_ids`` end a reply (the token is yielded, then the reply ends). ``close()``
+    stops the scheduler thread; requests still running then fail with ``EngineClosedError``.
+    """
 
     def __init__(
         self,
         model: Any,
-        tokenizer: Any,
+        eos_token_ids: frozenset[int],
         max_batch_size: int = 16,
         prefix_cache: PrefixCache | None = None,
+        pipeline: LogitsPipeline | None = None,
     ) -> None:
         self.model = model
-        self.prefix_cache = prefix_cache
-        self.tokenizer = tokenizer
-        self.eos_token_ids = eos_token_ids(model, tokenizer)
-        self.max_positions = max_positions(model.config)
-        self.max_batch_size = max_batch_size
-        self._waiting: queue.Queue[_Request] = queue.Queue()
+        self.eos_token_ids = frozenset(eos_token_ids)
+        # Our left-padded shared cache assumes every layer attends to all earlier positions.
+        # Sliding-window layers (Mistral, Gemma 2/3) keep their own bookkeeping, so such a
+        # model decodes one request at a time, and its caches are neither shared nor reused.
+        sliding = uses_sliding_window(model)
+        self.max_batch_size = 1 if sliding else max_batch_size
+        self.prefix_cache = None if sliding else prefix_cache
+        self.pipeline = pipeline or LogitsPipeline()
+        self.stats = EngineStats()
+        self._waiting: queue.Queue[Any] = queue.Queue()
         self._requests: dict[int, _Request] = {}  # admitted, not finished: failed on a crash
-        self._thread = threading.Thread(target=self._run, name="batching-engine", daemon=True)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
         self._thread.start()
-        # For tests and the benchmark: forward passes and the rows they carried.
-        self.steps = 0  # decode steps
-        self.rows_decoded = 0  # sum of batch sizes over those steps
-        self.prefill_passes = 0
-        self.rows_prefilled = 0
 
     def generate_token_ids(
         self,
@@ -106,24 +120,42 @@ class BatchingEngine:
         params: GenerationParams,
         should_stop: Callable[[], bool] = lambda: False,
     ) -> Iterator[int]:
+        """Yield new token ids until EOS (yielded too), max_new_tokens, or ``should_stop()``
+        (checked before every token). Closing the iterator early frees the request's row."""
+        if self._closed:
+            raise EngineClosedError("the engine is closed: the server is shutting down")
         request = _Request(list(prompt_ids), params, should_stop)
         self._waiting.put(request)
+        ended = False
         try:
             while True:
                 item = request.tokens.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
+                if item is _DONE or isinstance(item, BaseException):
+                    ended = True
+                    if item is _DONE:
+                        return
                     raise item
                 yield item
         finally:
-            request.abandoned = True  # e.g. a stop sequence matched: free the row
+            if not ended:  # closed early (e.g. a stop sequence matched): free the row
+                request.abandoned = True
+                _wait_for_end(request)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the scheduler thread after its current step. Requests still waiting or running
+        fail with ``EngineClosedError``; new ones are refused. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._waiting.put(_CLOSE)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     # ---- the scheduler thread -------------------------------------------------------------
 
     def _run(self) -> None:
         batch: _Batch | None = None
-        while True:
+        while not self._closed:
             try:
                 batch = self._admit(batch)
                 if batch is not None:
@@ -135,6 +167,16 @@ class BatchingEngine:
                 for request in list(self._requests.values()):
                     self._finish(request, exc)
                 batch = None
+        closed = EngineClosedError("the engine was closed before this reply ended")
+        for request in list(self._requests.values()):
+            self._finish(request, closed)
+        while True:  # requests that never got in
+            try:
+                request = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if request is not _CLOSE:
+                request.tokens.put(closed)
 
     def _finish(self, request: _Request, outcome: object = _DONE) -> None:
         """Send the last item (end marker or exception) and forget the request."""
@@ -151,6 +193,8 @@ class BatchingEngine:
             try:
                 request = self._waiting.get(block=batch is None and not arrivals)
             except queue.Empty:
+                break
+            if request is _CLOSE:
                 break
             self._requests[id(request)] = request
             if self._start(request):
@@ -205,7 +249,7 @@ class BatchingEngine:
         attention_mask = torch.zeros(len(requests), past + length, dtype=torch.long)
         for row, (request, (reused, _)) in enumerate(zip(requests, found, strict=True)):
             new = len(request.prompt_ids) - reused
-            input_ids[row, length - new :] = request.previous_ids[reused:]
+            input_ids[row, length - new :] = request.seen[reused:]
             attention_mask[row, past - reused : past] = 1
             attention_mask[row, past + length - new :] = 1
         if len(requests) == 1 and past == 0:
@@ -221,8 +265,8 @@ class BatchingEngine:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        self.prefill_passes += 1
-        self.rows_prefilled += len(requests)
+        self.stats.prefill_passes += 1
+        self.stats.rows_prefilled += len(requests)
         batch = _Batch(
             requests=list(requests),
             cache=output.cache,
@@ -243,8 +287,8 @@ class BatchingEngine:
         if self.prefix_cache is None:
             return
         columns = batch.attention_mask[row].nonzero().squeeze(1)  # its real positions
-        if len(columns) == len(request.previous_ids):  # the cache holds exactly those tokens
-            self.prefix_cache.store(request.previous_ids, row_layers(batch.cache, row, columns))
+        if len(columns) == len(request.seen):  # the cache holds exactly those tokens
+            self.prefix_cache.store(request.seen, row_layers(batch.cache, row, columns))
 
     @torch.inference_mode()
     def _step(self, batch: _Batch) -> _Batch | None:
@@ -262,8 +306,8 @@ class BatchingEngine:
             cache=batch.cache,
             use_cache=True,
         )
-        self.steps += 1
-        self.rows_decoded += len(batch.requests)
+        self.stats.steps += 1
+        self.stats.rows_decoded += len(batch.requests)
         batch.cache = output.cache
         batch.attention_mask = attention_mask
         batch.positions = batch.positions + 1
@@ -272,30 +316,21 @@ class BatchingEngine:
 
     def _emit(self, batch: _Batch, logits: torch.Tensor) -> list[int]:
         """Choose each row's next token, send it, and return the rows that go on."""
-        greedy = [row for row, request in enumerate(batch.requests) if request.params.is_greedy]
-        chosen = {}
-        if greedy:  # all greedy rows in one go; sampled rows each draw from their own generator
-            requests = [batch.requests[row] for row in greedy]
-            tokens = greedy_tokens(
-                logits[greedy],
-                [request.previous_ids for request in requests],
-                [request.params.repetition_penalty for request in requests],
-            )
-            chosen = dict(zip(greedy, tokens, strict=True))
-        keep, next_tokens, sent, finished = [], [], [], []
+        live = []
         for row, request in enumerate(batch.requests):
             if request.abandoned or request.should_stop():
                 self._remember(batch, row, request)
                 self._finish(request)
-                continue
-            try:
-                token_id = chosen.get(row)
-                if token_id is None:
-                    token_id = choose_next_token(
-                        logits[row], request.previous_ids, request.params, request.generator
-                    )
-            except Exception as exc:  # e.g. a sampling error: fail this row, not the batch
-                self._finish(request, exc)
+            else:
+                live.append(row)
+        if len(live) < len(batch.requests):
+            logits = logits[live]
+        chosen = self._choose(logits, [batch.requests[row] for row in live])
+        keep, next_tokens, sent, finished = [], [], [], []
+        for row, token_id in zip(live, chosen, strict=True):
+            request = batch.requests[row]
+            if isinstance(token_id, Exception):  # e.g. a sampling error: fail this row only
+                self._finish(request, token_id)
                 continue
             sent.append((request, token_id))
             if request.ends_with(token_id, self.eos_token_ids):
@@ -316,11 +351,44 @@ class BatchingEngine:
             batch.last_tokens[keep] = torch.tensor(next_tokens)
         return keep
 
+    def _choose(self, logits: torch.Tensor, requests: list[_Request]) -> list[int | Exception]:
+        """The rows' next tokens from the pipeline, all rows in one go. Should that fail (a
+        bad value in one request), each row is tried alone, so only the bad one fails."""
+        if not requests:
+            return []
+        try:
+            return self.pipeline.next_tokens(logits, requests)
+        except Exception:
+            alone: list[int | Exception] = []
+            for row, request in enumerate(requests):
+                try:
+                    alone.extend(self.pipeline.next_tokens(logits[row : row + 1], [request]))
+                except Exception as exc:
+                    alone.append(exc)
+            return alone
 
-def supports_batching(model: Any) -> bool:
-    """Our left-padded shared cache assumes every layer attends to all earlier positions;
-    sliding-window layers keep their own bookkeeping, so such models are not batched."""
-    return not uses_sliding_window(model)
+
+def _wait_for_end(request: _Request, timeout: float = 60.0) -> None:
+    """Block until the scheduler has let go of an abandoned request (at its next step), so
+    that when a caller's close() returns, the row is free and its keys and values are kept
+    in the prefix cache."""
+    while True:
+        try:
+            item = request.tokens.get(timeout=timeout)
+        except queue.Empty:
+            return
+        if item is _DONE or isinstance(item, BaseException):
+            return
+
+
+@dataclass
+class EngineStats:
+    """Forward passes and the rows they carried (the benchmark reports rows per step)."""
+
+    steps: int = 0  # decoding steps
+    rows_decoded: int = 0  # sum of batch sizes over those steps
+    prefill_passes: int = 0
+    rows_prefilled: int = 0
 
 
 def _stack(found: list[tuple[int, list[LayerKV]]], length: int) -> list[LayerKV]:

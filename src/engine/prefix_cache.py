@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (1, kv_heads, length, head_dim)
+from src.models.caches import LayerKV
 
 MIN_REUSED_TOKENS = 8  # below this, a match saves less than looking it up and merging costs
 
@@ -101,24 +100,3 @@ class PrefixCache:
 
 def _is_prefix(shorter: torch.Tensor, longer: torch.Tensor) -> bool:
     return len(shorter) <= len(longer) and bool(torch.equal(shorter, longer[: len(shorter)]))
-
-
-def row_layers(cache: Any, row: int, columns: torch.Tensor) -> list[LayerKV]:
-    """Copies of one row's keys and values at ``columns`` (its real, non-padding positions)
-    from a batched cache, ours or transformers' (both have ``layers[i].keys/.values``)."""
-    return [
-        (layer.keys[row : row + 1, :, columns], layer.values[row : row + 1, :, columns])
-        for layer in cache.layers
-    ]
-
-
-def cache_from_layers(model: Any, layers: list[LayerKV]) -> Any:
-    """A new KV cache for ``model`` that starts with ``layers`` (copied, never aliased)."""
-    from src.models.transformer import KVCache, Transformer
-
-    if isinstance(model, Transformer):
-        return KVCache.from_layers(layers)
-    from transformers import DynamicCache
-
-    # DynamicCache's first update concatenates onto an empty tensor: a copy.
-    return DynamicCache(ddp_cache_data=layers, config=model.config)

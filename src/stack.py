@@ -1,0 +1,147 @@
+"""The composition root: the one place that builds the chat stack from the settings.
+
+Every entry point calls ``build_chat_stack``: the CLI (``src/mvp_chatbot.py``), the API
+(``src/web/api.py``), the standalone web UI (``src/web_app.py``) and the Spaces ``app.py``.
+What it assembles, bottom up:
+
+    model (src/models)  ->  engine (src/engine: the one decode loop)  ->  LocalBackend
+    -> ChatService (src/chat)  ->  AdapterPool (the base service plus one per LoRA adapter)
+
+With BACKEND=remote no model is loaded: the service's backend is a ``RemoteBackend``.
+``ChatStack.close()`` stops every engine thread and remote client and closes the store.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from src.chat.adapter_pool import AdapterPool
+from src.chat.local import LocalBackend
+from src.chat.remote import RemoteBackend
+from src.chat.service import ChatService
+from src.chat.store import SessionStore
+from src.config import Settings
+from src.engine.batching import BatchingEngine
+from src.engine.prefix_cache import PrefixCache
+from src.errors import ConfigError
+from src.models.model_info import (
+    context_window,
+    eos_token_ids,
+    kv_bytes_per_token,
+    uses_sliding_window,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatStack:
+    service: ChatService  # the base model's
+    adapters: AdapterPool  # the base service plus one per LoRA adapter, loaded on first use
+    store: SessionStore | None  # the sessions database, shared by all the services
+
+    def close(self) -> None:
+        """Stop every service's engine thread (or remote client), then close the store."""
+        self.adapters.close()
+        if self.store is not None:
+            self.store.close()
+
+
+def build_chat_stack(
+    settings: Settings,
+    model_name: str | None = None,
+    adapter_path: Path | None = None,
+    engine_name: str | None = None,
+    sessions: bool = False,
+) -> ChatStack:
+    """Load the configured model and build the stack around it.
+
+    ``model_name``, ``adapter_path`` and ``engine_name`` override MODEL_NAME, ADAPTER_PATH and
+    ENGINE (the CLI's flags). ``sessions=True`` (the API) keeps conversations in SQLite at
+    DATA_DIR/sessions.sqlite3. Raises ``ConfigError`` or ``ModelLoadingError``.
+    """
+    store = SessionStore(settings.sessions_db) if sessions else None
+    try:
+        service = build_service(settings, model_name, adapter_path, engine_name, store)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+
+    def adapter_service(path: Path) -> ChatService:
+        return build_service(settings, model_name, path, engine_name, store)
+
+    return ChatStack(service, AdapterPool(service, settings.adapters_dir, adapter_service), store)
+
+
+def build_service(
+    settings: Settings,
+    model_name: str | None = None,
+    adapter_path: Path | None = None,
+    engine_name: str | None = None,
+    store: SessionStore | None = None,
+) -> ChatService:
+    """One ChatService: the configured model (or remote server) with the settings' defaults."""
+    if settings.backend == "remote":
+        if adapter_path is not None or engine_name not in (None, "auto"):
+            raise ConfigError(
+                "LoRA adapters and --engine need a local model, but BACKEND=remote loads "
+                "none; drop them or use BACKEND=local",
+                field="BACKEND",
+            )
+        backend = RemoteBackend.from_settings(settings, model=model_name)
+        name = backend.model
+    else:
+        backend, name = build_local_backend(settings, model_name, adapter_path, engine_name)
+    return ChatService(
+        backend,
+        model_name=name,
+        default_params=settings.generation_defaults(),
+        cache_size=settings.response_cache_size,
+        default_system_prompt=settings.system_prompt,
+        store=store,
+        max_message_chars=settings.max_message_chars,
+        max_reply_tokens=settings.max_length,
+    )
+
+
+def build_local_backend(
+    settings: Settings,
+    model_name: str | None = None,
+    adapter_path: Path | None = None,
+    engine_name: str | None = None,
+) -> tuple[LocalBackend, str]:
+    """The model (see ``src.models.inference`` for ENGINE, PRECISION and QUANTIZE), the
+    engine that decodes for it, and the text-to-ids backend around the engine."""
+    from src.models.inference import load_for_inference
+
+    loaded = load_for_inference(settings, model_name, adapter_path, engine_name)
+    backend = local_backend(loaded.model, loaded.tokenizer, settings)
+    logger.info(
+        "Model: %s (%s); context window %d tokens (a full one holds %.0f MB of keys and values)",
+        loaded.name,
+        loaded.description,
+        backend.context_window,
+        backend.kv_cache_bytes / 2**20,
+    )
+    return backend, loaded.name
+
+
+def local_backend(model: Any, tokenizer: Any, settings: Settings) -> LocalBackend:
+    """The engine for an already loaded ``model`` and the backend around it (scripts that
+    load a model themselves, such as compare_adapter.py, start here)."""
+    if uses_sliding_window(model):
+        logger.warning(
+            "Notice: this model uses sliding-window attention; requests are decoded one at a time."
+        )
+    prefix_cache = (
+        PrefixCache(settings.prefix_cache_mb * 2**20) if settings.prefix_cache_mb else None
+    )
+    engine = BatchingEngine(
+        model, eos_token_ids(model, tokenizer), settings.max_batch_size, prefix_cache=prefix_cache
+    )
+    window = context_window(model, engine.max_batch_size)
+    return LocalBackend(engine, tokenizer, window, kv_bytes_per_token(model))
