@@ -30,7 +30,6 @@ from src.errors import ConfigError
 from src.models.model_info import (
     context_window,
     eos_token_ids,
-    kv_bytes_per_token,
     uses_sliding_window,
 )
 
@@ -144,4 +143,4 @@ def local_backend(model: Any, tokenizer: Any, settings: Settings) -> LocalBacken
         model, eos_token_ids(model, tokenizer), settings.max_batch_size, prefix_cache=prefix_cache
     )
     window = context_window(model, engine.max_batch_size)
-    return LocalBackend(engine, tokenizer, window, kv_bytes_per_token(model))
+    return LocalBackend(engine, tokenizer, window)

@@ -22,6 +22,7 @@ from src.chat.prompts import PromptBuild, PromptFormat, build_prompt, detect_pro
 from src.chat.streaming import IncrementalDecoder, StopSequenceFilter
 from src.engine.batching import BatchingEngine
 from src.errors import InvalidRequestError
+from src.models.model_info import kv_bytes_per_token
 from src.params import GenerationParams
 
 
@@ -38,13 +39,12 @@ class LocalBackend:
         engine: BatchingEngine,
         tokenizer: Any,
         context_window: int,
-        kv_bytes_per_token: int = 0,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.context_window = context_window
         # What a conversation filling the window holds in the KV cache (--verbose, /health).
-        self.kv_cache_bytes = context_window * kv_bytes_per_token
+        self.kv_cache_bytes = context_window * kv_bytes_per_token(engine.model)
         self.prompt_format: PromptFormat = detect_prompt_format(tokenizer)
 
     def close(self) -> None:

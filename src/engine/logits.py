@@ -105,7 +105,7 @@ def top_p(candidates: torch.Tensor, rows: Sequence[Row]) -> None:
     before = probabilities.cumsum(dim=-1) - probabilities  # the mass of the likelier ones
     # Drop a candidate if the ones before it already reach p. Keep the first whatever p is: a
     # p below float32's smallest number (1e-300) rounds to 0, which would drop every token.
-    drop = before >= masses[:, None]
+    drop = (before >= masses[:, None]) & (masses < 1.0)[:, None]  # p=1 keeps all: rounding
     drop[:, 0] = False
     candidates.masked_fill_(drop, float("-inf"))
 

@@ -84,7 +84,14 @@ def test_health_is_503_while_loading_then_200_with_the_model(settings, tiny_llam
         assert busy.status_code == 503 and "still loading" in busy.json()["error"]["message"]
         release.set()
         ready = wait_for_health(http, "ok")
-        assert ready == {"status": "ok", "model": "tiny-llama0", "backend": "local", "detail": None}
+        assert ready == {
+            "status": "ok",
+            "model": "tiny-llama0",
+            "backend": "local",
+            "context_window": 256,  # the tiny model's max_position_embeddings
+            "kv_cache_mb": round(256 * 2 * 2 * 2 * 8 * 4 / 2**20, 1),
+            "detail": None,
+        }
 
 
 def test_a_model_that_fails_to_load_is_reported(settings):

@@ -164,12 +164,6 @@ def test_distribution_matches_transformers_for_each_row_of_a_batch(settings, see
         assert len(set(counts)) > 4  # the rows really were filtered differently
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in src/engine/logits.py top_p: once a row of the batch has top_p < 1, a row "
-    "with top_p = 1.0 is filtered too, and loses the tail tokens after its float32 cumulative "
-    "probability rounds to 1.0 (alone, or with transformers, it keeps all of them)",
-)
 def test_top_p_of_1_keeps_every_token_next_to_top_p_rows():
     torch.manual_seed(0)
     logits = torch.randn(2, 1000) * 4
