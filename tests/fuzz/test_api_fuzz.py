@@ -74,7 +74,7 @@ FUZZ_SETTINGS = settings(
     database=None,
 )
 # A context window this small keeps every reply short: max_new_tokens + prompt <= 96.
-MAX_LENGTH = 96
+CONTEXT_WINDOW = 96
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,8 @@ def live(tmp_path_factory, tiny_llama_path):
         _env_file=None,
         data_dir=folder / "data",
         adapters_dir=folder / "adapters",
-        max_length=MAX_LENGTH,
+        max_length=CONTEXT_WINDOW,  # the longest reply
+        max_new_tokens=8,
         max_message_chars=2000,
         max_body_bytes=20_000,
     )
@@ -93,6 +94,7 @@ def live(tmp_path_factory, tiny_llama_path):
         return stack_around(
             make_service(
                 tiny_llama_path,
+                context_window=CONTEXT_WINDOW,
                 default_params=GREEDY.updated(max_new_tokens=8),
                 max_reply_tokens=settings.max_length,
                 store=SessionStore(settings.sessions_db),

@@ -240,7 +240,7 @@ def test_generation_params_are_valid_or_name_the_field():
 @pytest.fixture(scope="module")
 def services(tiny_gpt2_path, tiny_llama_path) -> dict:
     """Tiny random-weight models with the real tokenizers, a 128-token context window."""
-    options = {"max_length": 128, "max_message_chars": 4000, "default_params": GREEDY}
+    options = {"context_window": 128, "max_message_chars": 4000, "default_params": GREEDY}
     return {
         "gpt2": make_service(tiny_gpt2_path, **options),
         "llama": make_service(tiny_llama_path, **options),

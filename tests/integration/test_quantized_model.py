@@ -109,9 +109,9 @@ def test_the_next_turn_reuses_the_conversation_so_far(bundled_service, bundled_m
     assert cache.tokens_reused - reused_before > len(first.prompt.input_ids) + 5
 
     uncached = build_service(bundled_settings(prefix_cache_mb=0))
-    assert uncached.engine.prefix_cache is None
-    expected = list(uncached.engine.generate_token_ids(prompt, GREEDY))
-    assert_same_up_to_a_near_tie(uncached.engine.model, prompt, expected, cached)
+    assert uncached.backend.engine.prefix_cache is None
+    expected = list(uncached.backend.engine.generate_token_ids(prompt, GREEDY))
+    assert_same_up_to_a_near_tie(uncached.backend.engine.model, prompt, expected, cached)
 
 
 def test_the_near_tie_check_refuses_a_reply_that_is_really_different(bundled_service):

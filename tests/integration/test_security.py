@@ -390,15 +390,16 @@ def test_adapters_are_names_from_adapters_dir_never_paths(tmp_path, tiny_llama_p
 
 
 def test_the_openai_model_field_is_only_a_name(client, monkeypatch):
-    import src.chat.service
     import src.models.loader
+    import src.stack
 
     def never(*args, **kwargs):
         raise AssertionError("a request made the server load a model")
 
     for name in ("load_model", "load_from_folder", "resolve_model", "download_from_hub"):
         monkeypatch.setattr(src.models.loader, name, never)
-    monkeypatch.setattr(src.chat.service.ChatService, "from_settings", never)
+    for name in ("build_chat_stack", "build_service", "build_local_backend"):
+        monkeypatch.setattr(src.stack, name, never)
     served = client.get("/v1/models").json()["data"][0]["id"]
     for model in ("/etc/passwd", "../models/x", "microsoft/DialoGPT-medium", "", "x" * 500):
         request = {"model": model, "messages": [USER], "max_tokens": 2}
