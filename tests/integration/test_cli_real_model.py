@@ -27,6 +27,21 @@ def test_piped_greedy_answers_paris_via_the_offline_fallback(converted_bundled_m
     assert "microsoft/DialoGPT-medium" in result.stderr
 
 
+def test_verbose_reports_the_context_window_and_its_kv_cache(converted_bundled_model):
+    """The window is the bundled model's own 8,192 positions (MAX_LENGTH limits a reply), and
+    --verbose says how much memory a conversation filling it takes."""
+    result = run_python(
+        ["src/mvp_chatbot.py", "--model", "smollm2-135m-instruct", "--verbose"],
+        stdin="Hi\n",
+        DO_SAMPLE="false",
+        MAX_NEW_TOKENS="4",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "context window 8192 tokens (a full one holds 180 MB of keys and values)" in (
+        result.stderr
+    )
+
+
 def test_piped_multi_turn_and_commands(converted_bundled_model, tmp_path):
     saved = tmp_path / "chat.json"
     script = f"/set max_new_tokens 12\nHello!\nHow are you?\n/save {saved}\n/quit\nnever sent\n"
