@@ -113,8 +113,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1_000, le=100_000_000)
     max_batch_size: int = Field(16, ge=1, le=256)  # requests decoded together
     prefix_cache_mb: int = Field(64, ge=0, le=1_000_000)  # reused keys/values; 0 disables
-    # On SIGTERM, replies in flight may finish for this long before they are interrupted.
-    shutdown_grace_seconds: float = Field(10.0, ge=0.0, le=3600.0)
+    # On SIGTERM, replies in flight may finish for this long before they are interrupted;
+    # under `docker stop` (SIGKILL 10 s after SIGTERM) the interruption still gets out.
+    shutdown_grace_seconds: float = Field(8.0, ge=0.0, le=3600.0)
 
     # Training: BATCH_SIZE, LEARNING_RATE and LORA_RANK override configs/lora_default.yaml's
     # keys when set (src/training/config.py). No default here: unset (None), the YAML's apply.
@@ -189,14 +190,26 @@ def load_settings(**overrides: object) -> Settings:
             "or raise MAX_LENGTH",
             "MAX_NEW_TOKENS",
         )
+    check_renamed_settings(env_files or [])
+    check_backend(settings)
+    return settings
+
+
+def check_renamed_settings(env_files: list) -> None:
+    """A setting under its old name would be silently ignored: refuse it, naming the new one
+    (in the environment or a settings file, as pydantic-settings reads both)."""
+    from dotenv import dotenv_values
+
+    found = {name.upper() for name, value in os.environ.items() if value}
+    for env_file in env_files:
+        if Path(env_file).is_file():
+            found |= {name.upper() for name, value in dotenv_values(env_file).items() if value}
     for old, new in RENAMED_SETTINGS.items():
-        if os.environ.get(old):
+        if old in found:
             raise ConfigError(
                 f"Invalid setting: {old} is now {new}; rename it in your environment or .env",
                 old,
             )
-    check_backend(settings)
-    return settings
 
 
 def check_backend(settings: Settings) -> None:

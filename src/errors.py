@@ -34,13 +34,13 @@ class InvalidRequestError(MiniClaudeError):
     """A chat request or generation parameter is invalid (empty message, bad value, ...)."""
 
 
-class EngineClosedError(MiniClaudeError):
-    """The decode engine was closed (the server is shutting down) before a reply ended."""
-
-
 class ServerShuttingDownError(MiniClaudeError):
     """The server is shutting down: a reply still running when the grace period ended was
     stopped, and nothing of it was saved."""
+
+
+class EngineClosedError(ServerShuttingDownError):
+    """The decode engine was closed (the server is shutting down) before a reply ended."""
 
 
 class ContextOverflowError(InvalidRequestError):

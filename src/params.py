@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from src.errors import InvalidRequestError
 from src.validation import describe_validation_error, first_field
 
+MAX_NEW_TOKENS = 4096  # the longest reply any request may ask for (MAX_LENGTH is lower)
 MAX_STOP_SEQUENCES = 8
 MIN_TEMPERATURE = 0.01
 MAX_STOP_SEQUENCE_CHARS = 64
@@ -20,7 +21,9 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_new_tokens: int = Field(128, ge=1, le=4096, description="Most tokens to generate.")
+    max_new_tokens: int = Field(
+        128, ge=1, le=MAX_NEW_TOKENS, description="Most tokens to generate."
+    )
     temperature: float = Field(
         0.7, ge=0.0, le=5.0, description="0 means greedy; otherwise at least 0.01."
     )

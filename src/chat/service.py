@@ -25,7 +25,7 @@ from src.chat.local import LocalBackend
 from src.chat.remote import RemoteBackend
 from src.chat.store import SessionStore
 from src.errors import InvalidRequestError, ServerShuttingDownError
-from src.params import GenerationParams, check_reply_length
+from src.params import MAX_NEW_TOKENS, GenerationParams, check_reply_length
 
 
 @dataclass
@@ -155,7 +155,7 @@ class ReplyStream:
     ) -> None:
         if self._abandoned:
             return
-        if self._interrupted:
+        if self._interrupted and reply.finish_reason == "cancelled":
             raise ServerShuttingDownError(
                 f"the server is shutting down: this reply was stopped after "
                 f"{reply.completion_tokens} tokens and not saved; send the message again once "
@@ -201,7 +201,7 @@ class ChatService:
         default_system_prompt: str | None = None,
         store: SessionStore | None = None,
         max_message_chars: int = 16_000,
-        max_reply_tokens: int = 4096,
+        max_reply_tokens: int = MAX_NEW_TOKENS,
     ) -> None:
         self.backend = backend
         self.max_reply_tokens = max_reply_tokens  # MAX_LENGTH
@@ -213,21 +213,20 @@ class ChatService:
         self.cache = ResponseCache(cache_size)
         self._streams: set[ReplyStream] = set()  # replies being generated (for shutdown)
         self._streams_lock = threading.Lock()
+        self._shutting_down = False  # set by interrupt_all: later replies stop at once
 
     def close(self) -> None:
         """Stop the backend (the engine's thread, or the remote client's connections). The
         session store is the composition root's: it may be shared by several services."""
         self.backend.close()
 
-    def replies_in_flight(self) -> int:
-        with self._streams_lock:
-            return len(self._streams)
-
     def interrupt_all(self) -> int:
         """End every reply still being generated (the server is shutting down): each stops
-        after its current token with finish_reason "cancelled", and none is saved. Returns how
-        many were interrupted."""
+        after its current token, is not saved, and ends by raising ``ServerShuttingDownError``.
+        So do replies that start later (a request that was already past the door). Returns
+        how many were running."""
         with self._streams_lock:
+            self._shutting_down = True
             streams = list(self._streams)
         for stream in streams:
             stream.interrupt()
@@ -235,10 +234,12 @@ class ChatService:
 
     def _track(self, stream: ReplyStream, running: bool) -> None:
         with self._streams_lock:
-            if running:
-                self._streams.add(stream)
-            else:
+            if not running:
                 self._streams.discard(stream)
+                return
+            self._streams.add(stream)
+            if self._shutting_down:
+                stream.interrupt()
 
     @property
     def supports_system_prompt(self) -> bool:

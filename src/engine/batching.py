@@ -20,9 +20,11 @@ conversation, the shared system prompt) only runs its new tokens through the mod
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,19 @@ from src.params import GenerationParams
 
 logger = logging.getLogger(__name__)
 
+# Engines not closed yet: closed at exit, because a scheduler thread still waiting when the
+# interpreter shuts down makes the process abort ("terminate called without an active
+# exception").
+_LIVE_ENGINES: weakref.WeakSet[BatchingEngine] = weakref.WeakSet()
+
+
+def _close_live_engines() -> None:
+    for engine in list(_LIVE_ENGINES):
+        engine.close(timeout=2.0)
+
+
+atexit.register(_close_live_engines)
+
 _DONE = object()  # end-of-stream marker on a request's queue
 _CLOSE = object()  # on the waiting queue: the scheduler thread ends
 
@@ -49,6 +64,7 @@ class _Request:
     should_stop: Callable[[], bool]
     tokens: queue.Queue = field(default_factory=queue.Queue)
     abandoned: bool = False  # the consumer went away (closed the generator)
+    admitted: bool = False  # the scheduler took it from the waiting queue
     generator: torch.Generator | None = None
     # Prompt + generated ids (for the repetition penalty and the prefix cache), in a buffer
     # with room for every token the request may generate: adding one writes one element
@@ -111,8 +127,10 @@ class BatchingEngine:
         self._waiting: queue.Queue[Any] = queue.Queue()
         self._requests: dict[int, _Request] = {}  # admitted, not finished: failed on a crash
         self._closed = False
+        self._closing = threading.Lock()  # no request slips in behind the closing marker
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
         self._thread.start()
+        _LIVE_ENGINES.add(self)
 
     def generate_token_ids(
         self,
@@ -122,10 +140,11 @@ class BatchingEngine:
     ) -> Iterator[int]:
         """Yield new token ids until EOS (yielded too), max_new_tokens, or ``should_stop()``
         (checked before every token). Closing the iterator early frees the request's row."""
-        if self._closed:
-            raise EngineClosedError("the engine is closed: the server is shutting down")
         request = _Request(list(prompt_ids), params, should_stop)
-        self._waiting.put(request)
+        with self._closing:
+            if self._closed:
+                raise EngineClosedError("the engine is closed: the server is shutting down")
+            self._waiting.put(request)
         ended = False
         try:
             while True:
@@ -139,15 +158,18 @@ class BatchingEngine:
         finally:
             if not ended:  # closed early (e.g. a stop sequence matched): free the row
                 request.abandoned = True
-                _wait_for_end(request)
+                if request.admitted:  # a waiting request is simply dropped when its turn comes
+                    _wait_for_end(request)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the scheduler thread after its current step. Requests still waiting or running
         fail with ``EngineClosedError``; new ones are refused. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        self._waiting.put(_CLOSE)
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._waiting.put(_CLOSE)
+        _LIVE_ENGINES.discard(self)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -196,6 +218,7 @@ class BatchingEngine:
                 break
             if request is _CLOSE:
                 break
+            request.admitted = True
             self._requests[id(request)] = request
             if self._start(request):
                 arrivals.append(request)
@@ -383,7 +406,8 @@ def _wait_for_end(request: _Request, timeout: float = 60.0) -> None:
 
 @dataclass
 class EngineStats:
-    """Forward passes and the rows they carried (the benchmark reports rows per step)."""
+    """Forward passes and the rows they carried (``/health`` shows them: rows per step is
+    how well requests are batched)."""
 
     steps: int = 0  # decoding steps
     rows_decoded: int = 0  # sum of batch sizes over those steps

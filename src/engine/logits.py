@@ -82,7 +82,11 @@ def repetition_penalty(scores: torch.Tensor, rows: Sequence[Row]) -> None:
 
 def temperature(candidates: torch.Tensor, rows: Sequence[Row]) -> None:
     """Divide by each row's temperature: below 1 sharpens the distribution, above 1 flattens."""
-    temperatures = torch.tensor([row.params.temperature for row in rows], dtype=candidates.dtype)
+    # A greedy row (temperature 0, or do_sample off) keeps its scores as they are.
+    temperatures = torch.tensor(
+        [1.0 if row.params.is_greedy else row.params.temperature for row in rows],
+        dtype=candidates.dtype,
+    )
     candidates /= temperatures[:, None]
 
 
@@ -150,8 +154,9 @@ class LogitsPipeline:
         return values, token_ids
 
     def distribution(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
-        """(B, V) log-probabilities each sampled row draws from (-inf for the tokens it cannot
-        draw): the reference the candidates are checked against, and what a notebook plots."""
+        """(B, V) log-probabilities each row would draw from if sampled (-inf for the tokens
+        it cannot draw; a greedy row's are its scores after top-k and top-p): the reference
+        the candidates are checked against, and what a notebook plots."""
         scores = self.scores(logits, rows)
         values, token_ids = self.candidates(scores, rows, width=scores.shape[-1])
         full = torch.full_like(scores, float("-inf")).scatter(1, token_ids, values)

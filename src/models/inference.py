@@ -33,7 +33,7 @@ SCRATCH_FAMILIES = ("gpt2", "llama")  # the model_type values src/models/transfo
 
 @dataclass
 class InferenceModel:
-    model: Any  # a transformers model or our Transformer, ready for the engines
+    model: Any  # a transformers model or our Transformer, ready for the decode engine
     tokenizer: Any
     name: str  # what users see, e.g. "smollm2-135m-instruct" or "base+adapter"
     engine: str  # "hf" or "scratch": whose forward pass runs

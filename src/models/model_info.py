@@ -5,6 +5,7 @@ much memory its keys and values take per token."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,21 +69,37 @@ def _first_int(config: Any, *names: str) -> int | None:
     return None
 
 
-# Keys and values of the longest conversations may take at most this share of the machine's
-# memory when every row of a full batch holds one.
+# Keys and values of the longest conversations may take at most this share of the memory
+# when every row of a full batch holds one.
 KV_MEMORY_SHARE = 0.25
+# A chat keeps at least this much conversation (or the model's whole limit, if smaller):
+# rows rarely all fill their windows at once, and a window any smaller forgets too soon.
+MIN_CONTEXT_WINDOW = 4096
 
 
 def context_window(model: Any, rows: int, memory_bytes: int | None = None) -> int:
     """The most tokens (prompt and reply) one conversation may hold: the model's own limit,
-    lowered only if ``rows`` conversations that long would not fit in a quarter of this
-    machine's memory (``memory_bytes``: the machine's, unless given)."""
+    lowered if ``rows`` conversations that long would not fit in a quarter of the memory
+    (``memory_bytes``: this machine's or container's, unless given), but never below
+    ``MIN_CONTEXT_WINDOW``."""
     limit = max_positions(model.config)
-    memory = physical_memory() if memory_bytes is None else memory_bytes
+    memory = available_memory() if memory_bytes is None else memory_bytes
     affordable = int(memory * KV_MEMORY_SHARE) // (kv_bytes_per_token(model) * max(rows, 1))
-    return max(1, min(limit, affordable))
+    return min(limit, max(affordable, MIN_CONTEXT_WINDOW))
 
 
-def physical_memory() -> int:
-    """Bytes of RAM of this machine."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def available_memory() -> int:
+    """Bytes of RAM this process may use: the machine's, or its container's limit (cgroup
+    v2 ``memory.max``, or v1's ``memory.limit_in_bytes``) if that is lower."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in (
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ):
+        try:
+            value = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            memory = min(memory, int(value))
+    return memory

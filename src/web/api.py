@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -24,7 +23,7 @@ from src.config import Settings, load_settings
 from src.errors import MiniClaudeError
 from src.stack import ChatStack, build_chat_stack
 from src.web.errors import BodySizeLimit, install_error_handlers
-from src.web.lifecycle import GracefulShutdown, RefuseWhileDraining
+from src.web.lifecycle import GracefulShutdown, ShutdownGate
 from src.web.routes import chat, health, openai
 from src.web.security import APIKeyGuard, ClientSlots
 
@@ -73,13 +72,10 @@ def create_app(
         try:
             yield
         finally:
+            # uvicorn runs this once every response has ended (a signal's drain bounded that).
             shutdown.uninstall()
-            shutdown.begin()  # a shutdown without a signal (a test's server) drains too
-            deadline = time.monotonic() + settings.shutdown_grace_seconds + 5
-            while shutdown.in_flight() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if loaded.wait(timeout=0) and app.state.stack is not None:
-                app.state.stack.close()
+            if loaded.is_set() and app.state.stack is not None:
+                await asyncio.to_thread(app.state.stack.close)  # joins the engine threads
 
     app = FastAPI(
         title="Mini-Claude API",
@@ -97,10 +93,11 @@ def create_app(
     app.state.slots = ClientSlots(settings.max_streams_per_client)
     install_error_handlers(app)
     # Middleware added last runs first: CORS (answers preflights, labels every answer), then
-    # the API key (before any body is read), then the body size limit.
+    # the shutdown gate (counts requests in flight; 503 once shutting down), then the API key
+    # (before any body is read), then the body size limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(APIKeyGuard, api_key=settings.api_key)
-    app.add_middleware(RefuseWhileDraining, shutdown=shutdown)
+    app.add_middleware(ShutdownGate, shutdown=shutdown)
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,

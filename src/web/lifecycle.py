@@ -2,15 +2,18 @@
 
 On SIGTERM (or Ctrl-C) uvicorn stops listening and waits for the open responses to end, then
 runs the app's shutdown. Streams can run for minutes, so on its own that wait has no bound.
-``GracefulShutdown`` adds one: from the signal on, new requests get 503; replies in flight
-may finish for SHUTDOWN_GRACE_SECONDS; then every reply still running is interrupted. Each
-ends with a final event that says so (an ``error`` event of type ``server_shutdown``; a
-non-streamed request gets 503), nothing of it is saved, and every completed exchange already
-is (an exchange is written in one transaction when its reply completes). Then the app's
-shutdown closes the chat stack: engine threads stop and the sessions database is closed.
+``GracefulShutdown`` adds one: from the signal on, new requests get 503; requests in flight
+may finish for SHUTDOWN_GRACE_SECONDS; then every reply still running (or starting: a request
+already past the door) is interrupted. Each ends with a final event that says so (an
+``error`` event of type ``server_shutdown``; a request that was not streamed gets 503),
+nothing of it is saved, and every completed exchange already is (an exchange is written in
+one transaction when its reply completes). Then uvicorn runs the app's shutdown, which
+closes the chat stack: engine threads stop and the sessions database is closed.
 
-uvicorn installs its signal handlers before the app starts; ours calls theirs after noting
-the signal, so uvicorn's own shutdown still runs as usual.
+uvicorn installs its signal handlers before the app starts; ours, installed at start-up,
+notes the signal and calls theirs, so uvicorn's own shutdown runs as usual. A signal handler
+must not take locks the interrupted code may hold (starting a thread does), so the handler
+only sets an event; a thread started with the app does the waiting.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -25,11 +29,12 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from src.chat.adapter_pool import AdapterPool
+from src.web.errors import error_response
 
 logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-POLL_SECONDS = 0.1
+POLL_SECONDS = 0.05
 
 
 class GracefulShutdown:
@@ -39,12 +44,18 @@ class GracefulShutdown:
         self.grace_seconds = grace_seconds
         self.get_pool = get_pool
         self.draining = threading.Event()
+        self._stopped = False  # the app ended without a signal: nothing to drain
+        self._requests = 0  # HTTP requests in flight (counted by ShutdownGate)
+        self._count_lock = threading.Lock()
         self._previous: dict[int, Any] = {}
 
+    # ---- start-up and the app's own shutdown ------------------------------------------------
+
     def install(self) -> None:
-        """Chain our handler in front of the current one (uvicorn's). Only the main thread
-        may set signal handlers: elsewhere (an app run inside a test's thread) call
-        ``begin()`` directly."""
+        """Start the drain thread, and chain our signal handler in front of the current one
+        (uvicorn's). Only the main thread may set signal handlers: an app run in a test's
+        thread is drained by calling ``begin()``."""
+        threading.Thread(target=self._drain, name="graceful-shutdown", daemon=True).start()
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in SIGNALS:
@@ -54,53 +65,72 @@ class GracefulShutdown:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        if not self.draining.is_set():
+            self._stopped = True
+            self.draining.set()  # wakes the drain thread, which then just ends
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.begin()
+        self.draining.set()
         previous = self._previous.get(signum)
         if callable(previous):
             previous(signum, frame)
 
     def begin(self) -> None:
-        """Refuse new requests from now on, and interrupt the replies still running after
-        the grace period (in a thread: a signal handler must return at once)."""
-        if self.draining.is_set():
-            return
+        """Refuse new requests from now on and interrupt what still runs after the grace
+        period (what a signal does)."""
         self.draining.set()
-        logger.info("Shutting down: replies in flight have %.0f s to finish", self.grace_seconds)
-        threading.Thread(target=self._drain, name="graceful-shutdown", daemon=True).start()
+
+    # ---- the drain thread -------------------------------------------------------------------
 
     def _drain(self) -> None:
-        stopped = threading.Event()
-        waited = 0.0
-        while waited < self.grace_seconds and self.in_flight():
-            stopped.wait(POLL_SECONDS)
-            waited += POLL_SECONDS
+        self.draining.wait()
+        if self._stopped:
+            return
+        logger.info("Shutting down: requests in flight have %.0f s to finish", self.grace_seconds)
+        deadline = time.monotonic() + self.grace_seconds
+        while self.requests_in_flight() and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)
         pool = self.get_pool()
         interrupted = sum(service.interrupt_all() for service in pool.services()) if pool else 0
         if interrupted:
             logger.warning("Grace period over: %d replies interrupted", interrupted)
 
-    def in_flight(self) -> int:
-        pool = self.get_pool()
-        return sum(service.replies_in_flight() for service in pool.services()) if pool else 0
+    def requests_in_flight(self) -> int:
+        return self._requests
+
+    def request_started(self) -> None:
+        with self._count_lock:
+            self._requests += 1
+
+    def request_ended(self) -> None:
+        with self._count_lock:
+            self._requests -= 1
 
 
-class RefuseWhileDraining:
-    """ASGI middleware: once shutdown began, new HTTP requests get 503 (``/health`` too), so a
-    keep-alive connection cannot start a reply that would be cut off."""
+class ShutdownGate:
+    """ASGI middleware: counts the HTTP requests in flight (the drain waits for them), and
+    once shutdown began answers new ones with 503 (``/health`` too), so a keep-alive
+    connection cannot start a reply that would be cut off."""
 
     def __init__(self, app: ASGIApp, shutdown: GracefulShutdown) -> None:
         self.app = app
         self.shutdown = shutdown
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.shutdown.draining.is_set():
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        from src.web.errors import error_response
-
-        response = error_response(
-            503, "the server is shutting down", "server_shutdown", headers={"Connection": "close"}
-        )
-        await response(scope, receive, send)
+        if self.shutdown.draining.is_set():
+            response = error_response(
+                503,
+                "the server is shutting down",
+                "server_shutdown",
+                headers={"Connection": "close"},
+            )
+            await response(scope, receive, send)
+            return
+        self.shutdown.request_started()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.shutdown.request_ended()

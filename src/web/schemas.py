@@ -104,6 +104,11 @@ class HealthResponse(BaseModel):
     kv_cache_mb: float | None = Field(
         None, description="Memory the keys and values of a conversation filling it take."
     )
+    decoding: dict[str, int] | None = Field(
+        None,
+        description="The base model's engine since start-up (local): decoding steps, the rows "
+        "they carried (rows / steps is the average batch), prefill passes and their rows.",
+    )
     detail: str | None = None
 
 

@@ -16,7 +16,7 @@ from src.chat.adapter_pool import AdapterPool
 from src.chat.service import ChatService
 from src.config import Settings
 from src.errors import MiniClaudeError
-from src.params import GenerationParams, make_params
+from src.params import MAX_NEW_TOKENS, GenerationParams, make_params
 from src.web.ui_history import history_to_conversation, history_to_messages, messages_to_history
 
 PoolGetter = Callable[[], AdapterPool | None]
@@ -121,7 +121,9 @@ def enable_queue(demo: gr.Blocks, concurrency: int) -> gr.Blocks:
 
 
 def build_ui(
-    get_pool: PoolGetter, defaults: GenerationParams | None = None, max_reply_tokens: int = 1024
+    get_pool: PoolGetter,
+    defaults: GenerationParams | None = None,
+    max_reply_tokens: int = MAX_NEW_TOKENS,
 ) -> gr.Blocks:
     """The chat page; sliders start at ``defaults`` (the settings' generation defaults), and
     the reply length goes up to ``max_reply_tokens`` (MAX_LENGTH)."""

@@ -90,8 +90,13 @@ def test_health_is_503_while_loading_then_200_with_the_model(settings, tiny_llam
             "backend": "local",
             "context_window": 256,  # the tiny model's max_position_embeddings
             "kv_cache_mb": round(256 * 2 * 2 * 2 * 8 * 4 / 2**20, 1),
+            "decoding": {"steps": 0, "rows_decoded": 0, "prefill_passes": 0, "rows_prefilled": 0},
             "detail": None,
         }
+        reply = http.post("/chat", json={"message": "hi", "max_new_tokens": 5}).json()
+        decoding = http.get("/health").json()["decoding"]
+        assert decoding["rows_prefilled"] == 1  # the prompt, then one step per further token
+        assert decoding["rows_decoded"] == reply["usage"]["completion_tokens"] - 1
 
 
 def test_a_model_that_fails_to_load_is_reported(settings):

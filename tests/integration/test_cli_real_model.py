@@ -35,6 +35,7 @@ def test_verbose_reports_the_context_window_and_its_kv_cache(converted_bundled_m
         stdin="Hi\n",
         DO_SAMPLE="false",
         MAX_NEW_TOKENS="4",
+        MAX_BATCH_SIZE="1",  # one full window fits any machine's memory
     )
     assert result.returncode == 0, result.stderr
     assert "context window 8192 tokens (a full one holds 180 MB of keys and values)" in (

@@ -122,6 +122,7 @@ def test_an_api_in_front_of_the_remote_serves_chat_sessions_and_the_openai_route
             "backend": "remote",
             "context_window": None,  # the remote server's business
             "kv_cache_mb": None,
+            "decoding": None,
             "detail": None,
         }
         first = http.post("/chat", json={"message": MESSAGES[0], "system_prompt": SYSTEM})

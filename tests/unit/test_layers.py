@@ -37,13 +37,22 @@ def module_name(path: Path) -> str:
 
 
 def project_imports(path: Path) -> list[tuple[int, str]]:
-    """(line, module) of every ``src.*`` import in the file, at any depth."""
+    """(line, module) of every ``src.*`` import in the file, at any depth: absolute,
+    relative (``from ..chat import x``) and of a package's modules (``from src import chat``)."""
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            if module == "src" or not node.module:  # the names may be modules themselves
+                found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
+            else:
+                found.append((node.lineno, module))
     return [(line, name) for line, name in found if name == "src" or name.startswith("src.")]
 
 
@@ -74,8 +83,12 @@ def test_the_check_catches_a_wrong_way_import(tmp_path, monkeypatch):
         "def generate():\n    from src.chat.sampling import choose_next_token\n"
     )
     (models / "fine.py").write_text("from src.errors import ModelLoadingError\n")
+    (models / "relative.py").write_text("from ..chat import service\n")
+    (models / "package.py").write_text("from src import web\n")
     assert layers.wrong_way_imports(tmp_path / "src") == [
-        "src/models/transformer.py:2 imports src.chat.sampling"
+        "src/models/package.py:1 imports src.web",
+        "src/models/relative.py:1 imports src.chat",
+        "src/models/transformer.py:2 imports src.chat.sampling",
     ]
 
 

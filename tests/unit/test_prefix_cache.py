@@ -1,6 +1,6 @@
 """Prefix caching: a prompt that starts like an earlier sequence reuses its keys and values,
-and the replies are exactly those computed from scratch, in both engines and all three model
-kinds (transformers' Llama and GPT-2, our Transformer)."""
+and the replies are exactly those computed from scratch, one request at a time and batched,
+on all three model kinds (transformers' Llama and GPT-2, our Transformer)."""
 
 import pytest
 import torch
@@ -89,7 +89,7 @@ def models(service):
 
 @pytest.mark.parametrize("service_fixture", ["tiny_llama_service", "tiny_gpt2_service"])
 @pytest.mark.parametrize("kind", ["hf", "scratch"])
-def test_single_stream_engine_reuses_the_previous_turn_with_identical_replies(
+def test_one_request_at_a_time_reuses_the_previous_turn_with_identical_replies(
     service_fixture, kind, request
 ):
     service = request.getfixturevalue(service_fixture)

@@ -204,7 +204,12 @@ def test_the_default_max_new_tokens_must_fit_max_length(monkeypatch):
     assert load_settings().max_length == 64
 
 
-def test_the_renamed_max_new_tokens_limit_is_refused_not_ignored(monkeypatch):
+def test_the_renamed_max_new_tokens_limit_is_refused_not_ignored(monkeypatch, tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("MAX_LENGTH=256\nMAX_NEW_TOKENS_LIMIT=1024\n")  # an old .env.example
+    with pytest.raises(ConfigError, match="MAX_NEW_TOKENS_LIMIT is now MAX_LENGTH") as error:
+        load_settings(_env_file=dotenv)
+    assert error.value.field == "MAX_NEW_TOKENS_LIMIT"
     monkeypatch.setenv("MAX_NEW_TOKENS_LIMIT", "2048")
     with pytest.raises(ConfigError, match="MAX_NEW_TOKENS_LIMIT is now MAX_LENGTH"):
         load_settings()

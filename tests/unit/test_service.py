@@ -157,20 +157,39 @@ def test_max_new_tokens_that_fills_the_window_is_rejected(tiny_gpt2_path):
         service.start_reply(service.new_conversation(), "Hi", GREEDY.updated(max_new_tokens=64))
 
 
-def test_the_context_window_is_the_model_limit_unless_memory_is_short(tiny_gpt2_path):
-    model, _ = load_from_folder(tiny_gpt2_path)
+def test_the_context_window_is_the_model_limit_bounded_by_memory_but_at_least_4096(
+    tiny_gpt2_path,
+):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16384,
+    )
+    model = LlamaForCausalLM(config)
     per_token = kv_bytes_per_token(model)
-    assert per_token == 2 * 2 * 2 * 16 * 4  # keys and values, 2 layers, 2 heads of 16, fp32
-    assert context_window(model, rows=16, memory_bytes=2**40) == 128  # n_positions
-    # 16 rows of 100 tokens fill exactly a quarter of this much memory:
-    assert context_window(model, rows=16, memory_bytes=4 * 16 * 100 * per_token) == 100
+    assert per_token == 2 * 2 * 2 * 8 * 4  # keys and values, 2 layers, 2 heads of 8, fp32
+    assert context_window(model, rows=16, memory_bytes=2**40) == 16384  # the model's limit
+    # 16 rows of 6,000 tokens fill exactly a quarter of this much memory:
+    assert context_window(model, rows=16, memory_bytes=4 * 16 * 6000 * per_token) == 6000
+    assert context_window(model, rows=16, memory_bytes=4 * 16 * 100 * per_token) == 4096
+    gpt2, _ = load_from_folder(tiny_gpt2_path)
+    assert context_window(gpt2, rows=16, memory_bytes=0) == 128  # its own limit is lower
 
 
 def test_the_bundled_model_keeps_its_whole_8k_window_by_default(bundled_service):
     """The brief's MAX_LENGTH=512 once capped the window: three exchanges and the chat forgot
-    its beginning. The window is now the model's own 8,192 positions."""
+    its beginning. The window is now the model's own 8,192 positions (at least 4,096 on a
+    machine with little memory)."""
     backend = bundled_service.backend
-    assert backend.context_window == 8192
+    model = backend.engine.model
+    assert backend.context_window == context_window(model, rows=backend.engine.max_batch_size)
+    assert 4096 <= backend.context_window <= 8192
     assert backend.kv_cache_bytes == 8192 * kv_bytes_per_token(backend.engine.model)
     conversation = bundled_service.new_conversation()
     for number in range(12):

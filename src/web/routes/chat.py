@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 from src.chat.conversation import Conversation, is_session_id
 from src.chat.service import ChatService
 from src.config import Settings
-from src.params import GenerationParams, check_reply_length
+from src.params import GenerationParams
 from src.web.deps import AdapterPoolDep, ServiceDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import HTTPProblem, sse_event, stream_error
 from src.web.schemas import ChatRequest, ChatResponse, ErrorResponse, SessionResponse
@@ -64,9 +64,8 @@ def open_session(service: ChatService, body: ChatRequest, settings: Settings) ->
 def prepare(
     body: ChatRequest, service: ChatService, settings: Settings
 ) -> tuple[GenerationParams, Conversation]:
-    """The request's generation parameters (a reply within MAX_LENGTH) and its session; its
-    system prompt within MAX_MESSAGE_CHARS (the service checks the message itself)."""
-    check_reply_length(body.max_new_tokens, "max_new_tokens", settings.max_length)
+    """The request's generation parameters and its session; its system prompt within
+    MAX_MESSAGE_CHARS (the service checks the message and the reply length itself)."""
     check_chars("system_prompt", body.system_prompt, settings.max_message_chars)
     params = body.apply_to(service.default_params)
     return params, open_session(service, body, settings)

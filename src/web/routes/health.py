@@ -1,3 +1,5 @@
+from dataclasses import asdict
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -21,6 +23,7 @@ def health(request: Request) -> JSONResponse:
             backend=backend.kind,
             context_window=backend.context_window,
             kv_cache_mb=None if kv_bytes is None else round(kv_bytes / 2**20, 1),
+            decoding=asdict(backend.engine.stats) if backend.kind == "local" else None,
         )
         return JSONResponse(body.model_dump())
     if state.load_error:
