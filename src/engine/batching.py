@@ -64,7 +64,6 @@ class _Request:
     should_stop: Callable[[], bool]
     tokens: queue.Queue = field(default_factory=queue.Queue)
     abandoned: bool = False  # the consumer went away (closed the generator)
-    admitted: bool = False  # the scheduler took it from the waiting queue
     generator: torch.Generator | None = None
     # Prompt + generated ids (for the repetition penalty and the prefix cache), in a buffer
     # with room for every token the request may generate: adding one writes one element
@@ -158,8 +157,7 @@ class BatchingEngine:
         finally:
             if not ended:  # closed early (e.g. a stop sequence matched): free the row
                 request.abandoned = True
-                if request.admitted:  # a waiting request is simply dropped when its turn comes
-                    _wait_for_end(request)
+                _wait_for_end(request)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the scheduler thread after its current step. Requests still waiting or running
@@ -218,7 +216,6 @@ class BatchingEngine:
                 break
             if request is _CLOSE:
                 break
-            request.admitted = True
             self._requests[id(request)] = request
             if self._start(request):
                 arrivals.append(request)

@@ -9,8 +9,9 @@ from src.chat.prompts import encode_conversation
 from src.engine.batching import BatchingEngine
 from src.engine.logits import LogitsPipeline, repetition_penalty
 from src.engine.prefix_cache import PrefixCache
+from src.errors import EngineClosedError
 from src.params import GenerationParams
-from tests.batching_helpers import alone_and_together, arrive_together
+from tests.batching_helpers import alone_and_together, arrive_together, wait_until
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
 
@@ -134,3 +135,34 @@ def test_a_prompt_that_fails_in_a_joint_prefill_fails_alone(tiny_gpt2_service):
     expected = list(service.backend.engine.generate_token_ids(good, GREEDY))
     assert results[0] == results[2] == expected
     assert isinstance(results[1], Exception)
+
+
+def test_close_fails_running_and_waiting_requests_and_refuses_new_ones(tiny_llama_service):
+    source = tiny_llama_service.backend.engine
+    engine = BatchingEngine(source.model, source.eos_token_ids, max_batch_size=1)
+    ids = prompt(tiny_llama_service, "one")
+    running = engine.generate_token_ids(ids, GREEDY.updated(max_new_tokens=200))
+    next(running)  # decoding: the batch of one is full
+    waiting = engine.generate_token_ids(ids, GREEDY)
+    waiting_result = {}
+    thread = threading.Thread(
+        target=lambda: waiting_result.update(error=_error_of(lambda: list(waiting)))
+    )
+    thread.start()
+    wait_until(lambda: engine._waiting.qsize() == 1)
+    engine.close()
+    thread.join(30)
+    assert isinstance(waiting_result["error"], EngineClosedError)
+    with pytest.raises(EngineClosedError):
+        list(running)
+    with pytest.raises(EngineClosedError, match="closed"):
+        next(engine.generate_token_ids(ids, GREEDY))
+    engine.close()  # twice is fine
+
+
+def _error_of(call):
+    try:
+        call()
+    except Exception as exc:
+        return exc
+    return None

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from src.chat.prompts import encode_conversation
-from src.errors import ContextOverflowError, InvalidRequestError
+from src.errors import (
+    ContextOverflowError,
+    EngineClosedError,
+    InvalidRequestError,
+    ServerShuttingDownError,
+)
 from src.models.loader import load_from_folder
 from src.models.model_info import context_window, kv_bytes_per_token
 from src.params import GenerationParams
@@ -226,3 +231,50 @@ def test_system_prompt_is_used_with_a_chat_template(tiny_llama_service):
         stream.prompt.input_ids
     )
     assert tiny_llama_service.supports_system_prompt
+
+
+# ---- shutdown ------------------------------------------------------------------------------
+
+
+def test_an_interrupted_reply_is_not_saved_and_says_the_server_is_shutting_down(
+    tiny_llama_service,
+):
+    conversation = tiny_llama_service.new_conversation()
+    stream = tiny_llama_service.start_reply(conversation, "Hi", GREEDY.updated(max_new_tokens=60))
+    deltas = iter(stream)
+    next(deltas)
+    assert tiny_llama_service.interrupt_all() == 1
+    with pytest.raises(ServerShuttingDownError, match="not saved"):
+        list(deltas)
+    assert conversation.messages == [] and stream.result is None
+
+
+def test_replies_that_start_after_the_shutdown_began_are_interrupted_too(tiny_gpt2_path):
+    """A request already past the server's door when the grace period ended must not run to
+    its end (the process would wait for it)."""
+    service = make_service(tiny_gpt2_path, default_params=GREEDY.updated(max_new_tokens=60))
+    service.interrupt_all()
+    conversation = service.new_conversation()
+    stream = service.start_reply(conversation, "Hi")
+    with pytest.raises(ServerShuttingDownError):
+        stream.complete()
+    assert conversation.messages == []
+
+
+def test_a_reply_that_completed_on_its_own_is_saved_even_if_interrupted(tiny_gpt2_path):
+    service = make_service(tiny_gpt2_path, default_params=GREEDY)
+    expected = service.reply(service.new_conversation(), "Hi").text  # now in the cache
+    conversation = service.new_conversation()
+    stream = service.start_reply(conversation, "Hi")
+    stream.interrupt()  # too late: the (cached) reply is complete
+    assert stream.complete().text == expected
+    assert conversation.messages[-1] == {"role": "assistant", "content": expected}
+
+
+def test_closing_the_service_stops_its_engine(tiny_gpt2_path):
+    service = make_service(tiny_gpt2_path, default_params=GREEDY)
+    engine = service.backend.engine
+    service.close()
+    assert not engine._thread.is_alive()
+    with pytest.raises(EngineClosedError):
+        service.reply(service.new_conversation(), "Hi")
