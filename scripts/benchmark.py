@@ -25,7 +25,7 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from src.benchmarks.decode import (
-        engine_stream,
+        EngineStream,
         held_out_perplexity,
         time_stream,
         transformers_generate_stream,
@@ -78,13 +78,15 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     runs = [("transformers generate fp32 (baseline)", baseline_stream, perplexity_of(fp32))]
     for name, make in candidates:
         model = make()
-        runs.append((name, engine_stream(model, prompt, new_tokens), perplexity_of(model)))
+        runs.append((name, EngineStream(model, prompt, new_tokens), perplexity_of(model)))
     runs += llama_cpp_runs(prompt, new_tokens, held_out)
     stop_ids = {tokenizer.eos_token_id, fp32.generation_config.eos_token_id}
     rows, baseline_tokens = [], None
     for name, stream, perplexity in runs:
         print(f"  decode: {name}", flush=True)
         speed, first, tokens = time_stream(stream, repetitions)
+        if isinstance(stream, EngineStream):
+            stream.close()  # its thread ends: see EngineStream
         baseline_tokens = baseline_tokens or tokens
         # The baseline's min_new_tokens suppresses EOS while ours generates through it, so
         # compare the reply a user would see: up to our first end-of-turn token.

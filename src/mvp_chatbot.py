@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = load_settings()
-        stack = build_chat_stack(settings, args.model, args.adapter, engine_name=args.engine)
+        # One consumer: the decode loop runs in this (main) thread, see BatchingEngine.
+        stack = build_chat_stack(
+            settings, args.model, args.adapter, engine_name=args.engine, background=False
+        )
     except MiniClaudeError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2

@@ -55,23 +55,26 @@ def build_chat_stack(
     adapter_path: Path | None = None,
     engine_name: str | None = None,
     sessions: bool = False,
+    background: bool = True,
 ) -> ChatStack:
     """Load the configured model and build the stack around it.
 
     ``model_name``, ``adapter_path`` and ``engine_name`` override MODEL_NAME, ADAPTER_PATH and
     ENGINE (the CLI's flags). ``sessions=True`` (the API) keeps conversations in SQLite at
-    DATA_DIR/sessions.sqlite3. Raises ``ConfigError`` or ``ModelLoadingError``.
+    DATA_DIR/sessions.sqlite3. ``background=False`` (the CLI: one consumer) runs the decode
+    loop in the caller's thread instead of a scheduler thread (see ``BatchingEngine``).
+    Raises ``ConfigError`` or ``ModelLoadingError``.
     """
     store = SessionStore(settings.sessions_db) if sessions else None
     try:
-        service = build_service(settings, model_name, adapter_path, engine_name, store)
+        service = build_service(settings, model_name, adapter_path, engine_name, store, background)
     except BaseException:
         if store is not None:
             store.close()
         raise
 
     def adapter_service(path: Path) -> ChatService:
-        return build_service(settings, model_name, path, engine_name, store)
+        return build_service(settings, model_name, path, engine_name, store, background)
 
     return ChatStack(service, AdapterPool(service, settings.adapters_dir, adapter_service), store)
 
@@ -82,6 +85,7 @@ def build_service(
     adapter_path: Path | None = None,
     engine_name: str | None = None,
     store: SessionStore | None = None,
+    background: bool = True,
 ) -> ChatService:
     """One ChatService: the configured model (or remote server) with the settings' defaults."""
     if settings.backend == "remote":
@@ -94,7 +98,9 @@ def build_service(
         backend = RemoteBackend.from_settings(settings, model=model_name)
         name = backend.model
     else:
-        backend, name = build_local_backend(settings, model_name, adapter_path, engine_name)
+        backend, name = build_local_backend(
+            settings, model_name, adapter_path, engine_name, background
+        )
     return ChatService(
         backend,
         model_name=name,
@@ -112,13 +118,14 @@ def build_local_backend(
     model_name: str | None = None,
     adapter_path: Path | None = None,
     engine_name: str | None = None,
+    background: bool = True,
 ) -> tuple[LocalBackend, str]:
     """The model (see ``src.models.inference`` for ENGINE, PRECISION and QUANTIZE), the
     engine that decodes for it, and the text-to-ids backend around the engine."""
     from src.models.inference import load_for_inference
 
     loaded = load_for_inference(settings, model_name, adapter_path, engine_name)
-    backend = local_backend(loaded.model, loaded.tokenizer, settings)
+    backend = local_backend(loaded.model, loaded.tokenizer, settings, background)
     logger.info(
         "Model: %s (%s); context window %d tokens (a full one holds %.0f MB of keys and values)",
         loaded.name,
@@ -129,9 +136,12 @@ def build_local_backend(
     return backend, loaded.name
 
 
-def local_backend(model: Any, tokenizer: Any, settings: Settings) -> LocalBackend:
+def local_backend(
+    model: Any, tokenizer: Any, settings: Settings, background: bool = False
+) -> LocalBackend:
     """The engine for an already loaded ``model`` and the backend around it (scripts that
-    load a model themselves, such as compare_adapter.py, start here)."""
+    load a model themselves, such as compare_adapter.py, start here: one consumer, so by
+    default the loop runs in the caller's thread)."""
     if uses_sliding_window(model):
         logger.warning(
             "Notice: this model uses sliding-window attention; requests are decoded one at a time."
@@ -140,7 +150,11 @@ def local_backend(model: Any, tokenizer: Any, settings: Settings) -> LocalBacken
         PrefixCache(settings.prefix_cache_mb * 2**20) if settings.prefix_cache_mb else None
     )
     engine = BatchingEngine(
-        model, eos_token_ids(model, tokenizer), settings.max_batch_size, prefix_cache=prefix_cache
+        model,
+        eos_token_ids(model, tokenizer),
+        settings.max_batch_size,
+        prefix_cache=prefix_cache,
+        background=background,
     )
     window = context_window(model, engine.max_batch_size)
     return LocalBackend(engine, tokenizer, window)

@@ -84,12 +84,23 @@ def transformers_generate_stream(model: Any, prompt: list[int], new_tokens: int)
     return stream
 
 
-def engine_stream(model: Any, prompt: list[int], new_tokens: int):
-    """Our decode engine (the one every front end uses) on ``model``, one request at a time.
-    No end-of-sequence ids: it always generates exactly ``new_tokens``, like the baseline."""
-    engine = BatchingEngine(model, eos_token_ids=frozenset())
-    params = GenerationParams(do_sample=False, max_new_tokens=new_tokens, repetition_penalty=1.0)
-    return lambda: engine.generate_token_ids(prompt, params)
+class EngineStream:
+    """Our decode engine (the one every front end uses) on ``model``, one request at a time,
+    its loop run by the caller as in the CLI (``background=False``). No end-of-sequence ids:
+    it always generates exactly ``new_tokens``, like the baseline."""
+
+    def __init__(self, model: Any, prompt: list[int], new_tokens: int) -> None:
+        self.engine = BatchingEngine(model, eos_token_ids=frozenset(), background=False)
+        self.prompt = prompt
+        self.params = GenerationParams(
+            do_sample=False, max_new_tokens=new_tokens, repetition_penalty=1.0
+        )
+
+    def __call__(self) -> Iterator[int]:
+        return self.engine.generate_token_ids(self.prompt, self.params)
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 @torch.inference_mode()

@@ -102,7 +102,16 @@ class BatchingEngine:
     """Generates token ids for many requests at once; safe to call from many threads.
 
     ``eos_token_ids`` end a reply (the token is yielded, then the reply ends). ``close()``
-    stops the scheduler thread; requests still running then fail with ``EngineClosedError``.
+    stops the loop; requests still running then fail with ``EngineClosedError``.
+
+    Who runs the loop: with ``background=True`` (servers: the API, the web UI) a scheduler
+    thread of its own; with ``background=False`` (one consumer: the CLI, scripts, the
+    benchmark) the callers' own threads, each taking one round of the loop for everyone
+    whenever it waits for a token. The loop is the same. The second way keeps the decoding in
+    the thread that already did the model's other work: PyTorch gives each thread that runs
+    its parallel kernels an OpenMP thread team, and on this 2-core machine a second team
+    alive (the main thread's, after it loaded a model) slows a decoding thread's by 40-50%
+    (README Performance).
     """
 
     def __init__(
@@ -112,6 +121,7 @@ class BatchingEngine:
         max_batch_size: int = 16,
         prefix_cache: PrefixCache | None = None,
         pipeline: LogitsPipeline | None = None,
+        background: bool = True,
     ) -> None:
         self.model = model
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -127,9 +137,13 @@ class BatchingEngine:
         self._requests: dict[int, _Request] = {}  # admitted, not finished: failed on a crash
         self._closed = False
         self._closing = threading.Lock()  # no request slips in behind the closing marker
-        self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
-        self._thread.start()
-        _LIVE_ENGINES.add(self)
+        self._thread: threading.Thread | None = None
+        self._batch: _Batch | None = None  # the running batch, when callers run the loop
+        self._driving = threading.Lock()  # one caller at a time runs a round
+        if background:
+            self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
+            self._thread.start()
+            _LIVE_ENGINES.add(self)
 
     def generate_token_ids(
         self,
@@ -147,7 +161,7 @@ class BatchingEngine:
         ended = False
         try:
             while True:
-                item = request.tokens.get()
+                item = self._next_item(request)
                 if item is _DONE or isinstance(item, BaseException):
                     ended = True
                     if item is _DONE:
@@ -157,7 +171,35 @@ class BatchingEngine:
         finally:
             if not ended:  # closed early (e.g. a stop sequence matched): free the row
                 request.abandoned = True
-                _wait_for_end(request)
+                self._wait_for_end(request)
+
+    def _next_item(self, request: _Request, timeout: float | None = None) -> object:
+        """The request's next token (or end marker, or error). Without a scheduler thread,
+        run rounds of the loop (for every request) until one is there."""
+        if self._thread is not None:
+            return request.tokens.get(timeout=timeout)
+        while True:
+            try:
+                return request.tokens.get_nowait()
+            except queue.Empty:
+                pass
+            with self._driving:
+                if request.tokens.empty():
+                    if self._closed:
+                        return EngineClosedError("the engine was closed before this reply ended")
+                    self._batch = self._round(self._batch, wait=False)
+
+    def _wait_for_end(self, request: _Request) -> None:
+        """Until the loop has let go of an abandoned request (at its next step), so that when
+        a caller's close() returns, the row is free and its keys and values are kept in the
+        prefix cache."""
+        while True:
+            try:
+                item = self._next_item(request, timeout=60.0)
+            except queue.Empty:
+                return
+            if item is _DONE or isinstance(item, BaseException):
+                return
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the scheduler thread after its current step. Requests still waiting or running
@@ -168,7 +210,10 @@ class BatchingEngine:
             self._closed = True
             self._waiting.put(_CLOSE)
         _LIVE_ENGINES.discard(self)
-        if threading.current_thread() is not self._thread:
+        if self._thread is None:
+            with self._driving:
+                self._fail_all(EngineClosedError("the engine was closed before this reply ended"))
+        elif threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
     # ---- the scheduler thread -------------------------------------------------------------
@@ -176,42 +221,51 @@ class BatchingEngine:
     def _run(self) -> None:
         batch: _Batch | None = None
         while not self._closed:
-            try:
-                batch = self._admit(batch)
-                if batch is not None:
-                    batch = self._step(batch)
-            except Exception as exc:  # never let one bad step kill the server's engine
-                logger.exception("generation step failed")
-                # Fail every admitted request, including any merged during this round, so no
-                # consumer waits forever on its queue.
-                for request in list(self._requests.values()):
-                    self._finish(request, exc)
-                batch = None
-        closed = EngineClosedError("the engine was closed before this reply ended")
+            batch = self._round(batch, wait=True)
+        self._fail_all(EngineClosedError("the engine was closed before this reply ended"))
+
+    def _round(self, batch: _Batch | None, wait: bool) -> _Batch | None:
+        """One round of the loop: admit waiting requests (``wait``: block until one comes if
+        there is nothing to do), then one decoding step for the batch."""
+        try:
+            batch = self._admit(batch, wait)
+            if batch is not None:
+                batch = self._step(batch)
+            return batch
+        except Exception as exc:  # never let one bad step kill the server's engine
+            logger.exception("generation step failed")
+            # Fail every admitted request, including any merged during this round, so no
+            # consumer waits forever on its queue.
+            for request in list(self._requests.values()):
+                self._finish(request, exc)
+            return None
+
+    def _fail_all(self, error: Exception) -> None:
+        """Fail the admitted requests and those still waiting (the engine is closed)."""
         for request in list(self._requests.values()):
-            self._finish(request, closed)
+            self._finish(request, error)
         while True:  # requests that never got in
             try:
                 request = self._waiting.get_nowait()
             except queue.Empty:
                 break
             if request is not _CLOSE:
-                request.tokens.put(closed)
+                request.tokens.put(error)
 
     def _finish(self, request: _Request, outcome: object = _DONE) -> None:
         """Send the last item (end marker or exception) and forget the request."""
         request.tokens.put(outcome)
         self._requests.pop(id(request), None)
 
-    def _admit(self, batch: _Batch | None) -> _Batch | None:
-        """Prefill the waiting requests together and merge them into the batch (block if
-        idle). Clients that arrive together (a burst, a page of users) share one prefill pass
-        instead of queueing behind each other's prompts."""
+    def _admit(self, batch: _Batch | None, wait: bool = True) -> _Batch | None:
+        """Prefill the waiting requests together and merge them into the batch (with
+        ``wait``, block if idle). Clients that arrive together (a burst, a page of users)
+        share one prefill pass instead of queueing behind each other's prompts."""
         room = self.max_batch_size - (len(batch.requests) if batch is not None else 0)
         arrivals: list[_Request] = []
         while len(arrivals) < room:
             try:
-                request = self._waiting.get(block=batch is None and not arrivals)
+                request = self._waiting.get(block=wait and batch is None and not arrivals)
             except queue.Empty:
                 break
             if request is _CLOSE:
@@ -386,19 +440,6 @@ class BatchingEngine:
                 except Exception as exc:
                     alone.append(exc)
             return alone
-
-
-def _wait_for_end(request: _Request, timeout: float = 60.0) -> None:
-    """Block until the scheduler has let go of an abandoned request (at its next step), so
-    that when a caller's close() returns, the row is free and its keys and values are kept
-    in the prefix cache."""
-    while True:
-        try:
-            item = request.tokens.get(timeout=timeout)
-        except queue.Empty:
-            return
-        if item is _DONE or isinstance(item, BaseException):
-            return
 
 
 @dataclass

@@ -166,3 +166,38 @@ def _error_of(call):
     except Exception as exc:
         return exc
     return None
+
+
+def test_the_callers_threads_can_run_the_loop_themselves(tiny_llama_service):
+    """``background=False`` (the CLI, scripts, the benchmark): no scheduler thread; whoever
+    waits for a token runs a round of the same loop for everyone. Same tokens, also with
+    several callers at once, and an early close still keeps the conversation's keys."""
+    source = tiny_llama_service.backend.engine
+    prompts = [prompt(tiny_llama_service, text) for text in ("one", "two words", "three")]
+    expected = [list(source.generate_token_ids(ids, GREEDY)) for ids in prompts]
+    engine = BatchingEngine(
+        source.model, source.eos_token_ids, prefix_cache=PrefixCache(2**24), background=False
+    )
+    assert engine._thread is None
+    assert [list(engine.generate_token_ids(ids, GREEDY)) for ids in prompts] == expected
+    results: dict[int, list[int]] = {}
+    threads = [
+        threading.Thread(
+            target=lambda i=i: results.update(
+                {i: list(engine.generate_token_ids(prompts[i], GREEDY))}
+            )
+        )
+        for i in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [results[i] for i in range(3)] == expected
+    reply = engine.generate_token_ids(prompts[0] + expected[0], GREEDY)
+    next(reply)
+    reply.close()  # frees the row at once: nobody else runs the loop
+    assert engine.prefix_cache.hits >= 1
+    engine.close()
+    with pytest.raises(EngineClosedError):
+        next(engine.generate_token_ids(prompts[0], GREEDY))
