@@ -14,9 +14,12 @@ With BACKEND=remote no model is loaded: the service's backend is a ``RemoteBacke
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from src.chat.adapter_pool import AdapterPool
 from src.chat.local import LocalBackend
@@ -34,6 +37,7 @@ from src.models.model_info import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -66,17 +70,41 @@ def build_chat_stack(
     Raises ``ConfigError`` or ``ModelLoadingError``.
     """
     store = SessionStore(settings.sessions_db) if sessions else None
+
+    def service_for(adapter: Path | None) -> ChatService:
+        build = partial(build_service, settings, model_name, adapter, engine_name, store)
+        if not background:
+            return build(background=False)
+        # Loading runs PyTorch's parallel kernels: in a thread that then ends, so that no
+        # OpenMP thread team stays alive beside the engine's (see BatchingEngine).
+        return in_passing_thread(partial(build, background=True))
+
     try:
-        service = build_service(settings, model_name, adapter_path, engine_name, store, background)
+        service = service_for(adapter_path)
     except BaseException:
         if store is not None:
             store.close()
         raise
 
-    def adapter_service(path: Path) -> ChatService:
-        return build_service(settings, model_name, path, engine_name, store, background)
+    return ChatStack(service, AdapterPool(service, settings.adapters_dir, service_for), store)
 
-    return ChatStack(service, AdapterPool(service, settings.adapters_dir, adapter_service), store)
+
+def in_passing_thread(work: Callable[[], T]) -> T:
+    """``work()`` run in a new thread that ends with it; its result, or its exception."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="model-loading")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def build_service(

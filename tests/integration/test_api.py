@@ -36,6 +36,7 @@ def tiny_factory(tiny_llama_path):
                 tiny_llama_path,
                 default_params=GREEDY.updated(max_new_tokens=8),
                 store=SessionStore(settings.sessions_db),
+                max_reply_tokens=settings.max_length,
                 max_message_chars=settings.max_message_chars,
             ),
             settings,

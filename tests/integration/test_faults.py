@@ -260,6 +260,7 @@ def test_a_full_sessions_database_is_a_clean_503_and_no_session_is_damaged(
                 tiny_llama_path,
                 default_params=GREEDY.updated(max_new_tokens=4),
                 store=SessionStore(settings.sessions_db),
+                max_reply_tokens=settings.max_length,
             ),
             settings,
         )

@@ -79,6 +79,7 @@ def factory_for(tiny_llama_path: Path, gate: Gate | None = None):
             tiny_llama_path,
             default_params=GREEDY.updated(max_new_tokens=4),
             store=SessionStore(settings.sessions_db),
+            max_reply_tokens=settings.max_length,
             max_message_chars=settings.max_message_chars,
         )
         if gate is not None:

@@ -11,7 +11,6 @@ from starlette.concurrency import run_in_threadpool
 
 from src.chat.conversation import Conversation
 from src.config import Settings
-from src.errors import InvalidRequestError
 from src.params import GenerationParams, check_reply_length, make_params
 from src.web.deps import ServiceDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import HTTPProblem, sse_event, stream_error
@@ -35,15 +34,6 @@ from src.web.streaming import deltas_of
 router = APIRouter(
     prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)], responses=ERRORS
 )
-
-
-# The core's field names, as an OpenAI request spells them: its message, system prompt and
-# history are all in ``messages``.
-OPENAI_FIELDS = {
-    "message": "messages",
-    "system_prompt": "messages",
-    "max_new_tokens": "max_tokens",
-}
 
 
 def split_messages(body: ChatCompletionRequest, settings: Settings) -> tuple[Conversation, str]:
@@ -134,10 +124,6 @@ async def chat_completions(
     slot = slots.acquire(client_id(request))
     try:
         stream = await run_in_threadpool(service.start_reply, conversation, message, params)
-    except InvalidRequestError as exc:
-        slot.release()
-        exc.field = OPENAI_FIELDS.get(exc.field, exc.field)  # the names this client sent
-        raise
     except BaseException:
         slot.release()
         raise
