@@ -3,9 +3,16 @@ engine. A leaf module: it imports nothing of the project but its errors and vali
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from src.errors import InvalidRequestError
 from src.validation import describe_validation_error, first_field
@@ -14,6 +21,33 @@ MAX_NEW_TOKENS = 4096  # the longest reply any request may ask for (MAX_LENGTH i
 MAX_STOP_SEQUENCES = 8
 MIN_TEMPERATURE = 0.01
 MAX_STOP_SEQUENCE_CHARS = 64
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as in OpenAI's API
+MAX_LOGIT_BIAS_ENTRIES = 300  # as in OpenAI's API
+
+
+class ResponseFormat(BaseModel):
+    """What shape the reply must have: free text, any JSON object, or JSON valid against a
+    schema. A grammar built from it masks every token that would break the shape."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = Field(
+        None, description="The JSON schema the reply must validate against (json_schema only)."
+    )
+    name: str | None = Field(None, description="The schema's name (informational).")
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> ResponseFormat:
+        if self.type == "json_schema" and not isinstance(self.json_schema, dict):
+            raise ValueError("type 'json_schema' needs a JSON schema object")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"a schema is only used with type 'json_schema', not {self.type!r}")
+        return self
+
+    @property
+    def constrains(self) -> bool:
+        return self.type != "text"
 
 
 class GenerationParams(BaseModel):
@@ -22,21 +56,70 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_new_tokens: int = Field(
-        128, ge=1, le=MAX_NEW_TOKENS, description="Most tokens to generate."
+        128,
+        ge=0,
+        le=MAX_NEW_TOKENS,
+        description="Most tokens to generate (0: only score the prompt).",
     )
     temperature: float = Field(
         0.7, ge=0.0, le=5.0, description="0 means greedy; otherwise at least 0.01."
     )
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 disables.")
     top_k: int = Field(50, ge=0, le=10_000, description="Keep the k likeliest tokens; 0 disables.")
+    min_p: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Drop tokens less likely than min_p times the likeliest one; 0 disables.",
+    )
     repetition_penalty: float = Field(
         1.1, ge=0.05, le=10.0, description="CTRL-style penalty on seen tokens; 1 disables."
+    )
+    presence_penalty: float = Field(
+        0.0,
+        ge=-2.0,
+        le=2.0,
+        description="Subtracted from every token already in the reply (OpenAI's definition).",
+    )
+    frequency_penalty: float = Field(
+        0.0,
+        ge=-2.0,
+        le=2.0,
+        description="Subtracted once per earlier occurrence in the reply (OpenAI's definition).",
+    )
+    logit_bias: dict[int, float] = Field(
+        default_factory=dict,
+        max_length=MAX_LOGIT_BIAS_ENTRIES,
+        description="Token id -> bias added to its logit (-100 to 100; -100 bans the token).",
     )
     do_sample: bool = Field(True, description="Sample; false means greedy decoding.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Seed for sampling.")
     stop: tuple[str, ...] = Field(
         (), max_length=MAX_STOP_SEQUENCES, description="Strings that end the reply."
     )
+    logprobs: bool = Field(False, description="Report each generated token's log-probability.")
+    top_logprobs: int = Field(
+        0,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With logprobs: also the likeliest alternatives at each position.",
+    )
+    prompt_logprobs: bool = Field(
+        False, description="Also report the prompt's own tokens' log-probabilities (echo)."
+    )
+    response_format: ResponseFormat | None = Field(
+        None, description="Constrain the reply to JSON (any object, or valid against a schema)."
+    )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, value: dict[int, float]) -> dict[int, float]:
+        for token_id, bias in value.items():
+            if token_id < 0:
+                raise ValueError(f"token id {token_id} is negative")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"bias {bias} for token {token_id} is outside -100 to 100")
+        return value
 
     @field_validator("temperature")
     @classmethod

@@ -27,8 +27,9 @@ def cache_key(model_id: str, prompt: Sequence[Hashable], params: GenerationParam
     """``prompt`` identifies the prompt exactly: its token ids, or with a remote backend its
     (role, content) messages."""
     # The seed only matters when sampling, and sampled replies are never cached.
-    relevant = params.model_dump(exclude={"seed"})
-    return (model_id, tuple(prompt), tuple(sorted(relevant.items())))
+    # As JSON: some values (logit_bias, a response format's schema) are dicts.
+    relevant = params.model_dump_json(exclude={"seed"})
+    return (model_id, tuple(prompt), relevant)
 
 
 class ResponseCache:

@@ -16,14 +16,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from src.chat.prompts import PromptBuild, PromptFormat, build_prompt, detect_prompt_format
+from src.chat.deltas import Delta, TokenInfo
+from src.chat.prompts import PromptFormat, build_prompt, detect_prompt_format
 from src.chat.streaming import IncrementalDecoder, StopSequenceFilter
+from src.chat.structured import GrammarCompiler, response_format_grammar
+from src.chat.tools import ToolCall, ToolCallStream, ToolSet, tool_grammar
 from src.engine.batching import BatchingEngine
+from src.engine.logits import GeneratedToken
 from src.errors import InvalidRequestError
 from src.models.model_info import kv_bytes_per_token
 from src.params import GenerationParams
+
+
+@dataclass
+class LocalPrompt:
+    """A prompt ready for the engine: its token ids and what holds the reply to a shape."""
+
+    input_ids: list[int]
+    dropped_messages: int = 0  # oldest messages left out to fit the context window
+    grammar: str | None = None  # llguidance grammar (response_format or tools), checked
+    tools: ToolSet | None = None  # replies are read for tool calls
 
 
 class LocalBackend:
@@ -46,6 +61,9 @@ class LocalBackend:
         # What a conversation filling the window holds in the KV cache (--verbose, /health).
         self.kv_cache_bytes = context_window * kv_bytes_per_token(engine.model)
         self.prompt_format: PromptFormat = detect_prompt_format(tokenizer)
+        self.vocab_size = int(engine.model.config.vocab_size)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, engine.eos_token_ids)
+        self._token_infos: dict[int, tuple[str, bytes]] = {}
 
     def close(self) -> None:
         """Stop the engine's thread (replies still running end with ``EngineClosedError``)."""
@@ -55,70 +73,179 @@ class LocalBackend:
     def supports_system_prompt(self) -> bool:
         return self.prompt_format is PromptFormat.CHAT_TEMPLATE
 
-    def build_prompt(
-        self, system_prompt: str | None, messages: list[dict[str, str]], params: GenerationParams
-    ) -> PromptBuild:
-        max_prompt_tokens = self.context_window - params.max_new_tokens
-        if max_prompt_tokens < 1:
+    def _room_for_prompt(self, params: GenerationParams) -> int:
+        room = self.context_window - params.max_new_tokens
+        if room < 1:
             raise InvalidRequestError(
                 f"max_new_tokens={params.max_new_tokens} leaves no room for the prompt in the "
                 f"{self.context_window}-token context window; use a smaller max_new_tokens.",
                 field="max_new_tokens",
             )
-        system_prompt = system_prompt if self.supports_system_prompt else None
-        return build_prompt(
-            self.tokenizer, self.prompt_format, system_prompt, messages, max_prompt_tokens
-        )
+        return room
 
-    def cache_material(self, prompt: PromptBuild) -> tuple:
+    def build_prompt(
+        self,
+        system_prompt: str | None,
+        messages: list[dict[str, Any]],
+        params: GenerationParams,
+        tools: ToolSet | None = None,
+    ) -> LocalPrompt:
+        max_prompt_tokens = self._room_for_prompt(params)
+        grammar = self._grammar(params, tools)
+        system_prompt = system_prompt if self.supports_system_prompt else None
+        shown = tools.tools if tools is not None and tools.active else ()
+        built = build_prompt(
+            self.tokenizer, self.prompt_format, system_prompt, messages, max_prompt_tokens, shown
+        )
+        return LocalPrompt(built.input_ids, built.dropped_messages, grammar, tools)
+
+    def build_raw_prompt(self, prompt: str | list[int], params: GenerationParams) -> LocalPrompt:
+        """A prompt used as it is (legacy completions): text, or token ids."""
+        max_prompt_tokens = self._room_for_prompt(params)
+        grammar = self._grammar(params, None)
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = list(prompt)
+            bad = [token for token in ids if not 0 <= token < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"prompt: token id {bad[0]} is not in the vocabulary (0 to "
+                    f"{self.vocab_size - 1})",
+                    "prompt",
+                )
+        if not ids:
+            raise InvalidRequestError("prompt: must not be empty", "prompt")
+        if len(ids) > max_prompt_tokens:
+            raise InvalidRequestError(
+                f"prompt: {len(ids)} tokens, but only {max_prompt_tokens} fit the context "
+                "window after reserving max_tokens",
+                "prompt",
+            )
+        return LocalPrompt(ids, 0, grammar)
+
+    def _grammar(self, params: GenerationParams, tools: ToolSet | None) -> str | None:
+        """The grammar this request's reply must follow, checked now (a 400 names what is
+        wrong before anything is generated)."""
+        bad = [token for token in params.logit_bias if token >= self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias: token id {bad[0]} is not in the vocabulary (0 to "
+                f"{self.vocab_size - 1})",
+                "logit_bias",
+            )
+        tools_grammar = tool_grammar(tools) if tools is not None else None
+        format_grammar = response_format_grammar(params.response_format)
+        if tools_grammar and format_grammar:
+            raise InvalidRequestError(
+                "response_format: cannot be combined with tools the model may call; use one "
+                "or the other (or tool_choice 'none')",
+                "response_format",
+            )
+        if tools_grammar:
+            self.grammars.check(tools_grammar, "tools")
+        if format_grammar:
+            self.grammars.check(format_grammar, "response_format")
+        return tools_grammar or format_grammar
+
+    def cache_material(self, prompt: LocalPrompt) -> tuple:
         """What identifies the prompt in the response cache: its exact token ids."""
         return tuple(prompt.input_ids)
 
     def start(
-        self, prompt: PromptBuild, params: GenerationParams, should_stop: Callable[[], bool]
+        self, prompt: LocalPrompt, params: GenerationParams, should_stop: Callable[[], bool]
     ) -> LocalGeneration:
         return LocalGeneration(self, prompt, params, should_stop)
 
+    def token_info(self, token: GeneratedToken) -> TokenInfo:
+        """A generated token's text, bytes, log-probability and alternatives."""
+        text, raw = self.token_text(token.token_id)
+        top = tuple((*self.token_text(token_id), logprob) for token_id, logprob in token.top)
+        return TokenInfo(text, raw, token.logprob, top)
+
+    def token_text(self, token_id: int) -> tuple[str, bytes]:
+        known = self._token_infos.get(token_id)
+        if known is None:
+            try:
+                raw = self.grammars.token_bytes(token_id)
+            except InvalidRequestError:  # not a Rust tokenizer: its own decoding
+                raw = self.tokenizer.decode([token_id]).encode()
+            known = (raw.decode("utf-8", errors="replace"), raw)
+            self._token_infos[token_id] = known
+        return known
+
 
 class LocalGeneration:
-    """One reply from the local engine, as text deltas. Nothing runs until it is iterated."""
+    """One reply from the local engine, as deltas. Nothing runs until it is iterated."""
 
     def __init__(
         self,
         backend: LocalBackend,
-        prompt: PromptBuild,
+        prompt: LocalPrompt,
         params: GenerationParams,
         should_stop: Callable[[], bool],
     ) -> None:
+        self.backend = backend
         self.eos_token_ids = backend.engine.eos_token_ids
         self.decoder = IncrementalDecoder(backend.tokenizer)
         self.stops = StopSequenceFilter(params.stop)
+        self.tool_stream = ToolCallStream() if prompt.tools and prompt.tools.active else None
         self.finish_reason = "length"  # until EOS or a stop sequence says "stop"
         self.prompt_tokens = len(prompt.input_ids)
         self.completion_tokens = 0
         self.first_token_at: float | None = None  # time.perf_counter() of the first token
-        self._tokens = backend.engine.generate_token_ids(
-            prompt.input_ids, params, should_stop=should_stop
+        self.prompt_logprobs: list[TokenInfo] = []  # with params.prompt_logprobs
+        constraint = None
+        if prompt.grammar is not None:
+            constraint = backend.grammars.constraint(prompt.grammar)
+        self._tokens = backend.engine.generate(
+            prompt.input_ids, params, should_stop=should_stop, constraint=constraint
         )
 
-    def __iter__(self) -> Iterator[str]:
-        for token_id in self._tokens:
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return self.tool_stream.calls if self.tool_stream is not None else []
+
+    def __iter__(self) -> Iterator[Delta]:
+        pending: list[TokenInfo] = []  # log-probabilities of tokens whose text is held back
+        for token in self._tokens:
+            if token.in_prompt:
+                self.prompt_logprobs.append(self.backend.token_info(token))
+                continue
             self.completion_tokens += 1
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
-            if token_id in self.eos_token_ids:
+            if token.token_id in self.eos_token_ids:
                 self.finish_reason = "stop"
                 break
-            shown = self.stops.push(self.decoder.push(token_id))
-            if shown:
-                yield shown
+            if token.logprob is not None:
+                pending.append(self.backend.token_info(token))
+            delta = self._delta(self.stops.push(self.decoder.push(token.token_id)), pending)
+            if delta:
+                pending = []
+                yield delta
             if self.stops.stopped:
                 self.finish_reason = "stop"
                 break
         self.close()
-        tail = self.stops.push(self.decoder.flush()) + self.stops.flush()
-        if tail:
-            yield tail
+        delta = self._delta(self.stops.push(self.decoder.flush()) + self.stops.flush(), [])
+        delta.logprobs = pending
+        if self.tool_stream is not None:
+            rest, calls = self.tool_stream.flush()
+            delta.text += rest
+            delta.tool_calls += calls
+        if self.tool_calls:
+            self.finish_reason = "tool_calls"
+        if delta:
+            yield delta
+
+    def _delta(self, text: str, logprobs: list[TokenInfo]) -> Delta:
+        if self.tool_stream is None:
+            return Delta(text, logprobs) if text else Delta()
+        content, calls = self.tool_stream.push(text)
+        if not content and not calls:
+            return Delta()
+        return Delta(content, logprobs, calls)
 
     def close(self) -> None:
         """Stop the engine's token generator (which frees the request's row)."""

@@ -6,18 +6,26 @@ Two formats, chosen from the tokenizer (never from the model's name):
 - EOS_JOINED: DialoGPT's format, each turn's text followed by the EOS token, no roles and no
   system prompt (Zhang et al., 2020, "DialoGPT").
 
+Messages are OpenAI-shaped dicts: ``role`` is "system", "developer" (treated as system),
+"user", "assistant" or "tool"; an assistant message may carry ``tool_calls``; ``content`` may be
+None beside them. Roles may repeat (two user messages in a row are passed to the template as
+they are, or merged when the template refuses them). Tool calls and results are written in the
+format of ``src/chat/tools.py`` unless the template presents tools itself.
+
 Training formats conversations with ``encode_conversation`` too, so training and chat agree.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from src.errors import ContextOverflowError, ModelLoadingError
+from src.chat.tools import Tool, render_tool_calls, render_tool_results, tools_system_prompt
+from src.errors import ContextOverflowError, InvalidRequestError, ModelLoadingError
 
-Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": "..."}
+Message = dict[str, Any]  # {"role": ..., "content": "..."} (+ "tool_calls", "tool_call_id")
 
 
 class PromptFormat(StrEnum):
@@ -36,28 +44,122 @@ def detect_prompt_format(tokenizer: Any) -> PromptFormat:
     return PromptFormat.EOS_JOINED
 
 
+def template_supports_tools(tokenizer: Any) -> bool:
+    """Whether the chat template presents a ``tools`` list itself."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and "tools" in template
+
+
 def encode_conversation(
     tokenizer: Any,
     prompt_format: PromptFormat,
     system_prompt: str | None,
     messages: list[Message],
     add_generation_prompt: bool = True,
+    tools: tuple[Tool, ...] = (),
 ) -> list[int]:
     """Token ids of the whole conversation, ready for the model to write the next reply."""
     if prompt_format is PromptFormat.CHAT_TEMPLATE:
-        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        encoded = tokenizer.apply_chat_template(
-            system + list(messages),
-            add_generation_prompt=add_generation_prompt,
-            tokenize=True,
-            return_dict=True,
-        )
+        native_tools = bool(tools) and template_supports_tools(tokenizer)
+        if tools and not native_tools:
+            shown = tools_system_prompt(tools)
+            system_prompt = f"{system_prompt}\n\n{shown}" if system_prompt else shown
+        chat = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        chat += _template_messages(messages, native_tools)
+        options = {"tools": [tool.as_openai() for tool in tools]} if native_tools else {}
+        try:
+            encoded = _apply_template(tokenizer, chat, add_generation_prompt, options)
+        except Exception as exc:  # jinja2's TemplateError: e.g. "roles must alternate"
+            merged = _merge_consecutive(chat)
+            if merged == chat:
+                raise InvalidRequestError(
+                    f"messages: the model's chat template cannot render them: {exc}", "messages"
+                ) from None
+            encoded = _apply_template(tokenizer, merged, add_generation_prompt, options)
         return list(encoded["input_ids"])
     ids: list[int] = []
-    for message in messages:
-        ids += tokenizer.encode(message["content"], add_special_tokens=False)
+    for text in _turn_texts(messages):
+        ids += tokenizer.encode(text, add_special_tokens=False)
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def _apply_template(
+    tokenizer: Any, chat: list[Message], add_generation_prompt: bool, options: dict[str, Any]
+) -> Any:
+    return tokenizer.apply_chat_template(
+        chat,
+        add_generation_prompt=add_generation_prompt,
+        tokenize=True,
+        return_dict=True,
+        **options,
+    )
+
+
+def _template_messages(messages: list[Message], native_tools: bool) -> list[Message]:
+    """Messages as the template gets them: developer -> system; tool calls and results in the
+    default format unless the template handles tools itself; no None content."""
+    chat: list[Message] = []
+    results: list[str] = []  # consecutive tool results, shown as one user turn
+    for message in messages:
+        role, content = message["role"], message.get("content") or ""
+        calls = message.get("tool_calls") or []
+        if native_tools and (calls or role == "tool"):
+            chat.append(_native_tool_message(message, content))
+            continue
+        if role == "tool":
+            if not results:
+                chat.append({"role": "user", "content": ""})
+            results.append(content)
+            chat[-1]["content"] = render_tool_results(results)
+            continue
+        results = []
+        if calls:
+            content = "\n".join(part for part in (content, render_tool_calls(calls)) if part)
+        chat.append({"role": "system" if role == "developer" else role, "content": content})
+    return chat
+
+
+def _native_tool_message(message: Message, content: str) -> Message:
+    if message["role"] == "tool":
+        return {"role": "tool", "content": content, "tool_call_id": message.get("tool_call_id")}
+    calls = []
+    for call in message["tool_calls"]:
+        function = call.get("function", call)
+        arguments = function.get("arguments") or {}
+        if isinstance(arguments, str):
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        calls.append({"type": "function", "function": {**function, "arguments": arguments}})
+    return {"role": "assistant", "content": content, "tool_calls": calls}
+
+
+def _merge_consecutive(chat: list[Message]) -> list[Message]:
+    """Join consecutive messages of the same role (for templates that refuse them)."""
+    merged: list[Message] = []
+    for message in chat:
+        if merged and merged[-1]["role"] == message["role"] and "tool_calls" not in message:
+            merged[-1] = {
+                **merged[-1],
+                "content": f"{merged[-1]['content']}\n\n{message['content']}",
+            }
+        else:
+            merged.append(dict(message))
+    return merged
+
+
+def _turn_texts(messages: list[Message]) -> list[str]:
+    """DialoGPT's turns: each message's text (no roles, no system messages)."""
+    texts = []
+    for message in messages:
+        if message["role"] in ("system", "developer"):
+            continue
+        content = message.get("content") or ""
+        if message.get("tool_calls"):
+            content = "\n".join(p for p in (content, render_tool_calls(message["tool_calls"])) if p)
+        if message["role"] == "tool":
+            content = render_tool_results([content])
+        texts.append(content)
+    return texts
 
 
 @dataclass
@@ -72,25 +174,36 @@ def build_prompt(
     system_prompt: str | None,
     messages: list[Message],
     max_prompt_tokens: int,
+    tools: tuple[Tool, ...] = (),
 ) -> PromptBuild:
-    """Encode ``messages`` (ending with the new user message), dropping the oldest turns first.
+    """Encode ``messages`` (ending with what the model answers), dropping the oldest turns first.
 
-    The system prompt and the newest user message are always kept; earlier messages go a
-    user/assistant pair at a time, so the prompt still starts with a user turn.
+    The system prompt and the last turn (from the last user message on) are always kept;
+    earlier messages go a turn at a time, so the prompt still starts with a user message.
     """
-    start = 0
-    while True:
-        ids = encode_conversation(tokenizer, prompt_format, system_prompt, messages[start:])
+    starts = [0] + [
+        index
+        for index, message in enumerate(messages)
+        if index > 0 and message["role"] == "user" and _is_turn_start(messages, index)
+    ]
+    ids: list[int] = []
+    for start in starts:
+        ids = encode_conversation(
+            tokenizer, prompt_format, system_prompt, messages[start:], tools=tools
+        )
         if len(ids) <= max_prompt_tokens:
             return PromptBuild(ids, dropped_messages=start)
-        if start >= len(messages) - 1:
-            raise ContextOverflowError(
-                f"message: needs {len(ids)} prompt tokens, but only {max_prompt_tokens} fit the "
-                "context window after reserving max_new_tokens. Shorten the message (or the "
-                "system prompt), or lower max_new_tokens.",
-                field="message",
-            )
-        start = min(start + 2, len(messages) - 1)
+    raise ContextOverflowError(
+        f"message: needs {len(ids)} prompt tokens, but only {max_prompt_tokens} fit the "
+        "context window after reserving max_new_tokens. Shorten the message (or the "
+        "system prompt), or lower max_new_tokens.",
+        field="message",
+    )
+
+
+def _is_turn_start(messages: list[Message], index: int) -> bool:
+    """A user message right after another user message continues the same turn."""
+    return messages[index - 1]["role"] != "user"
 
 
 IGNORE_INDEX = -100  # label of tokens the loss skips (PyTorch's cross_entropy default)

@@ -9,9 +9,12 @@ work unchanged. No model is loaded here. Each reply is one streamed
   them with its own chat template and fits them to its own context window (Mini-Claude drops
   the oldest turns; vLLM and TGI refuse prompts that are too long), so ``dropped_messages`` is
   always 0 here;
-- ``max_tokens``, ``temperature`` (0 when greedy), ``top_p``, ``stop``, ``seed``, plus vLLM's
-  sampling extras ``top_k`` (-1 = off) and ``repetition_penalty``, which Mini-Claude's server
-  accepts too (TGI ignores them);
+- ``max_tokens``, ``temperature`` (0 when greedy), ``top_p``, ``stop``, ``seed``,
+  ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``logprobs`` / ``top_logprobs``,
+  ``response_format``, ``tools`` / ``tool_choice`` / ``parallel_tool_calls``, plus vLLM's
+  sampling extras ``top_k`` (-1 = off), ``min_p`` and ``repetition_penalty``, which
+  Mini-Claude's server accepts too (TGI ignores them). Tool calls and log-probabilities come
+  back from the server's chunks;
 - ``stream_options: {"include_usage": true}``: token counts come from the server's ``usage``.
   A server that sends none gets ``prompt_tokens`` 0 and ``completion_tokens`` = the number of
   streamed content chunks (one per token on vLLM, TGI and Mini-Claude).
@@ -33,7 +36,9 @@ from typing import Any
 
 import httpx
 
+from src.chat.deltas import Delta, TokenInfo
 from src.chat.prompts import Message
+from src.chat.tools import ToolCall, ToolCallDelta, ToolSet
 from src.errors import RemoteBackendError
 from src.params import GenerationParams
 
@@ -42,6 +47,7 @@ from src.params import GenerationParams
 class RemotePrompt:
     messages: list[Message]  # OpenAI's chat messages, system prompt first
     dropped_messages: int = 0  # the server fits its own context window
+    tools: ToolSet | None = None
 
 
 def remote_error(url: str, problem: str) -> RemoteBackendError:
@@ -108,16 +114,18 @@ class RemoteBackend:
     # ---- the ChatService seam ----------------------------------------------------------------
 
     def build_prompt(
-        self, system_prompt: str | None, messages: list[Message], params: GenerationParams
+        self,
+        system_prompt: str | None,
+        messages: list[Message],
+        params: GenerationParams,
+        tools: ToolSet | None = None,
     ) -> RemotePrompt:
         system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        return RemotePrompt(
-            system + [{"role": m["role"], "content": m["content"]} for m in messages]
-        )
+        return RemotePrompt(system + [dict(m) for m in messages], tools=tools)
 
     def cache_material(self, prompt: RemotePrompt) -> tuple:
         """What identifies the prompt in the response cache: the messages themselves."""
-        return tuple((m["role"], m["content"]) for m in prompt.messages)
+        return tuple(json.dumps(m, sort_keys=True) for m in prompt.messages)
 
     def start(
         self, prompt: RemotePrompt, params: GenerationParams, should_stop: Callable[[], bool]
@@ -148,6 +156,18 @@ class RemoteBackend:
             "top_k": params.top_k if params.top_k > 0 else -1,  # vLLM's "off"
             "repetition_penalty": params.repetition_penalty,
         }
+        for name in ("presence_penalty", "frequency_penalty", "min_p"):
+            if getattr(params, name):
+                body[name] = getattr(params, name)
+        if params.logit_bias:
+            body["logit_bias"] = {str(token): bias for token, bias in params.logit_bias.items()}
+        if params.logprobs:
+            body["logprobs"] = True
+            body["top_logprobs"] = params.top_logprobs
+        if params.response_format is not None and params.response_format.constrains:
+            body["response_format"] = openai_response_format(params.response_format)
+        if prompt.tools is not None and prompt.tools.tools:
+            body.update(openai_tools(prompt.tools))
         if params.stop:
             body["stop"] = list(params.stop)
         if params.seed is not None:
@@ -199,6 +219,34 @@ class RemoteBackend:
         raise remote_error(url, f"HTTP {response.status_code} {response.reason_phrase}: {detail}")
 
 
+def openai_response_format(response_format: Any) -> dict[str, Any]:
+    if response_format.type == "json_object":
+        return {"type": "json_object"}
+    schema = {"name": response_format.name or "reply", "schema": response_format.json_schema}
+    return {"type": "json_schema", "json_schema": {**schema, "strict": True}}
+
+
+def openai_tools(tool_set: ToolSet) -> dict[str, Any]:
+    choice: Any = tool_set.choice
+    if tool_set.choice == "function":
+        choice = {"type": "function", "function": {"name": tool_set.function}}
+    return {
+        "tools": [tool.as_openai() for tool in tool_set.tools],
+        "tool_choice": choice,
+        "parallel_tool_calls": tool_set.parallel,
+    }
+
+
+def token_info(entry: dict[str, Any]) -> TokenInfo:
+    """One entry of an OpenAI ``logprobs.content`` list."""
+    raw = bytes(entry.get("bytes") or entry.get("token", "").encode())
+    top = tuple(
+        (alt.get("token", ""), bytes(alt.get("bytes") or b""), float(alt.get("logprob", 0.0)))
+        for alt in entry.get("top_logprobs") or []
+    )
+    return TokenInfo(entry.get("token", ""), raw, entry.get("logprob"), top)
+
+
 class RemoteGeneration:
     """One streamed reply: iterate for text deltas; then read ``finish_reason`` and counts."""
 
@@ -213,12 +261,15 @@ class RemoteGeneration:
         self._chunks = 0  # content chunks: the token count when the server sends no usage
         self._usage_seen = False
         self._complete = False  # a finish_reason or [DONE] arrived
+        self.tool_calls: list[ToolCall] = []
+        self.prompt_logprobs: list[TokenInfo] = []  # not available remotely
+        self._calls: dict[int, dict[str, str]] = {}  # index -> id, name, arguments so far
 
     def close(self) -> None:
         """Close the response; a server stops generating when its client goes away."""
         self._response.close()
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[Delta]:
         try:
             for data in self._events():
                 if data == "[DONE]":
@@ -233,6 +284,12 @@ class RemoteGeneration:
             raise remote_error(self._url, f"the connection broke mid-reply ({exc})") from None
         finally:
             self.close()
+        self.tool_calls = [
+            ToolCall(call["name"], call["arguments"] or "{}", id=call["id"])
+            for _, call in sorted(self._calls.items())
+        ]
+        if self.tool_calls:
+            self.finish_reason = "tool_calls"
         if not self._usage_seen:
             self.completion_tokens = self._chunks
         if not self._complete and not self._should_stop():
@@ -260,7 +317,7 @@ class RemoteGeneration:
         if data:
             yield "\n".join(data)
 
-    def _handle(self, data: str) -> Iterator[str]:
+    def _handle(self, data: str) -> Iterator[Delta]:
         """One chunk (JSON): yield its text; note its finish_reason and usage."""
         try:
             chunk = json.loads(data)
@@ -288,13 +345,32 @@ class RemoteGeneration:
             delta = choice.get("delta", {} if choice.get("finish_reason") else None)
             if not isinstance(delta, dict) or not isinstance(delta.get("content"), str | None):
                 raise remote_error(self._url, f"malformed chunk (no 'delta'): {data[:80]!r}")
-            if delta.get("content"):
+            out = Delta(delta.get("content") or "")
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, dict):
+                out.logprobs = [token_info(e) for e in logprobs.get("content") or []]
+            out.tool_calls = [self._call_delta(call) for call in delta.get("tool_calls") or []]
+            if out:
                 self._chunks += 1
                 if self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
-                yield delta["content"]
+                yield out
             reason = choice.get("finish_reason")
             if reason:
                 # OpenAI: "stop", "length", "content_filter", ...; TGI also "eos_token".
                 self.finish_reason = "length" if reason == "length" else "stop"
                 self._complete = True
+
+    def _call_delta(self, call: dict[str, Any]) -> ToolCallDelta:
+        """One streamed piece of a tool call, remembered until the reply ends."""
+        index = int(call.get("index", 0))
+        function = call.get("function") or {}
+        known = self._calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+        if call.get("id"):
+            known["id"] = call["id"]
+        if function.get("name"):
+            known["name"] = function["name"]
+        known["arguments"] += function.get("arguments") or ""
+        return ToolCallDelta(
+            index, call.get("id"), function.get("name"), function.get("arguments") or ""
+        )

@@ -16,14 +16,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from src.chat.cache import CachedReply, ResponseCache, cache_key
 from src.chat.conversation import Conversation
+from src.chat.deltas import Delta, TokenInfo
 from src.chat.local import LocalBackend
 from src.chat.remote import RemoteBackend
 from src.chat.store import SessionStore
+from src.chat.tools import ToolCall, ToolSet
 from src.errors import InvalidRequestError, ServerShuttingDownError
 from src.params import MAX_NEW_TOKENS, GenerationParams, check_reply_length
 
@@ -38,6 +40,9 @@ class ChatResult:
     seconds: float
     first_token_seconds: float | None
     cached: bool = False
+    tool_calls: list[ToolCall] = field(default_factory=list)  # finish_reason "tool_calls"
+    logprobs: list[TokenInfo] | None = None  # with params.logprobs: one per reply token
+    prompt_logprobs: list[TokenInfo] | None = None  # with params.prompt_logprobs
 
     @property
     def tokens_per_second(self) -> float:
@@ -45,7 +50,8 @@ class ChatResult:
 
 
 class ReplyStream:
-    """One reply being generated. Iterate once for text deltas; ``cancel()`` from anywhere
+    """One reply being generated. Iterate once, for text deltas (or ``deltas()``, for
+    ``Delta`` objects with log-probabilities and tool calls); ``cancel()`` from anywhere
     (a signal handler, another thread) stops it after the current token.
 
     The exchange is added to the conversation (and to the session store, if the service has
@@ -60,10 +66,11 @@ class ReplyStream:
     def __init__(
         self,
         service: ChatService,
-        conversation: Conversation,
-        user_message: str,
+        conversation: Conversation | None,
+        user_message: str | None,
         prompt: Any,
         params: GenerationParams,
+        cacheable: bool = True,
     ) -> None:
         self.service = service
         self.conversation = conversation
@@ -77,7 +84,7 @@ class ReplyStream:
         self._started = False  # iter() was called
         self._running = False  # the generator's body began (so its ``finally`` will run)
         self._started_at = time.perf_counter()
-        self._key = service.cache_key(prompt, params)
+        self._key = service.cache_key(prompt, params) if cacheable else None
         self._cached = service.cache.get(self._key) if self._key is not None else None
         # The generation starts now (nothing runs locally until iterated; a remote request is
         # sent, so a server that cannot be reached raises here, before any text streams).
@@ -103,6 +110,18 @@ class ReplyStream:
         self._cancelled.set()
 
     def __iter__(self) -> Iterator[str]:
+        return self._texts(self.deltas())
+
+    @staticmethod
+    def _texts(deltas: Iterator[Delta]) -> Iterator[str]:
+        try:
+            for delta in deltas:
+                if delta.text:
+                    yield delta.text
+        finally:
+            deltas.close()
+
+    def deltas(self) -> Iterator[Delta]:
         if self._started:
             raise RuntimeError("a ReplyStream can be iterated only once")
         self._started = True
@@ -110,12 +129,12 @@ class ReplyStream:
 
     def complete(self) -> ChatResult:
         """Generate the whole reply without streaming and return the result."""
-        for _ in self:
+        for _ in self.deltas():
             pass
         assert self.result is not None
         return self.result
 
-    def _generate(self) -> Iterator[str]:
+    def _generate(self) -> Iterator[Delta]:
         self._running = True
         self.service._track(self, running=True)
         try:
@@ -123,19 +142,21 @@ class ReplyStream:
         finally:
             self.service._track(self, running=False)
 
-    def _generate_tracked(self) -> Iterator[str]:
+    def _generate_tracked(self) -> Iterator[Delta]:
         cached = self._cached
         if cached is not None:
-            yield cached.text
+            yield Delta(cached.text)
             self._finish(cached, None, cached=True)
             return
 
         generation = self._generation
         pieces: list[str] = []
+        logprobs: list[TokenInfo] = []
         try:
-            for piece in generation:
-                pieces.append(piece)
-                yield piece
+            for delta in generation:
+                pieces.append(delta.text)
+                logprobs += delta.logprobs
+                yield delta
         finally:
             generation.close()
         finish_reason = generation.finish_reason
@@ -148,10 +169,20 @@ class ReplyStream:
             self.service.cache.put(self._key, reply)
         first_token_at = generation.first_token_at
         first_token_seconds = None if first_token_at is None else first_token_at - self._started_at
-        self._finish(reply, first_token_seconds)
+        tool_calls = list(getattr(generation, "tool_calls", []))
+        extras = {
+            "tool_calls": tool_calls,
+            "logprobs": logprobs if self.params.logprobs else None,
+            "prompt_logprobs": generation.prompt_logprobs if self.params.prompt_logprobs else None,
+        }
+        self._finish(reply, first_token_seconds, extras=extras)
 
     def _finish(
-        self, reply: CachedReply, first_token_seconds: float | None, cached: bool = False
+        self,
+        reply: CachedReply,
+        first_token_seconds: float | None,
+        cached: bool = False,
+        extras: dict[str, Any] | None = None,
     ) -> None:
         if self._abandoned:
             return
@@ -161,9 +192,14 @@ class ReplyStream:
                 f"{reply.completion_tokens} tokens and not saved; send the message again once "
                 "the server is back"
             )
-        self.conversation.add_exchange(self.user_message, reply.text)
-        if self.conversation.persistent and self.service.store is not None:
-            self.service.store.append_exchange(self.conversation, self.user_message, reply.text)
+        conversation = self.conversation
+        tool_calls = (extras or {}).get("tool_calls") or []
+        if conversation is not None and self.user_message is not None:
+            conversation.add_exchange(self.user_message, reply.text)
+            if conversation.persistent and self.service.store is not None:
+                self.service.store.append_exchange(conversation, self.user_message, reply.text)
+        elif conversation is not None:  # the input was already in the conversation
+            conversation.messages.append(assistant_message(reply.text, tool_calls))
         seconds = time.perf_counter() - self._started_at
         self.result = ChatResult(
             text=reply.text,
@@ -174,7 +210,25 @@ class ReplyStream:
             seconds=seconds,
             first_token_seconds=seconds if cached else first_token_seconds,
             cached=cached,
+            **(extras or {}),
         )
+
+
+def assistant_message(text: str, tool_calls: list[ToolCall]) -> dict[str, Any]:
+    """A reply as a message of the conversation (OpenAI's shape)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if tool_calls:
+        message["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            }
+            for call in tool_calls
+        ]
+    elif message["content"] is None:
+        message["content"] = ""
+    return message
 
 
 def check_text(field: str, text: str) -> None:
@@ -268,27 +322,84 @@ class ChatService:
     def start_reply(
         self,
         conversation: Conversation,
-        user_message: str,
+        user_message: str | None,
         params: GenerationParams | None = None,
+        tools: ToolSet | None = None,
     ) -> ReplyStream:
-        """Validate and build the prompt now (errors raise here, before any text streams)."""
+        """Validate and build the prompt now (errors raise here, before any text streams).
+        ``user_message`` None: the conversation already ends with what the model answers (a
+        client that sends the whole conversation: OpenAI's API)."""
+        return self.start_replies(conversation, user_message, params, tools=tools)[0]
+
+    def start_replies(
+        self,
+        conversation: Conversation,
+        user_message: str | None,
+        params: GenerationParams | None = None,
+        n: int = 1,
+        tools: ToolSet | None = None,
+    ) -> list[ReplyStream]:
+        """``n`` independent replies to the same prompt (OpenAI's ``n``), built once. With a
+        seed, reply i samples with seed + i, so the set is reproducible."""
+        params = self._check_params(params)
+        if params.max_new_tokens < 1:
+            raise InvalidRequestError(
+                "max_new_tokens: a reply needs at least 1 token (0, only scoring the prompt, "
+                "is for /v1/completions)",
+                "max_new_tokens",
+            )
+        self._check_messages(conversation, user_message)
+        messages = list(conversation.messages)
+        if user_message is not None:
+            messages.append({"role": "user", "content": user_message})
+        if tools is not None:
+            prompt = self.backend.build_prompt(conversation.system_prompt, messages, params, tools)
+        else:
+            prompt = self.backend.build_prompt(conversation.system_prompt, messages, params)
+        cacheable = n == 1 and (tools is None or not tools.active)
+        return [
+            ReplyStream(self, conversation, user_message, prompt, each, cacheable)
+            for each in _choices(params, n)
+        ]
+
+    def start_completion(
+        self, prompt: str | list[int], params: GenerationParams | None = None, n: int = 1
+    ) -> list[ReplyStream]:
+        """Replies continuing a raw prompt (text or token ids), with no chat template and no
+        conversation (legacy completions)."""
+        params = self._check_params(params)
+        if isinstance(prompt, str):
+            check_text("prompt", prompt)
+        build = getattr(self.backend, "build_raw_prompt", None)
+        if build is None:
+            raise InvalidRequestError(
+                "prompt: raw completions need a local model (BACKEND=local)", "prompt"
+            )
+        built = build(prompt, params)
+        return [ReplyStream(self, None, None, built, each, n == 1) for each in _choices(params, n)]
+
+    def _check_params(self, params: GenerationParams | None) -> GenerationParams:
         params = params or self.default_params
         check_reply_length(params.max_new_tokens, "max_new_tokens", self.max_reply_tokens)
-        if not isinstance(user_message, str) or not user_message.strip():
+        return params
+
+    def _check_messages(self, conversation: Conversation, user_message: str | None) -> None:
+        if user_message is None:
+            if not conversation.messages:
+                raise InvalidRequestError("messages: must not be empty", "messages")
+        elif not isinstance(user_message, str) or not user_message.strip():
             raise InvalidRequestError("message: must not be empty", "message")
-        check_text("message", user_message)
+        else:
+            check_text("message", user_message)
+            if len(user_message) > self.max_message_chars:
+                raise InvalidRequestError(
+                    f"message: {len(user_message)} characters is over the limit of "
+                    f"{self.max_message_chars} (MAX_MESSAGE_CHARS)",
+                    "message",
+                )
         check_text("system_prompt", conversation.system_prompt or "")
         for message in conversation.messages:
-            check_text("messages", message["content"])
-        if len(user_message) > self.max_message_chars:
-            raise InvalidRequestError(
-                f"message: {len(user_message)} characters is over the limit of "
-                f"{self.max_message_chars} (MAX_MESSAGE_CHARS)",
-                "message",
-            )
-        messages = conversation.messages + [{"role": "user", "content": user_message}]
-        prompt = self.backend.build_prompt(conversation.system_prompt, messages, params)
-        return ReplyStream(self, conversation, user_message, prompt, params)
+            check_text("messages", message.get("content") or "")
 
     def reply(
         self,
@@ -300,7 +411,16 @@ class ChatService:
         return self.start_reply(conversation, user_message, params).complete()
 
     def cache_key(self, prompt: Any, params: GenerationParams) -> tuple | None:
-        """The cache key for a deterministic request, or None for a sampled one."""
-        if not params.is_greedy:
+        """The cache key for a deterministic request, or None for a sampled one, or one whose
+        result holds more than text (log-probabilities)."""
+        if not params.is_greedy or params.logprobs or params.prompt_logprobs:
             return None
         return cache_key(self.model_name, self.backend.cache_material(prompt), params)
+
+
+def _choices(params: GenerationParams, n: int) -> list[GenerationParams]:
+    """Each choice's parameters: with a seed, choice i uses seed + i (so choices differ and the
+    whole set is reproducible); without one, each draws from a fresh generator."""
+    if n == 1 or params.seed is None:
+        return [params] * n
+    return [params.updated(seed=(params.seed + index) % 2**63) for index in range(n)]

@@ -31,7 +31,13 @@ from typing import Any
 
 import torch
 
-from src.engine.logits import LogitsPipeline, sampling_generator
+from src.engine.logits import (
+    GeneratedToken,
+    LogitsPipeline,
+    TokenConstraint,
+    sampling_generator,
+    token_logprobs,
+)
 from src.engine.prefix_cache import PrefixCache
 from src.errors import EngineClosedError
 from src.models.caches import LayerKV, cache_from_layers, row_layers
@@ -63,6 +69,7 @@ class _Request:
     params: GenerationParams
     should_stop: Callable[[], bool]
     tokens: queue.Queue = field(default_factory=queue.Queue)
+    constraint: TokenConstraint | None = None  # a grammar the reply must follow
     abandoned: bool = False  # the consumer went away (closed the generator)
     generator: torch.Generator | None = None
     # Prompt + generated ids (for the repetition penalty and the prefix cache), in a buffer
@@ -79,6 +86,10 @@ class _Request:
     @property
     def seen(self) -> torch.Tensor:
         return self.history[: len(self.prompt_ids) + self.generated]
+
+    @property
+    def reply(self) -> torch.Tensor:
+        return self.history[len(self.prompt_ids) : len(self.prompt_ids) + self.generated]
 
     def add(self, token_id: int) -> None:
         self.history[len(self.prompt_ids) + self.generated] = token_id
@@ -153,7 +164,24 @@ class BatchingEngine:
     ) -> Iterator[int]:
         """Yield new token ids until EOS (yielded too), max_new_tokens, or ``should_stop()``
         (checked before every token). Closing the iterator early frees the request's row."""
-        request = _Request(list(prompt_ids), params, should_stop)
+        generation = self.generate(prompt_ids, params, should_stop)
+        try:
+            for token in generation:
+                yield token.token_id
+        finally:
+            generation.close()
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        should_stop: Callable[[], bool] = lambda: False,
+        constraint: TokenConstraint | None = None,
+    ) -> Iterator[GeneratedToken]:
+        """``generate_token_ids`` with each token's log-probabilities when ``params.logprobs``
+        asks (and first, with ``params.prompt_logprobs``, the prompt's own tokens, marked
+        ``in_prompt``). With a ``constraint``, only tokens it allows are chosen."""
+        request = _Request(list(prompt_ids), params, should_stop, constraint=constraint)
         with self._closing:
             if self._closed:
                 raise EngineClosedError("the engine is closed: the server is shutting down")
@@ -289,6 +317,16 @@ class BatchingEngine:
         return True
 
     def _prefill_together(self, requests: list[_Request]) -> _Batch | None:
+        scored = [request for request in requests if request.params.prompt_logprobs]
+        if scored and len(requests) > 1:  # they need every position's logits: each alone
+            batch = self._prefill_together([r for r in requests if not r.params.prompt_logprobs])
+            for request in scored:
+                single = self._prefill_together([request])
+                if single is not None:
+                    batch = single if batch is None else _merge(batch, single)
+            return batch
+        if not requests:
+            return None
         try:
             return self._prefill(requests)
         except Exception as exc:
@@ -313,7 +351,8 @@ class BatchingEngine:
         """All the prompts through the model in one pass. A row is its cached prefix (keys
         and values only, see ``PrefixCache``) then its new tokens; each part is left-padded to
         the longest, so a row can have padding between the two, which the mask hides."""
-        found = [self._cached_prefix(request) for request in requests]
+        scoring = requests[0].params.prompt_logprobs  # then it is alone (_prefill_together)
+        found = [(0, []) if scoring else self._cached_prefix(request) for request in requests]
         past = max(reused for reused, _ in found)
         length = max(
             len(request.prompt_ids) - reused
@@ -328,7 +367,11 @@ class BatchingEngine:
             attention_mask[row, past + length - new :] = 1
         if len(requests) == 1 and past == 0:
             # Nothing cached, nothing to hide: no mask lets the model take its causal fast path.
-            output = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+            output = self.model(
+                input_ids=input_ids, use_cache=True, logits_to_keep=0 if scoring else 1
+            )
+            if scoring:
+                self._send_prompt_logprobs(requests[0], output.logits[0])
         else:
             output = self.model(
                 input_ids=input_ids,
@@ -350,6 +393,16 @@ class BatchingEngine:
         )
         keep = self._emit(batch, output.logits[:, -1])
         return _select(batch, keep)
+
+    def _send_prompt_logprobs(self, request: _Request, logits: torch.Tensor) -> None:
+        """The prompt's tokens, each scored by the logits of the position before it (the
+        first has nothing before it)."""
+        prompt = request.prompt_ids
+        request.tokens.put(GeneratedToken(prompt[0], in_prompt=True))
+        if len(prompt) > 1:
+            top = [request.params.top_logprobs] * (len(prompt) - 1)
+            for token in token_logprobs(logits[:-1], prompt[1:], top, in_prompt=True):
+                request.tokens.put(token)
 
     def _cached_prefix(self, request: _Request) -> tuple[int, list[LayerKV]]:
         if self.prefix_cache is None:
@@ -392,7 +445,8 @@ class BatchingEngine:
         """Choose each row's next token, send it, and return the rows that go on."""
         live = []
         for row, request in enumerate(batch.requests):
-            if request.abandoned or request.should_stop():
+            # max_new_tokens=0: the prompt was only to be scored (prefill did that)
+            if request.abandoned or request.should_stop() or not request.params.max_new_tokens:
                 self._remember(batch, row, request)
                 self._finish(request)
             else:
@@ -400,13 +454,16 @@ class BatchingEngine:
         if len(live) < len(batch.requests):
             logits = logits[live]
         chosen = self._choose(logits, [batch.requests[row] for row in live])
+        tokens = self._with_logprobs(logits, [batch.requests[row] for row in live], chosen)
         keep, next_tokens, sent, finished = [], [], [], []
-        for row, token_id in zip(live, chosen, strict=True):
+        for row, token_id, token in zip(live, chosen, tokens, strict=True):
             request = batch.requests[row]
+            if not isinstance(token_id, Exception) and request.constraint is not None:
+                token_id = _advance(request.constraint, token_id)
             if isinstance(token_id, Exception):  # e.g. a sampling error: fail this row only
                 self._finish(request, token_id)
                 continue
-            sent.append((request, token_id))
+            sent.append((request, token))
             if request.ends_with(token_id, self.eos_token_ids):
                 self._remember(batch, row, request)  # the cache holds all but this last token
                 finished.append(request)
@@ -416,14 +473,37 @@ class BatchingEngine:
             request.add(token_id)
         # The tokens go out together after the bookkeeping: each one wakes its reply's thread,
         # which would otherwise take the interpreter lock in the middle of this loop.
-        for request, token_id in sent:
-            request.tokens.put(token_id)
+        for request, token in sent:
+            request.tokens.put(token)
         for request in finished:
             self._finish(request)
         if keep:  # indexed by row, as _select expects; finished rows' entries are unused
             batch.last_tokens = torch.zeros(len(batch.requests), dtype=torch.long)
             batch.last_tokens[keep] = torch.tensor(next_tokens)
         return keep
+
+    def _with_logprobs(
+        self, logits: torch.Tensor, requests: list[_Request], chosen: list[int | Exception]
+    ) -> list[GeneratedToken | None]:
+        """The chosen tokens as sent: with their log-probabilities for the rows that asked."""
+        tokens: list[GeneratedToken | None] = [
+            None if isinstance(token_id, Exception) else GeneratedToken(token_id)
+            for token_id in chosen
+        ]
+        asking = [
+            row
+            for row, request in enumerate(requests)
+            if request.params.logprobs and tokens[row] is not None
+        ]
+        if asking:
+            scored = token_logprobs(
+                logits[asking],
+                [chosen[row] for row in asking],
+                [requests[row].params.top_logprobs for row in asking],
+            )
+            for row, token in zip(asking, scored, strict=True):
+                tokens[row] = token
+        return tokens
 
     def _choose(self, logits: torch.Tensor, requests: list[_Request]) -> list[int | Exception]:
         """The rows' next tokens from the pipeline, all rows in one go. Should that fail (a
@@ -440,6 +520,15 @@ class BatchingEngine:
                 except Exception as exc:
                     alone.append(exc)
             return alone
+
+
+def _advance(constraint: TokenConstraint, token_id: int) -> int | Exception:
+    """Move the row's grammar past its chosen token; an error fails only that row."""
+    try:
+        constraint.advance(token_id)
+    except Exception as exc:
+        return exc
+    return token_id
 
 
 @dataclass

@@ -4,8 +4,8 @@ Every row of a batch is a request with its own ``GenerationParams``. The pipelin
 stages, each a list of processors that handle all rows of the step in a few tensor operations:
 
 1. **Score processors** change scores over the whole vocabulary, in place: the repetition
-   penalty today; logit bias, presence and frequency penalties and a grammar's token mask are
-   each one more processor here.
+   penalty, presence and frequency penalties, logit bias, and a grammar's token mask (which
+   sets every token that would break the grammar to -inf).
 2. **The choice**: greedy rows take the argmax of their scores. Sampled rows keep their top-k
    *candidates* (sorted, largest first; dividing by a positive temperature keeps the order, so
    the k likeliest are the same before and after), candidate processors (temperature, top-p;
@@ -17,12 +17,19 @@ stages, each a list of processors that handle all rows of the step in a few tens
 A row's choice depends only on its own logits, parameters, history and generator, never on the
 other rows of the batch: a request gets the same reply alone as in a crowd.
 
-The order is the one transformers uses: penalty, temperature, top-k, top-p.
+The order is the one transformers and vLLM use: penalties, bias and mask, then temperature,
+top-k, top-p, min-p.
+
+**Log-probabilities** (``logprobs``) come from the model's own distribution: the log-softmax of
+the raw logits, before any penalty, bias, mask or temperature. So they are the same for greedy
+and sampled requests and for every setting: they say what the model thinks of each token,
+not how likely the sampler was to pick it (which, for a greedy row, would always be 1).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -35,10 +42,25 @@ class Row(Protocol):
 
     params: GenerationParams
     generator: torch.Generator | None  # None for greedy rows, which draw nothing
+    constraint: TokenConstraint | None  # a grammar the reply must follow, or None
 
     @property
     def seen(self) -> torch.Tensor:
         """(T,) the prompt's and the reply's token ids so far."""
+
+    @property
+    def reply(self) -> torch.Tensor:
+        """(R,) the reply's token ids so far."""
+
+
+class TokenConstraint(Protocol):
+    """Which tokens may come next (a grammar's matcher; see ``src/engine/grammar.py``)."""
+
+    def fill_mask(self, bitmask: torch.Tensor) -> None:
+        """Write the allowed tokens into ``bitmask``, (ceil(V / 32),) int32, one bit a token."""
+
+    def advance(self, token_id: int) -> None:
+        """The token was chosen: move past it."""
 
 
 # A score processor changes (B, V) float32 scores in place for the rows it applies to.
@@ -75,6 +97,52 @@ def repetition_penalty(scores: torch.Tensor, rows: Sequence[Row]) -> None:
     flat = scores.view(-1)
     seen = flat.gather(0, positions)
     flat.scatter_(0, positions, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+def presence_and_frequency_penalty(scores: torch.Tensor, rows: Sequence[Row]) -> None:
+    """OpenAI's definitions: a token already in the reply loses ``presence_penalty`` once and
+    ``frequency_penalty`` for every time it appears there. The prompt does not count."""
+    for index, row in enumerate(rows):
+        presence, frequency = row.params.presence_penalty, row.params.frequency_penalty
+        if (presence == 0.0 and frequency == 0.0) or not row.reply.numel():
+            continue
+        counts = torch.bincount(row.reply, minlength=scores.shape[-1])[: scores.shape[-1]]
+        counts = counts.to(scores.dtype)
+        scores[index] -= counts * frequency + (counts > 0).to(scores.dtype) * presence
+
+
+def logit_bias(scores: torch.Tensor, rows: Sequence[Row]) -> None:
+    """Add each row's bias to the logits of the tokens it names (-100 bans a token)."""
+    for index, row in enumerate(rows):
+        if row.params.logit_bias:
+            token_ids = torch.tensor(list(row.params.logit_bias), dtype=torch.long)
+            biases = torch.tensor(list(row.params.logit_bias.values()), dtype=scores.dtype)
+            scores[index].index_add_(0, token_ids, biases)
+            scores[index, token_ids[biases <= -100.0]] = float("-inf")  # banned, whatever else
+
+
+def grammar_mask(scores: torch.Tensor, rows: Sequence[Row]) -> None:
+    """Set every token a row's grammar forbids to -inf, so that whatever is chosen, the reply
+    stays a prefix of something the grammar accepts. Rows without a grammar are untouched, so
+    constrained and free requests share a batch."""
+    constrained = [index for index, row in enumerate(rows) if row.constraint is not None]
+    if not constrained:
+        return
+    vocabulary = scores.shape[-1]
+    bitmask = torch.zeros(len(constrained), (vocabulary + 31) // 32, dtype=torch.int32)
+    for position, index in enumerate(constrained):
+        rows[index].constraint.fill_mask(bitmask[position])
+    allowed = unpack_bitmask(bitmask, vocabulary)
+    if not bool(allowed.any(dim=-1).all()):
+        raise ValueError("the grammar allows no next token")
+    scores[constrained] = scores[constrained].masked_fill(~allowed, float("-inf"))
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocabulary: int) -> torch.Tensor:
+    """(R, ceil(V / 32)) int32 words -> (R, V) booleans: bit j of word w is token 32 * w + j."""
+    bits = torch.arange(32, dtype=torch.int32)
+    unpacked = (bitmask[:, :, None] >> bits) & 1  # (R, W, 32)
+    return unpacked.reshape(bitmask.shape[0], -1)[:, :vocabulary].bool()
 
 
 # ---- candidate processors ------------------------------------------------------------------
@@ -114,6 +182,18 @@ def top_p(candidates: torch.Tensor, rows: Sequence[Row]) -> None:
     candidates.masked_fill_(drop, float("-inf"))
 
 
+def min_p(candidates: torch.Tensor, rows: Sequence[Row]) -> None:
+    """Min-p sampling (Nguyen et al., 2024; vLLM's ``min_p``): drop candidates whose probability
+    is below ``min_p`` times the likeliest one's, so the cut follows the model's confidence."""
+    floors = torch.tensor([row.params.min_p for row in rows], dtype=candidates.dtype)
+    if not bool((floors > 0).any()):
+        return
+    probabilities = torch.softmax(candidates, dim=-1)
+    drop = probabilities < floors[:, None] * probabilities[:, :1]  # the first is the likeliest
+    drop[:, 0] = False
+    candidates.masked_fill_(drop, float("-inf"))
+
+
 # ---- the pipeline --------------------------------------------------------------------------
 
 
@@ -122,8 +202,13 @@ class LogitsPipeline:
 
     def __init__(
         self,
-        score_processors: Sequence[ScoreProcessor] = (repetition_penalty,),
-        candidate_processors: Sequence[CandidateProcessor] = (temperature, top_k, top_p),
+        score_processors: Sequence[ScoreProcessor] = (
+            repetition_penalty,
+            presence_and_frequency_penalty,
+            logit_bias,
+            grammar_mask,
+        ),
+        candidate_processors: Sequence[CandidateProcessor] = (temperature, top_k, top_p, min_p),
     ) -> None:
         self.score_processors = list(score_processors)
         self.candidate_processors = list(candidate_processors)
@@ -179,6 +264,42 @@ class LogitsPipeline:
             for index, token in zip(sampled, tokens, strict=True):
                 chosen[index] = token
         return chosen
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    """A token the engine produced, with its log-probability under the model and the likeliest
+    alternatives when the request asked for them (``logprob`` is None otherwise, and for the
+    first token of a prompt, which nothing predicts). ``in_prompt``: one of the prompt's own
+    tokens, scored for a request with ``prompt_logprobs`` (echo)."""
+
+    token_id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), likeliest first
+    in_prompt: bool = False
+
+
+def token_logprobs(
+    logits: torch.Tensor, token_ids: Sequence[int], top: Sequence[int], in_prompt: bool = False
+) -> list[GeneratedToken]:
+    """The chosen ``token_ids`` (one per row of ``logits``, (B, V)) with their log-probabilities
+    under the model (log-softmax of the raw logits) and each row's ``top[row]`` alternatives."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids)[:, None]).squeeze(1).tolist()
+    width = max(top, default=0)
+    values, alternatives = torch.topk(logprobs, width, dim=-1) if width else (None, None)
+    result = []
+    for row, (token_id, logprob) in enumerate(zip(token_ids, chosen, strict=True)):
+        best = ()
+        if top[row]:
+            pairs = zip(
+                alternatives[row, : top[row]].tolist(),
+                values[row, : top[row]].tolist(),
+                strict=True,
+            )
+            best = tuple(pairs)
+        result.append(GeneratedToken(token_id, logprob, best, in_prompt))
+    return result
 
 
 def draw(probabilities: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:

@@ -183,7 +183,7 @@ def test_unknown_session_is_404_and_creates_nothing(client, settings):
         ({"message": "hi", "temprature": 0.5}, 422, "temprature", "unknown parameter"),
         ({"message": "hi", "temperature": -1}, 400, "temperature", "greater than or equal to 0"),
         ({"message": "hi", "top_p": 2}, 400, "top_p", "less than or equal to 1"),
-        ({"message": "hi", "max_new_tokens": 0}, 400, "max_new_tokens", "greater than or equal"),
+        ({"message": "hi", "max_new_tokens": 0}, 400, "max_new_tokens", "at least 1 token"),
         ({"message": "hi", "max_new_tokens": "many"}, 422, "max_new_tokens", "valid integer"),
         ({"message": "hi", "stop": [""]}, 400, "stop", "must not be empty"),
         ({"message": 42}, 422, "message", "valid string"),

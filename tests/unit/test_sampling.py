@@ -37,6 +37,8 @@ class Row:
     params: GenerationParams
     seen: torch.Tensor
     generator: torch.Generator | None = None
+    constraint: object = None
+    reply: torch.Tensor = NOTHING  # the part of ``seen`` the model wrote
 
 
 def sampled(seed: int | None = None, **settings) -> GenerationParams:
