@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     # at once for one client (by IP address).
     max_history_messages: int = Field(200, ge=1, le=100_000)
     max_streams_per_client: int = Field(16, ge=1, le=10_000)
+    # Choices one OpenAI request may ask for (``n``): each is a row of the batch.
+    max_choices: int = Field(8, ge=1, le=64)
 
     # API
     api_host: str = "0.0.0.0"

@@ -1,4 +1,4 @@
-"""Bridge a (blocking) ReplyStream to an async generator for streaming responses.
+"""Bridge a (blocking) ReplyStream to an async generator of its deltas for streaming responses.
 
 One thread per reply iterates the stream from start to end and hands each text delta to the
 event loop. (Calling ``next()`` in a worker thread once per token, as anyio's ``to_thread``
@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 
+from src.chat.deltas import Delta
 from src.chat.service import ReplyStream
 
 
@@ -27,19 +28,19 @@ class _End:
         self.error = error
 
 
-async def deltas_of(stream: ReplyStream) -> AsyncIterator[str]:
+async def deltas_of(stream: ReplyStream) -> AsyncIterator[Delta]:
     loop = asyncio.get_running_loop()
-    items: asyncio.Queue[str | _End] = asyncio.Queue()
+    items: asyncio.Queue[Delta | _End] = asyncio.Queue()
     consumer_gone = threading.Event()
 
-    def hand_over(item: str | _End) -> None:
+    def hand_over(item: Delta | _End) -> None:
         try:
             loop.call_soon_threadsafe(items.put_nowait, item)
         except RuntimeError:  # the event loop is closed: the server is shutting down
             consumer_gone.set()
 
     def produce() -> None:
-        iterator = iter(stream)
+        iterator = stream.deltas()
         end = _End()
         try:
             for delta in iterator:
@@ -72,3 +73,36 @@ async def deltas_of(stream: ReplyStream) -> AsyncIterator[str]:
             with anyio.CancelScope(shield=True):
                 while not isinstance(await items.get(), _End):
                     pass
+
+
+async def merged_deltas(streams: list[ReplyStream]) -> AsyncIterator[tuple[int, Delta | None]]:
+    """The deltas of several replies generated at once (OpenAI's ``n``), as (index, delta) in
+    the order they come; (index, None) when reply ``index`` ends. An error in one ends all."""
+    if len(streams) == 1:  # the usual case: no tasks
+        async for delta in deltas_of(streams[0]):
+            yield 0, delta
+        yield 0, None
+        return
+    items: asyncio.Queue[tuple[int, Delta | None] | BaseException] = asyncio.Queue()
+
+    async def pump(index: int, stream: ReplyStream) -> None:
+        try:
+            async for delta in deltas_of(stream):
+                items.put_nowait((index, delta))
+            items.put_nowait((index, None))
+        except BaseException as exc:
+            items.put_nowait(exc)
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        ended = 0
+        while ended < len(streams):
+            item = await items.get()
+            if isinstance(item, BaseException):
+                raise item
+            ended += item[1] is None
+            yield item
+    finally:
+        for task in tasks:  # a client gone: every reply is abandoned by its deltas_of
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

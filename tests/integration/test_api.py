@@ -315,16 +315,53 @@ def test_openai_routes_non_streaming_and_streaming(client):
     ("payload", "status", "text"),
     [
         ({"messages": []}, 422, "messages"),
-        ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "last message must be"),
+        ({"messages": [{"role": "system", "content": "x"}]}, 400, "besides the system prompt"),
         (
-            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "what is this?"},
+                            {"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+                        ],
+                    }
+                ]
+            },
             400,
-            "must alternate",
+            "messages[0].content[1]: a 'image_url' part cannot be read: this model reads text only",
         ),
-        ({"messages": [{"role": "user", "content": "a"}], "n": 2}, 422, "n"),
-        ({"messages": [{"role": "user", "content": "a"}], "logit_bias": {}}, 422, "unknown"),
+        ({"messages": [{"role": "user", "content": "a"}], "n": 99}, 400, "n: 99 choices is over the limit of 8 (MAX_CHOICES)"),
+        ({"messages": [{"role": "user", "content": "a"}], "n": 0}, 422, "n"),
+        ({"messages": [{"role": "user", "content": "a"}], "logit_bias": {"abc": 1}}, 400, "'abc' is not a token id"),
+        ({"messages": [{"role": "user", "content": "a"}], "logit_bias": {"9999999": 1}}, 400, "not in the vocabulary"),
+        ({"messages": [{"role": "user", "content": "a"}], "temprature": 0.5}, 422, "temprature"),
         ({"messages": [{"role": "user", "content": "a"}], "temperature": 7}, 400, "temperature"),
-        ({"messages": [{"role": "tool", "content": "a"}]}, 422, "role"),
+        ({"messages": [{"role": "user", "content": "a"}], "presence_penalty": 3}, 400, "presence_penalty"),
+        ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 3}, 400, "needs logprobs set to true"),
+        ({"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "a"}], "tool_choice": "required"}, 400, "'required' needs tools"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "4"}]},
+            400,
+            "a tool message needs tool_call_id",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "a"}],
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}},
+                },
+            },
+            400,
+            "not",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_schema"}},
+            400,
+            "needs json_schema.schema",
+        ),
     ],
 )
 def test_openai_bad_requests(client, payload, status, text):

@@ -113,7 +113,8 @@ async def chat_stream(
     async def events():
         try:
             async for delta in deltas_of(stream):
-                yield sse_event({"text": delta}, event="delta")
+                if delta.text:
+                    yield sse_event({"text": delta.text}, event="delta")
         except Exception as exc:  # headers are sent: report in-band rather than cut the stream
             yield sse_event(stream_error(exc), "error")
             return
