@@ -28,6 +28,8 @@ class Delta:
     text: str = ""
     logprobs: list[TokenInfo] = field(default_factory=list)
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    # With params.prompt_logprobs: the prompt's own tokens, scored, on the first delta
+    prompt_logprobs: list[TokenInfo] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.text or self.logprobs or self.tool_calls)
+        return bool(self.text or self.logprobs or self.tool_calls or self.prompt_logprobs)

@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from src.chat.deltas import Delta, TokenInfo
-from src.chat.prompts import PromptFormat, build_prompt, detect_prompt_format
+from src.chat.prompts import (
+    PromptFormat,
+    build_prompt,
+    detect_prompt_format,
+    encode_conversation,
+)
 from src.chat.streaming import IncrementalDecoder, StopSequenceFilter
 from src.chat.structured import GrammarCompiler, response_format_grammar
 from src.chat.tools import ToolCall, ToolCallStream, ToolSet, tool_grammar
@@ -148,6 +153,27 @@ class LocalBackend:
             self.grammars.check(format_grammar, "response_format")
         return tools_grammar or format_grammar
 
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        bad = [token for token in token_ids if not 0 <= token < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"tokens: {bad[0]} is not in the vocabulary (0 to {self.vocab_size - 1})",
+                "tokens",
+            )
+        return self.tokenizer.decode(token_ids)
+
+    def render(
+        self, system_prompt: str | None, messages: list[dict[str, Any]], generation_prompt: bool
+    ) -> list[int]:
+        """A conversation's token ids, whole (nothing dropped)."""
+        system_prompt = system_prompt if self.supports_system_prompt else None
+        return encode_conversation(
+            self.tokenizer, self.prompt_format, system_prompt, messages, generation_prompt
+        )
+
     def cache_material(self, prompt: LocalPrompt) -> tuple:
         """What identifies the prompt in the response cache: its exact token ids."""
         return tuple(prompt.input_ids)
@@ -195,6 +221,7 @@ class LocalGeneration:
         self.completion_tokens = 0
         self.first_token_at: float | None = None  # time.perf_counter() of the first token
         self.prompt_logprobs: list[TokenInfo] = []  # with params.prompt_logprobs
+        self._prompt_sent = False
         constraint = None
         if prompt.grammar is not None:
             constraint = backend.grammars.constraint(prompt.grammar)
@@ -223,7 +250,7 @@ class LocalGeneration:
             delta = self._delta(self.stops.push(self.decoder.push(token.token_id)), pending)
             if delta:
                 pending = []
-                yield delta
+                yield self._with_prompt(delta)
             if self.stops.stopped:
                 self.finish_reason = "stop"
                 break
@@ -236,8 +263,16 @@ class LocalGeneration:
             delta.tool_calls += calls
         if self.tool_calls:
             self.finish_reason = "tool_calls"
+        delta = self._with_prompt(delta)
         if delta:
             yield delta
+
+    def _with_prompt(self, delta: Delta) -> Delta:
+        """The first delta carries the prompt's scores (they come before any token)."""
+        if self.prompt_logprobs and not self._prompt_sent:
+            delta.prompt_logprobs = self.prompt_logprobs
+            self._prompt_sent = True
+        return delta
 
     def _delta(self, text: str, logprobs: list[TokenInfo]) -> Delta:
         if self.tool_stream is None:

@@ -410,6 +410,31 @@ class ChatService:
         """Generate a whole reply (no streaming)."""
         return self.start_reply(conversation, user_message, params).complete()
 
+    # ---- tokens (vLLM's /tokenize and /detokenize; echo in legacy completions) --------------
+
+    @property
+    def context_window(self) -> int | None:
+        return self.backend.context_window
+
+    def _local(self, what: str) -> LocalBackend:
+        if not isinstance(self.backend, LocalBackend):
+            raise InvalidRequestError(f"{what}: needs a local model (BACKEND=local)", what)
+        return self.backend
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text("prompt", text)
+        return self._local("prompt").tokenize(text, add_special_tokens)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self._local("tokens").detokenize(token_ids)
+
+    def render(self, conversation: Conversation, generation_prompt: bool = True) -> list[int]:
+        """The token ids the model would see for a conversation (nothing dropped)."""
+        self._check_messages(conversation, None)
+        return self._local("messages").render(
+            conversation.system_prompt, conversation.messages, generation_prompt
+        )
+
     def cache_key(self, prompt: Any, params: GenerationParams) -> tuple | None:
         """The cache key for a deterministic request, or None for a sampled one, or one whose
         result holds more than text (log-probabilities)."""

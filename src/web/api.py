@@ -24,7 +24,7 @@ from src.errors import MiniClaudeError
 from src.stack import ChatStack, build_chat_stack
 from src.web.errors import BodySizeLimit, install_error_handlers
 from src.web.lifecycle import GracefulShutdown, ShutdownGate
-from src.web.routes import chat, health, openai
+from src.web.routes import chat, completions, health, openai
 from src.web.security import APIKeyGuard, ClientSlots
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(openai.router)
+    app.include_router(completions.router)
     if mount_ui:
         mount_web_ui(app, settings)
     return app
