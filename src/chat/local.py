@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +175,10 @@ class LocalBackend:
             self.tokenizer, self.prompt_format, system_prompt, messages, generation_prompt
         )
 
+    def together(self) -> AbstractContextManager[None]:
+        """Replies started inside this block are prefilled and batched together."""
+        return self.engine.together()
+
     def cache_material(self, prompt: LocalPrompt) -> tuple:
         """What identifies the prompt in the response cache: its exact token ids."""
         return tuple(prompt.input_ids)
@@ -261,7 +266,7 @@ class LocalGeneration:
             rest, calls = self.tool_stream.flush()
             delta.text += rest
             delta.tool_calls += calls
-        if self.tool_calls:
+        if self.tool_calls and self.finish_reason == "stop":  # not cut short by max_tokens
             self.finish_reason = "tool_calls"
         delta = self._with_prompt(delta)
         if delta:

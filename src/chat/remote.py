@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +123,10 @@ class RemoteBackend:
     ) -> RemotePrompt:
         system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         return RemotePrompt(system + [dict(m) for m in messages], tools=tools)
+
+    def together(self) -> AbstractContextManager[None]:
+        """Several replies at once: the remote server batches them as it sees fit."""
+        return nullcontext()
 
     def cache_material(self, prompt: RemotePrompt) -> tuple:
         """What identifies the prompt in the response cache: the messages themselves."""
@@ -288,7 +293,7 @@ class RemoteGeneration:
             ToolCall(call["name"], call["arguments"] or "{}", id=call["id"])
             for _, call in sorted(self._calls.items())
         ]
-        if self.tool_calls:
+        if self.tool_calls and self.finish_reason == "stop":
             self.finish_reason = "tool_calls"
         if not self._usage_seen:
             self.completion_tokens = self._chunks

@@ -357,10 +357,11 @@ class ChatService:
         else:
             prompt = self.backend.build_prompt(conversation.system_prompt, messages, params)
         cacheable = n == 1 and (tools is None or not tools.active)
-        return [
-            ReplyStream(self, conversation, user_message, prompt, each, cacheable)
-            for each in _choices(params, n)
-        ]
+        with self.backend.together():
+            return [
+                ReplyStream(self, conversation, user_message, prompt, each, cacheable)
+                for each in _choices(params, n)
+            ]
 
     def start_completion(
         self, prompt: str | list[int], params: GenerationParams | None = None, n: int = 1
@@ -376,7 +377,10 @@ class ChatService:
                 "prompt: raw completions need a local model (BACKEND=local)", "prompt"
             )
         built = build(prompt, params)
-        return [ReplyStream(self, None, None, built, each, n == 1) for each in _choices(params, n)]
+        with self.backend.together():
+            return [
+                ReplyStream(self, None, None, built, each, n == 1) for each in _choices(params, n)
+            ]
 
     def _check_params(self, params: GenerationParams | None) -> GenerationParams:
         params = params or self.default_params

@@ -26,6 +26,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,7 @@ class BatchingEngine:
         self._requests: dict[int, _Request] = {}  # admitted, not finished: failed on a crash
         self._closed = False
         self._closing = threading.Lock()  # no request slips in behind the closing marker
+        self._group = threading.RLock()  # held while a group of requests is being queued
         self._thread: threading.Thread | None = None
         self._batch: _Batch | None = None  # the running batch, when callers run the loop
         self._driving = threading.Lock()  # one caller at a time runs a round
@@ -177,29 +179,25 @@ class BatchingEngine:
         params: GenerationParams,
         should_stop: Callable[[], bool] = lambda: False,
         constraint: TokenConstraint | None = None,
-    ) -> Iterator[GeneratedToken]:
-        """``generate_token_ids`` with each token's log-probabilities when ``params.logprobs``
-        asks (and first, with ``params.prompt_logprobs``, the prompt's own tokens, marked
-        ``in_prompt``). With a ``constraint``, only tokens it allows are chosen."""
+    ) -> Generation:
+        """Queue a request now and return its tokens as they come: ``generate_token_ids``
+        with each token's log-probabilities when ``params.logprobs`` asks (and first, with
+        ``params.prompt_logprobs``, the prompt's own tokens, marked ``in_prompt``). With a
+        ``constraint``, only tokens it allows are chosen. Close it to give up the request."""
         request = _Request(list(prompt_ids), params, should_stop, constraint=constraint)
         with self._closing:
             if self._closed:
                 raise EngineClosedError("the engine is closed: the server is shutting down")
             self._waiting.put(request)
-        ended = False
-        try:
-            while True:
-                item = self._next_item(request)
-                if item is _DONE or isinstance(item, BaseException):
-                    ended = True
-                    if item is _DONE:
-                        return
-                    raise item
-                yield item
-        finally:
-            if not ended:  # closed early (e.g. a stop sequence matched): free the row
-                request.abandoned = True
-                self._wait_for_end(request)
+        return Generation(self, request)
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Requests queued inside this block are admitted in one go (prefilled together):
+        the n choices of one request then share their batch, so with a seed they come out
+        the same each time."""
+        with self._group:
+            yield
 
     def _next_item(self, request: _Request, timeout: float | None = None) -> object:
         """The request's next token (or end marker, or error). Without a scheduler thread,
@@ -296,6 +294,9 @@ class BatchingEngine:
                 request = self._waiting.get(block=wait and batch is None and not arrivals)
             except queue.Empty:
                 break
+            if not arrivals:  # a group being queued (``together``) is complete before we go on
+                with self._group:
+                    pass
             if request is _CLOSE:
                 break
             self._requests[id(request)] = request
@@ -529,6 +530,37 @@ def _advance(constraint: TokenConstraint, token_id: int) -> int | Exception:
     except Exception as exc:
         return exc
     return token_id
+
+
+class Generation:
+    """One request's tokens, as the engine produces them (see ``BatchingEngine.generate``)."""
+
+    def __init__(self, engine: BatchingEngine, request: _Request) -> None:
+        self._engine = engine
+        self._request = request
+        self._ended = False
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> GeneratedToken:
+        if self._ended:
+            raise StopIteration
+        item = self._engine._next_item(self._request)
+        if item is _DONE or isinstance(item, BaseException):
+            self._ended = True
+            if item is _DONE:
+                raise StopIteration
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Give up the request (if it has not ended): its row is freed at the next step, and
+        by the time this returns (e.g. a stop sequence matched, the client went away)."""
+        if not self._ended:
+            self._ended = True
+            self._request.abandoned = True
+            self._engine._wait_for_end(self._request)
 
 
 @dataclass

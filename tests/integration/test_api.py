@@ -331,16 +331,44 @@ def test_openai_routes_non_streaming_and_streaming(client):
             400,
             "messages[0].content[1]: a 'image_url' part cannot be read: this model reads text only",
         ),
-        ({"messages": [{"role": "user", "content": "a"}], "n": 99}, 400, "n: 99 choices is over the limit of 8 (MAX_CHOICES)"),
+        (
+            {"messages": [{"role": "user", "content": "a"}], "n": 99},
+            400,
+            "n: 99 choices is over the limit of 8 (MAX_CHOICES)",
+        ),
         ({"messages": [{"role": "user", "content": "a"}], "n": 0}, 422, "n"),
-        ({"messages": [{"role": "user", "content": "a"}], "logit_bias": {"abc": 1}}, 400, "'abc' is not a token id"),
-        ({"messages": [{"role": "user", "content": "a"}], "logit_bias": {"9999999": 1}}, 400, "not in the vocabulary"),
+        (
+            {"messages": [{"role": "user", "content": "a"}], "logit_bias": {"abc": 1}},
+            400,
+            "'abc' is not a token id",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}], "logit_bias": {"9999999": 1}},
+            400,
+            "not in the vocabulary",
+        ),
         ({"messages": [{"role": "user", "content": "a"}], "temprature": 0.5}, 422, "temprature"),
         ({"messages": [{"role": "user", "content": "a"}], "temperature": 7}, 400, "temperature"),
-        ({"messages": [{"role": "user", "content": "a"}], "presence_penalty": 3}, 400, "presence_penalty"),
-        ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 3}, 400, "needs logprobs set to true"),
-        ({"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
-        ({"messages": [{"role": "user", "content": "a"}], "tool_choice": "required"}, 400, "'required' needs tools"),
+        (
+            {"messages": [{"role": "user", "content": "a"}], "presence_penalty": 3},
+            400,
+            "presence_penalty",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 3},
+            400,
+            "needs logprobs set to true",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21},
+            400,
+            "top_logprobs",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}], "tool_choice": "required"},
+            400,
+            "'required' needs tools",
+        ),
         (
             {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "4"}]},
             400,
@@ -358,7 +386,10 @@ def test_openai_routes_non_streaming_and_streaming(client):
             "not",
         ),
         (
-            {"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_schema"}},
+            {
+                "messages": [{"role": "user", "content": "a"}],
+                "response_format": {"type": "json_schema"},
+            },
             400,
             "needs json_schema.schema",
         ),
