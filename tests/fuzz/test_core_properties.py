@@ -190,6 +190,14 @@ IN_RANGE = {
     "do_sample": st.booleans(),
     "seed": st.none() | st.integers(0, 2**63 - 1),
     "stop": st.lists(st.text(st.characters(codec="utf-8"), min_size=1, max_size=8), max_size=3),
+    "min_p": st.floats(0.0, 1.0),
+    "presence_penalty": st.floats(-2.0, 2.0),
+    "frequency_penalty": st.floats(-2.0, 2.0),
+    "logit_bias": st.dictionaries(st.integers(0, 100), st.floats(-100.0, 100.0), max_size=3),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(0, 20),
+    "prompt_logprobs": st.booleans(),
+    "response_format": st.sampled_from([None, {"type": "text"}, {"type": "json_object"}]),
 }
 # Each field: left out, in range (twice as likely), or anything at all.
 PARAM_VALUES = st.fixed_dictionaries(
@@ -208,7 +216,7 @@ def check_params(values: dict) -> GenerationParams | None:
             field = re.split(r"[=:.]", problem, maxsplit=1)[0]
             assert field in values, (field, str(exc))
         return None
-    assert 1 <= params.max_new_tokens <= 4096
+    assert 0 <= params.max_new_tokens <= 4096
     assert params.temperature == 0.0 or 0.01 <= params.temperature <= 5.0
     assert 0.0 < params.top_p <= 1.0 and 0 <= params.top_k <= 10_000
     assert 0.05 <= params.repetition_penalty <= 10.0

@@ -78,7 +78,7 @@ def stream_text(chunks) -> tuple[dict[int, str], dict[int, str]]:
     return texts, reasons
 
 
-# ---- request shapes --------------------------------------------------------------------------
+# ---- request shapes ----
 
 
 def test_every_request_shape_real_clients_send(client):
@@ -125,7 +125,7 @@ def test_a_typo_and_an_image_part_are_named(client):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [image]}])
 
 
-# ---- sampling and choices ---------------------------------------------------------------------
+# ---- sampling and choices ----
 
 
 def test_n_choices_are_batched_together_and_reproducible_with_a_seed(client, server):
@@ -177,7 +177,7 @@ def client_tokenize(client: OpenAI, text: str) -> int:
     return ids[0]
 
 
-# ---- log-probabilities --------------------------------------------------------------------------
+# ---- log-probabilities ----
 
 
 def test_logprobs_are_the_models_own_and_stream_the_same(client, server):
@@ -232,7 +232,7 @@ def test_echo_scores_equal_the_models_log_softmax(client, server):
     assert choice.logprobs.text_offset[:2] == [0, len(choice.logprobs.tokens[0])]
 
 
-# ---- structured outputs ---------------------------------------------------------------------------
+# ---- structured outputs ----
 
 
 def leaf_schemas():
@@ -323,7 +323,7 @@ def test_json_object_mode_and_an_unsupported_schema(client):
         )
 
 
-# ---- tools ---------------------------------------------------------------------------------------
+# ---- tools ----
 
 
 def valid_call(call, tools) -> dict:
@@ -442,7 +442,7 @@ def test_a_full_tool_loop_with_two_tools_and_parallel_calls(client):
     assert final.choices[0].message.content and final.choices[0].message.tool_calls is None
 
 
-# ---- legacy completions and the tokenizer routes ------------------------------------------------
+# ---- legacy completions and the tokenizer routes ----
 
 
 def test_completions_take_every_prompt_shape(client):

@@ -83,3 +83,75 @@ def test_a_message_that_cannot_fit_raises_a_clear_error(smollm):
         ContextOverflowError, match=r"message: needs \d+ prompt tokens, but only 5 fit"
     ):
         build_prompt(smollm, PromptFormat.CHAT_TEMPLATE, None, HISTORY, 5)
+
+
+# ---- roles, tools and tool results (OpenAI's message shapes) ------------------------------------
+
+CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+}
+
+
+def render(tokenizer, messages, system=None, tools=()):
+    ids = encode_conversation(tokenizer, PromptFormat.CHAT_TEMPLATE, system, messages, tools=tools)
+    return tokenizer.decode(ids)
+
+
+def test_developer_is_system_and_consecutive_roles_pass_through(smollm):
+    text = render(
+        smollm,
+        [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": "one"},
+            {"role": "user", "content": "two"},
+        ],
+    )
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in text
+    assert text.count("<|im_start|>user") == 2
+
+
+def test_tool_calls_and_results_use_the_default_format_without_template_support(smollm):
+    from src.chat.tools import Tool
+
+    tool = Tool("get_weather", "Weather", {"type": "object", "properties": {"city": {}}})
+    text = render(
+        smollm,
+        [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [CALL, {**CALL, "id": "c2"}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+            {"role": "tool", "tool_call_id": "c2", "content": "Warm"},
+        ],
+        system="Be brief.",
+        tools=(tool,),
+    )
+    assert text.count("<|im_start|>system") == 1 and '"name": "get_weather"' in text
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    assert f"<|im_start|>assistant\n{call}\n{call}<|im_end|>" in text
+    # consecutive results: one user turn, as Qwen2.5's template shows them
+    results = "<tool_response>\nSunny\n</tool_response>\n<tool_response>\nWarm\n</tool_response>"
+    assert f"<|im_start|>user\n{results}<|im_end|>" in text
+
+
+def test_templates_that_refuse_consecutive_roles_get_them_merged(smollm):
+    strict = AutoTokenizer.from_pretrained(smollm.name_or_path)
+    strict.chat_template = (
+        "{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]"
+        "['role'] %}{{ raise_exception('Conversation roles must alternate') }}{% endif %}"
+        "[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    )
+    text = render(strict, [{"role": "user", "content": "one"}, {"role": "user", "content": "two"}])
+    assert text == "[user]one\n\ntwo"
+
+
+def test_dropping_old_turns_keeps_a_user_message_first(smollm):
+    messages = [
+        {"role": "user", "content": "old " * 30},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "x " * 30},
+        {"role": "user", "content": "new"},
+    ]
+    built = build_prompt(smollm, PromptFormat.CHAT_TEMPLATE, None, messages, 40)
+    assert built.dropped_messages == 3

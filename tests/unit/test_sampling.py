@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -17,11 +18,15 @@ from transformers.generation.logits_process import (
 from src.engine.logits import (
     LogitsPipeline,
     draw,
+    grammar_mask,
+    logit_bias,
+    presence_and_frequency_penalty,
     repetition_penalty,
     sampling_generator,
     temperature,
     top_k,
     top_p,
+    unpack_bitmask,
 )
 from src.params import GenerationParams
 
@@ -414,3 +419,74 @@ def test_draw_never_picks_a_dropped_candidate(monkeypatch):
     for uniform, expected in cases:
         monkeypatch.setattr(torch, "rand", lambda *args, u=uniform, **kwargs: torch.tensor(u))
         assert draw(probabilities, rows).tolist() == expected, uniform
+
+
+# ---- OpenAI's penalties, logit bias, min-p and the grammar mask --------------------------------
+
+
+def test_presence_and_frequency_penalties_follow_openais_definition():
+    """mu[j] -= c[j] * frequency + (c[j] > 0) * presence, c[j] counted in the reply only."""
+    logits = torch.randn(2, 10)
+    reply = torch.tensor([3, 3, 5])
+    prompt = torch.tensor([7])
+    rows = [
+        Row(GenerationParams(presence_penalty=0.5, frequency_penalty=0.25), prompt, reply=reply),
+        Row(GenerationParams(), prompt, reply=reply),  # no penalty: unchanged
+    ]
+    scores = logits.clone()
+    presence_and_frequency_penalty(scores, rows)
+    expected = logits[0].clone()
+    expected[3] -= 2 * 0.25 + 0.5
+    expected[5] -= 1 * 0.25 + 0.5
+    assert torch.allclose(scores[0], expected)  # token 7, only in the prompt: unchanged
+    assert torch.equal(scores[1], logits[1])
+
+
+def test_logit_bias_adds_and_minus_100_bans():
+    logits = torch.zeros(1, 6)
+    rows = [Row(GenerationParams(logit_bias={1: 5.0, 2: -100.0, 4: -1.5}), NOTHING)]
+    logit_bias(logits, rows)
+    assert logits[0].tolist() == [0.0, 5.0, float("-inf"), 0.0, -1.5, 0.0]
+
+
+@pytest.mark.parametrize("floor", [0.05, 0.3, 0.9])
+def test_min_p_keeps_tokens_like_transformers(logits, floor):
+    params = sampled(min_p=floor, top_k=0, top_p=1.0, temperature=0.8)
+    expected = MinPLogitsWarper(floor)(None, TemperatureLogitsWarper(0.8)(None, logits[None]))
+    kept = torch.isfinite(LogitsPipeline().distribution(logits[None], [seeded(params)]))
+    assert torch.equal(kept[0], torch.isfinite(expected[0]))
+
+
+class AllowOnly:
+    """A stand-in grammar: only ``allowed`` may come next."""
+
+    def __init__(self, allowed: list[int]) -> None:
+        self.allowed = allowed
+
+    def fill_mask(self, bitmask: torch.Tensor) -> None:
+        for token in self.allowed:
+            bitmask[token // 32] |= 1 << (token % 32)
+
+    def advance(self, token_id: int) -> None:
+        assert token_id in self.allowed
+
+
+def test_the_grammar_mask_touches_only_constrained_rows():
+    logits = torch.randn(2, 70)
+    rows = [
+        Row(GenerationParams(), NOTHING, constraint=AllowOnly([3, 40, 69])),
+        Row(GenerationParams(), NOTHING),
+    ]
+    scores = logits.clone()
+    grammar_mask(scores, rows)
+    assert torch.isfinite(scores[0]).nonzero().squeeze(1).tolist() == [3, 40, 69]
+    assert torch.equal(scores[1], logits[1])
+    tokens = LogitsPipeline().next_tokens(logits, [seeded(sampled(), seed=s) for s in (0, 1)])
+    assert len(tokens) == 2
+    with pytest.raises(ValueError, match="allows no next token"):
+        grammar_mask(logits.clone(), [Row(GenerationParams(), NOTHING, constraint=AllowOnly([]))])
+
+
+def test_unpack_bitmask_reads_bit_j_of_word_w_as_token_32w_plus_j():
+    bitmask = torch.tensor([[1 - 2**31, 0, 1 << 4]], dtype=torch.int32)  # bits 0 and 31
+    assert unpack_bitmask(bitmask, 70).nonzero()[:, 1].tolist() == [0, 31, 68]
