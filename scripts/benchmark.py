@@ -6,7 +6,8 @@ the same run, on the bundled SmolLM2-135M.
 
 Sections: decode (our engines and precisions vs plain transformers generate), serving (the
 API with 1/4/8/16 concurrent streaming clients, vs one client), cold (process start to first
-token), training (LoRA tokens/s and peak memory: our trainer vs a plain transformers Trainer +
+token), structured (JSON-schema replies vs free text, same prompt and model), training (LoRA
+tokens/s and peak memory: our trainer vs a plain transformers Trainer +
 peft on the same data, model and settings). Results: outputs/benchmark/benchmark.{json,md,png}.
 """
 
@@ -158,6 +159,21 @@ def run_serving(new_tokens: int, clients: list[int], repetitions: int) -> dict:
     }
 
 
+def run_structured(new_tokens: int, repetitions: int) -> dict:
+    from src.benchmarks.structured import measure_structured
+    from src.config import load_settings
+    from src.stack import build_chat_stack
+
+    prepare_model_once()
+    settings = load_settings().model_copy(update={"model_name": "smollm2-135m-instruct"})
+    stack = build_chat_stack(settings, background=False)
+    try:
+        print("  structured: free text and JSON schema", flush=True)
+        return measure_structured(stack.service, new_tokens, repetitions)
+    finally:
+        stack.close()
+
+
 def run_cold_start(repetitions: int) -> dict:
     import statistics
 
@@ -185,7 +201,7 @@ def run_training(steps: int, repetitions: int, examples: int, max_length: int | 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="decode,serving,cold,training")
+    parser.add_argument("--sections", default="decode,serving,structured,cold,training")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--clients", default="1,4,8,16")
@@ -226,10 +242,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(torch.get_num_threads())
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"decode", "serving", "cold", "training"}
+    unknown = sections - {"decode", "serving", "cold", "training", "structured"}
     if unknown:
         print(
-            f"Error: unknown sections {sorted(unknown)}; use decode, serving, cold, training",
+            f"Error: unknown sections {sorted(unknown)}; use decode, serving, cold, training, "
+            "structured",
             file=sys.stderr,
         )
         return 2
@@ -246,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     if "serving" in sections:
         clients = [int(c) for c in args.clients.split(",")]
         results["serving"] = run_serving(min(args.new_tokens, 64), clients, args.repetitions)
+    if "structured" in sections:
+        results["structured"] = run_structured(args.new_tokens, args.repetitions)
     if "cold" in sections:
         results["cold_start"] = run_cold_start(args.repetitions)
     if "training" in sections:

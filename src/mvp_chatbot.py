@@ -40,6 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "weights (default: ENGINE)",
     )
     parser.add_argument(
+        "--json-schema",
+        type=Path,
+        metavar="FILE",
+        help="every reply is JSON valid against the schema in FILE (enforced by a grammar)",
+    )
+    parser.add_argument(
         "--verbose", action="store_true", help="show tokens/s and context-window decisions"
     )
     return parser.parse_args(argv)
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from src.stack import build_chat_stack
 
     try:
+        schema = read_json_schema(args.json_schema) if args.json_schema else None
         settings = load_settings()
         # One consumer: the decode loop runs in this (main) thread, see BatchingEngine.
         stack = build_chat_stack(
@@ -76,19 +83,46 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     try:
-        return chat_loop(stack.service, args, interactive)
+        return chat_loop(stack.service, args, interactive, schema)
     finally:
         stack.close()
 
 
-def chat_loop(service: ChatService, args: argparse.Namespace, interactive: bool) -> int:
+def read_json_schema(path: Path) -> dict:
+    """The schema of ``--json-schema``, or a ``MiniClaudeError`` naming the file's problem."""
+    import json
+
+    from src.errors import InvalidRequestError
+
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidRequestError(f"--json-schema {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise InvalidRequestError(f"--json-schema {path}: not valid JSON ({exc})") from None
+    if not isinstance(schema, dict):
+        raise InvalidRequestError(f"--json-schema {path}: a JSON schema is an object")
+    return schema
+
+
+def chat_loop(
+    service: ChatService,
+    args: argparse.Namespace,
+    interactive: bool,
+    json_schema: dict | None = None,
+) -> int:
     """Read messages and commands until EOF or /quit."""
     from src.cli.commands import ChatSession
     from src.cli.reader import read_message
 
+    params = service.default_params
+    if json_schema is not None:
+        name = args.json_schema.stem
+        schema_format = {"type": "json_schema", "json_schema": json_schema, "name": name}
+        params = params.updated(response_format=schema_format)
     session = ChatSession(
         service,
-        params=service.default_params,
+        params=params,
         conversation=service.new_conversation(args.system),
         verbose=args.verbose,
     )

@@ -83,6 +83,28 @@ def markdown(results: dict[str, Any]) -> str:
             ),
             "",
         ]
+    structured = results.get("structured")
+    if structured:
+        free = structured["rows"][0]["tokens_per_second"]
+        lines += [
+            f"**Structured outputs**: the bundled model, greedy, up to {structured['new_tokens']} "
+            f"tokens, median of {structured['repetitions']}; the grammar's mask alone costs "
+            f"{structured['mask_microseconds_per_token']:.0f} µs per token:",
+            "",
+            *table(
+                ["reply", "tokens/s", "vs free text", "tokens"],
+                [
+                    [
+                        row["name"],
+                        f"{row['tokens_per_second']:.1f}",
+                        f"{row['tokens_per_second'] / free:.2f}x",
+                        str(row["tokens"]),
+                    ]
+                    for row in structured["rows"]
+                ],
+            ),
+            "",
+        ]
     cold = results.get("cold_start")
     if cold:
         lines += [

@@ -7,6 +7,7 @@ produced. Sampled requests are never cached: users asking twice expect two diffe
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -27,8 +28,9 @@ def cache_key(model_id: str, prompt: Sequence[Hashable], params: GenerationParam
     """``prompt`` identifies the prompt exactly: its token ids, or with a remote backend its
     (role, content) messages."""
     # The seed only matters when sampling, and sampled replies are never cached.
-    # As JSON: some values (logit_bias, a response format's schema) are dicts.
-    relevant = params.model_dump_json(exclude={"seed"})
+    # As JSON text: some values (logit_bias, a response format's schema) are dicts, which are
+    # not hashable; ASCII escapes keep a lone surrogate (refused later, by the tokenizer) legal.
+    relevant = json.dumps(params.model_dump(exclude={"seed"}), sort_keys=True, ensure_ascii=True)
     return (model_id, tuple(prompt), relevant)
 
 

@@ -60,13 +60,7 @@ def encode_conversation(
 ) -> list[int]:
     """Token ids of the whole conversation, ready for the model to write the next reply."""
     if prompt_format is PromptFormat.CHAT_TEMPLATE:
-        native_tools = bool(tools) and template_supports_tools(tokenizer)
-        if tools and not native_tools:
-            shown = tools_system_prompt(tools)
-            system_prompt = f"{system_prompt}\n\n{shown}" if system_prompt else shown
-        chat = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        chat += _template_messages(messages, native_tools)
-        options = {"tools": [tool.as_openai() for tool in tools]} if native_tools else {}
+        chat, options = template_input(tokenizer, system_prompt, messages, tools)
         try:
             encoded = _apply_template(tokenizer, chat, add_generation_prompt, options)
         except Exception as exc:  # jinja2's TemplateError: e.g. "roles must alternate"
@@ -82,6 +76,22 @@ def encode_conversation(
         ids += tokenizer.encode(text, add_special_tokens=False)
         ids.append(tokenizer.eos_token_id)
     return ids
+
+
+def template_input(
+    tokenizer: Any, system_prompt: str | None, messages: list[Message], tools: tuple[Tool, ...]
+) -> tuple[list[Message], dict[str, Any]]:
+    """(messages, options) for ``apply_chat_template``: the system prompt first (with the
+    tools listed in it when the template cannot show them itself), the messages in the
+    template's terms."""
+    native_tools = bool(tools) and template_supports_tools(tokenizer)
+    if tools and not native_tools:
+        shown = tools_system_prompt(tools)
+        system_prompt = f"{system_prompt}\n\n{shown}" if system_prompt else shown
+    chat = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    chat += _template_messages(messages, native_tools)
+    options = {"tools": [tool.as_openai() for tool in tools]} if native_tools else {}
+    return chat, options
 
 
 def _apply_template(
@@ -214,34 +224,32 @@ def encode_for_training(
     prompt_format: PromptFormat,
     system_prompt: str | None,
     messages: list[Message],
+    tools: tuple[Tool, ...] = (),
 ) -> tuple[list[int], list[int]]:
     """(input ids, labels) of a whole conversation for fine-tuning.
 
     Built from ``encode_conversation`` (what chat uses at inference), so the two can never
     disagree. Labels are the token ids for every assistant reply, including its end-of-turn
     token (so the model learns to stop), and ``IGNORE_INDEX`` everywhere else: the model is
-    trained to answer, not to write the user's messages.
+    trained to answer, not to write the user's messages. An assistant message's tool calls
+    are part of its reply, in the format the model is served with.
     """
     if prompt_format is PromptFormat.CHAT_TEMPLATE and getattr(tokenizer, "is_fast", False):
-        fast = _encode_for_training_by_offsets(tokenizer, system_prompt, messages)
+        fast = _encode_for_training_by_offsets(tokenizer, system_prompt, messages, tools)
         if fast is not None:
             return fast
     ids = encode_conversation(
-        tokenizer, prompt_format, system_prompt, messages, add_generation_prompt=False
+        tokenizer, prompt_format, system_prompt, messages, add_generation_prompt=False, tools=tools
     )
     labels = [IGNORE_INDEX] * len(ids)
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         before = encode_conversation(
-            tokenizer, prompt_format, system_prompt, messages[:index], add_generation_prompt=True
+            tokenizer, prompt_format, system_prompt, messages[:index], True, tools
         )
         through = encode_conversation(
-            tokenizer,
-            prompt_format,
-            system_prompt,
-            messages[: index + 1],
-            add_generation_prompt=False,
+            tokenizer, prompt_format, system_prompt, messages[: index + 1], False, tools
         )
         if ids[: len(through)] != through or through[: len(before)] != before:
             raise ValueError(
@@ -253,7 +261,7 @@ def encode_for_training(
 
 
 def _encode_for_training_by_offsets(
-    tokenizer: Any, system_prompt: str | None, messages: list[Message]
+    tokenizer: Any, system_prompt: str | None, messages: list[Message], tools: tuple[Tool, ...]
 ) -> tuple[list[int], list[int]] | None:
     """The same result as the exact path, tokenizing once instead of twice per reply.
 
@@ -263,14 +271,17 @@ def _encode_for_training_by_offsets(
     None (use the exact path) if a prefix is not a prefix of the text or a token straddles a
     reply's boundary.
     """
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
 
     def render(part: list[Message], generation_prompt: bool) -> str:
+        chat, options = template_input(tokenizer, system_prompt, part, tools)
         return tokenizer.apply_chat_template(
-            system + part, add_generation_prompt=generation_prompt, tokenize=False
+            chat, add_generation_prompt=generation_prompt, tokenize=False, **options
         )
 
-    text = render(messages, False)
+    try:
+        text = render(messages, False)
+    except Exception:  # a template that refuses the roles: the exact path merges them
+        return None
     spans = []
     for index, message in enumerate(messages):
         if message["role"] == "assistant":

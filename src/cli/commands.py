@@ -21,6 +21,7 @@ HELP = """Commands:
   /retry              answer the last message again
   /system [TEXT|-]    show, set, or clear (-) the system prompt
   /set NAME VALUE     change a generation parameter, e.g. /set temperature 0.2
+  /set json on|off    replies as JSON objects (a grammar guarantees they parse)
   /params             show the generation parameters
   /save FILE          save the conversation and parameters as JSON
   /load FILE          load a conversation saved with /save
@@ -170,8 +171,19 @@ class ChatSession:
         if not name or not raw_value.strip():
             self.say("Usage: /set NAME VALUE  (see /params for the names)")
             return
+        if name == "json":
+            self._set_json(raw_value.strip().lower())
+            return
         self.params = self.params.updated(**{name: parse_value(raw_value.strip())})
         self.say(f"({name} = {getattr(self.params, name)!r})")
+
+    def _set_json(self, value: str) -> None:
+        if value not in ("on", "off"):
+            self.say("Usage: /set json on|off")
+            return
+        response_format = {"type": "json_object"} if value == "on" else None
+        self.params = self.params.updated(response_format=response_format)
+        self.say("(replies are JSON objects)" if value == "on" else "(replies are free text)")
 
     def _save(self, path: str) -> None:
         if not path:

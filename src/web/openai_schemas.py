@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from src.errors import InvalidRequestError
+
 # Accepted for compatibility, and ignored: nothing a local text model can do with them.
 IGNORED_CHAT_FIELDS = (
     "audio",
@@ -89,6 +91,17 @@ class ResponseFormatIn(BaseModel):
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
+
+    def to_core(self) -> dict[str, Any]:
+        """As the core's ``ResponseFormat`` values."""
+        if self.type != "json_schema":
+            return {"type": self.type}
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise InvalidRequestError(
+                "response_format: type 'json_schema' needs json_schema.schema", "response_format"
+            )
+        schema = self.json_schema
+        return {"type": "json_schema", "json_schema": schema.schema_, "name": schema.name}
 
 
 class FunctionDefinition(BaseModel):

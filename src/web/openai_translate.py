@@ -46,15 +46,18 @@ def message_text(content: Any, where: str) -> str | None:
     return "\n".join(texts)
 
 
-def openai_conversation(body: ChatCompletionRequest, settings: Settings) -> Conversation:
-    """The request's messages as a conversation: a leading system (or developer) message is
-    its system prompt; every other message is kept in order, whatever its role."""
-    messages = list(body.messages)
+def openai_conversation(messages: list[ChatMessage], settings: Settings) -> Conversation:
+    """OpenAI messages as a conversation: a leading system (or developer) message is its
+    system prompt; every other message is kept in order, whatever its role."""
+    given = len(messages)
+    messages = list(messages)
     system_prompt = None
     if messages[0].role in ("system", "developer"):
         system_prompt = message_text(messages.pop(0).content, "messages[0]")
-        check_chars("messages[0].content", system_prompt or "", settings.max_message_chars)
-    offset = len(body.messages) - len(messages)
+        check_chars(
+            "messages[0].content", system_prompt or "", settings.max_message_chars, "messages"
+        )
+    offset = given - len(messages)
     if not messages:
         raise InvalidRequestError("messages: needs a message besides the system prompt", "messages")
     if len(messages) > settings.max_history_messages:
@@ -181,23 +184,8 @@ def openai_params(
         values["top_logprobs"] = body.top_logprobs
     values["logprobs"] = bool(body.logprobs)
     if body.response_format is not None:
-        values["response_format"] = _response_format(body)
+        values["response_format"] = body.response_format.to_core()
     return make_params(values)
-
-
-def _response_format(body: ChatCompletionRequest) -> dict[str, Any]:
-    response_format = body.response_format
-    if response_format.type != "json_schema":
-        return {"type": response_format.type}
-    if response_format.json_schema is None or response_format.json_schema.schema_ is None:
-        raise InvalidRequestError(
-            "response_format: type 'json_schema' needs json_schema.schema", "response_format"
-        )
-    return {
-        "type": "json_schema",
-        "json_schema": response_format.json_schema.schema_,
-        "name": response_format.json_schema.name,
-    }
 
 
 def check_choices(n: int, settings: Settings) -> None:

@@ -7,7 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from src.chat.service import ChatResult
-from src.params import GenerationParams, make_params
+from src.params import MAX_TOP_LOGPROBS, GenerationParams, make_params
+from src.web.openai_schemas import ResponseFormatIn, TokenLogprob
+from src.web.openai_translate import token_logprob
 
 
 class GenerationOverrides(BaseModel):
@@ -22,11 +24,21 @@ class GenerationOverrides(BaseModel):
     do_sample: bool | None = None
     seed: int | None = None
     stop: list[str] | str | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = Field(None, description="Each reply token's log-probability.")
+    top_logprobs: int | None = Field(None, description="With logprobs: alternatives (0-20).")
+    response_format: ResponseFormatIn | None = Field(
+        None, description="As in OpenAI's API: json_object, or json_schema with a schema."
+    )
 
     def apply_to(self, defaults: GenerationParams) -> GenerationParams:
         overrides = self.model_dump(
             exclude_none=True, include=set(GenerationOverrides.model_fields)
         )
+        if self.response_format is not None:
+            overrides["response_format"] = self.response_format.to_core()
         return make_params({**defaults.model_dump(), **overrides})
 
 
@@ -59,6 +71,9 @@ class ChatResponse(BaseModel):
     timing: Timing
     dropped_messages: int = Field(description="Oldest messages left out to fit the context.")
     cached: bool
+    logprobs: list[TokenLogprob] | None = Field(
+        None, description="With logprobs: each reply token, as in OpenAI's API."
+    )
 
     @classmethod
     def from_result(cls, result: ChatResult, session_id: str) -> ChatResponse:
@@ -78,6 +93,9 @@ class ChatResponse(BaseModel):
             ),
             dropped_messages=result.dropped_messages,
             cached=result.cached,
+            logprobs=None
+            if result.logprobs is None
+            else [token_logprob(token, MAX_TOP_LOGPROBS) for token in result.logprobs],
         )
 
 

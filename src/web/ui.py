@@ -18,6 +18,7 @@ from src.config import Settings
 from src.errors import MiniClaudeError
 from src.params import MAX_NEW_TOKENS, GenerationParams, make_params
 from src.web.ui_history import history_to_conversation, history_to_messages, messages_to_history
+from src.web.ui_tokens import TOP_ALTERNATIVES, tokens_html
 
 PoolGetter = Callable[[], AdapterPool | None]
 History = list[dict[str, Any]]
@@ -44,8 +45,10 @@ def stream_reply(
     top_p: float,
     max_new_tokens: float,
     repetition_penalty: float,
-) -> Iterator[tuple[History, str, str]]:
-    """Yield (chat history, textbox value, status line) as the reply grows."""
+    json_mode: bool = False,
+    show_tokens: bool = False,
+) -> Iterator[tuple[History, str, str, str]]:
+    """Yield (chat history, textbox value, status line, token view) as the reply grows."""
     service = _service_or_error(get_pool, adapter)
     conversation = history_to_conversation(history, system_prompt)
     try:
@@ -57,6 +60,9 @@ def stream_reply(
                 "top_p": top_p,
                 "max_new_tokens": int(max_new_tokens),
                 "repetition_penalty": repetition_penalty,
+                "response_format": {"type": "json_object"} if json_mode else None,
+                "logprobs": bool(show_tokens),
+                "top_logprobs": TOP_ALTERNATIVES if show_tokens else 0,
             }
         )
         stream = service.start_reply(conversation, message, params)
@@ -70,7 +76,7 @@ def stream_reply(
     try:
         for delta in iterator:
             shown[-1]["content"] += delta
-            yield shown, "", "_writing…_"
+            yield shown, "", "_writing…_", ""
     except MiniClaudeError as exc:  # e.g. a remote backend that failed mid-reply
         raise gr.Error(str(exc)) from None
     finally:
@@ -82,7 +88,7 @@ def stream_reply(
     status += f"{result.tokens_per_second:.1f} tokens/s"
     if result.dropped_messages:
         status += f" · {result.dropped_messages} oldest messages left out of the context"
-    yield shown, "", status
+    yield shown, "", status, tokens_html(result.logprobs or [])
 
 
 def last_user_message(history: History) -> tuple[History, str]:
@@ -155,6 +161,7 @@ def build_ui(
             undo = gr.Button("Undo", size="sm", elem_id="undo")
             clear = gr.Button("Clear", size="sm", elem_id="clear")
         status = gr.Markdown("", elem_id="status")
+        token_view = gr.HTML("", elem_id="tokens")
         with gr.Accordion("Settings", open=False):
             system_prompt = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
             temperature = gr.Slider(
@@ -171,7 +178,23 @@ def build_ui(
             repetition_penalty = gr.Slider(
                 1.0, 2.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"
             )
-        settings = [system_prompt, temperature, top_p, max_new_tokens, repetition_penalty]
+            json_mode = gr.Checkbox(
+                False, label="JSON mode: every reply is a JSON object", elem_id="json-mode"
+            )
+            show_tokens = gr.Checkbox(
+                False,
+                label="Show token probabilities (a learner's view of sampling)",
+                elem_id="show-tokens",
+            )
+        settings = [
+            system_prompt,
+            temperature,
+            top_p,
+            max_new_tokens,
+            repetition_penalty,
+            json_mode,
+            show_tokens,
+        ]
 
         def respond(adapter_name, message, history, *values):
             yield from stream_reply(get_pool, adapter_name, message, history, *values)
@@ -180,7 +203,7 @@ def build_ui(
             earlier, message = last_user_message(history)
             yield from stream_reply(get_pool, adapter_name, message, earlier, *values)
 
-        outputs = [chatbot, textbox, status]
+        outputs = [chatbot, textbox, status, token_view]
         submit_args = {
             "fn": respond,
             "inputs": [adapter, textbox, chatbot, *settings],
@@ -193,7 +216,7 @@ def build_ui(
         ]
         stop.click(None, cancels=events)
         undo.click(lambda history: last_user_message(history)[0], chatbot, chatbot)
-        clear.click(lambda: ([], "", ""), None, outputs)
+        clear.click(lambda: ([], "", "", ""), None, outputs)
 
         def on_page_load():
             pool = get_pool()

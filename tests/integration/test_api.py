@@ -468,3 +468,39 @@ def test_an_unexpected_load_failure_is_reported_not_loading_forever(settings):
     with LiveServer(app, wait_until_ready=False) as live, live.client() as http:
         health = wait_for_health(http, "error")
         assert health["detail"] == "PermissionError: cannot write data/sessions.sqlite3"
+
+
+def test_native_chat_takes_response_format_and_logprobs(client):
+    schema = {
+        "type": "object",
+        "properties": {
+            "mood": {"enum": ["happy", "sad"]},
+            "level": {"type": "integer", "minimum": 1, "maximum": 9},
+        },
+        "required": ["mood", "level"],
+        "additionalProperties": False,
+    }
+    body = {
+        "message": "How do you feel?",
+        "do_sample": False,
+        "max_new_tokens": 60,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "mood", "schema": schema},
+        },
+    }
+    reply = client.post("/chat", json=body).json()
+    assert set(json.loads(reply["response"])) == {"mood", "level"}
+    assert "".join(t["token"] for t in reply["logprobs"]) == reply["response"]
+    assert all(len(t["top_logprobs"]) == 2 for t in reply["logprobs"])
+    with client.stream("POST", "/chat/stream", json=body) as response:
+        events = read_sse(response)
+    deltas = [json.loads(data) for event, data in events if event == "delta"]
+    assert "".join(d["text"] for d in deltas) == reply["response"]
+    assert [t["token"] for d in deltas for t in d["logprobs"]] == [
+        t["token"] for t in reply["logprobs"]
+    ]
+    bad = client.post("/chat", json={**body, "response_format": {"type": "json_schema"}})
+    assert bad.status_code == 400 and "needs json_schema.schema" in bad.json()["error"]["message"]

@@ -83,14 +83,21 @@ def test_training_section_runs_both_trainers_on_the_same_batches(converted_bundl
     assert "| transformers Trainer + peft (baseline) |" in table and "1.00x" in table
 
 
-def test_serving_and_cold_start_sections(converted_bundled_model, tmp_path):
-    """The API under concurrent clients (a real uvicorn, real streams) and the cold starts of
-    the CLI and the server, at the smallest sizes."""
+def test_serving_structured_and_cold_start_sections(converted_bundled_model, tmp_path):
+    """The API under concurrent clients (a real uvicorn, real streams), JSON-schema replies
+    against free ones, and the cold starts of the CLI and the server, at the smallest sizes."""
     _, data = run_benchmark(
         tmp_path,
-        *("--sections", "serving,cold", "--clients", "1,3", "--new-tokens", "4"),
+        *("--sections", "serving,structured,cold", "--clients", "1,3", "--new-tokens", "16"),
         *("--repetitions", "2"),
     )
+    structured = data["structured"]
+    assert [row["name"] for row in structured["rows"]] == [
+        "free text",
+        "JSON schema (grammar mask)",
+    ]
+    assert all(row["tokens_per_second"] > 0 for row in structured["rows"])
+    assert structured["mask_microseconds_per_token"] > 0
     serving, cold = data["serving"], data["cold_start"]
     assert [row["clients"] for row in serving["rows"]] == [1, 3]
     assert serving["repetitions"] == 2 and serving["peak_memory_mb"] > 100
@@ -101,3 +108,4 @@ def test_serving_and_cold_start_sections(converted_bundled_model, tmp_path):
     assert 0 < cold["server_ready_seconds"] <= cold["server_first_token_seconds"]
     table = (tmp_path / "benchmark.md").read_text()
     assert "medians of 2 rounds" in table and "**Cold start**" in table
+    assert "**Structured outputs**" in table and "| JSON schema (grammar mask) |" in table

@@ -159,3 +159,42 @@ def test_undecodable_input_bytes_do_not_crash_the_cli(converted_bundled_model):
     assert result.returncode == 0, result.stderr.decode()
     assert "Paris" in result.stdout.decode()
     assert b"Traceback" not in result.stderr
+
+
+def test_json_replies_from_a_schema_file_and_from_set_json(converted_bundled_model, tmp_path):
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "animal": {"type": "string", "maxLength": 20},
+            "legs": {"type": "integer", "minimum": 0, "maximum": 100},
+        },
+        "required": ["animal", "legs"],
+        "additionalProperties": False,
+    }
+    schema_file = tmp_path / "animal.json"
+    schema_file.write_text(json.dumps(schema))
+    script = "Describe a cat.\n/set json off\n/set max_new_tokens 6\nHello!\n/quit\n"
+    result = run_python(
+        [
+            "src/mvp_chatbot.py",
+            "--model",
+            "smollm2-135m-instruct",
+            "--json-schema",
+            str(schema_file),
+        ],
+        stdin=script,
+        DO_SAMPLE="false",
+        MAX_NEW_TOKENS="80",
+    )
+    assert result.returncode == 0, result.stderr
+    first_reply = result.stdout.strip().splitlines()[0]
+    jsonschema.validate(json.loads(first_reply), schema)
+    assert "(replies are free text)" in result.stdout
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    failed = run_python(["src/mvp_chatbot.py", "--json-schema", str(broken)], stdin="")
+    assert failed.returncode == 2 and f"--json-schema {broken}: not valid JSON" in failed.stderr

@@ -410,6 +410,7 @@ def dataset(tmp_path):
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.slow  # about a minute: several training runs killed and resumed
 def test_training_killed_at_random_moments_resumes_to_the_same_run(
     tiny_llama_path, dataset, tmp_path
 ):

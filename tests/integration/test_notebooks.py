@@ -13,6 +13,12 @@ from src.config import REPO_ROOT
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
+# 02 trains for 12 steps (about a minute): with the slow tests, to keep `make test` short.
+SLOW = {"02_lora_fine_tuning.ipynb"}
+CASES = [
+    pytest.param(path, id=path.name, marks=[pytest.mark.slow] if path.name in SLOW else [])
+    for path in NOTEBOOKS
+]
 
 
 def run_notebook(path: Path) -> nbformat.NotebookNode:
@@ -26,7 +32,7 @@ def run_notebook(path: Path) -> nbformat.NotebookNode:
     return notebook
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.name for path in NOTEBOOKS])
+@pytest.mark.parametrize("path", CASES)
 def test_notebook_runs(path: Path, bundled_model_path, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")

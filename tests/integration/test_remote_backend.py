@@ -10,7 +10,7 @@ import pytest
 from openai import OpenAI
 
 from src.benchmarks.processes import free_port
-from src.config import load_settings
+from src.config import GENERATION_FIELDS, load_settings
 from src.errors import RemoteBackendError
 from src.models.bundled import BUNDLED_MODEL_NAME
 from src.params import GenerationParams
@@ -51,7 +51,7 @@ def remote_settings(upstream_url: str, tmp_path_factory, **overrides):
         "model_name": "/nowhere/no-model",
         "model_fallback": "none",
         "data_dir": tmp_path_factory.mktemp("remote"),
-        **PARAMS.model_dump(exclude={"stop"}, exclude_none=True),
+        **PARAMS.model_dump(include=set(GENERATION_FIELDS) - {"stop"}, exclude_none=True),
     }
     return load_settings(**{**values, **overrides})
 
@@ -279,3 +279,53 @@ def test_the_upstream_accepts_vllm_sampling_extras(upstream):
         timeout=60,
     )
     assert bad.status_code == 400 and "repetition_penalty" in bad.text
+
+
+def test_tools_schemas_and_logprobs_pass_through_to_the_remote(proxy):
+    """The API in front of the remote forwards tools, response_format and logprobs, and reads
+    the remote's tool calls and log-probabilities back (the remote enforces the grammar)."""
+    client = OpenAI(base_url=f"{proxy.url}/v1", api_key="unused", max_retries=0)
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    called = client.chat.completions.create(
+        model="m",
+        messages=ask,
+        tools=[weather],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=60,
+        parallel_tool_calls=False,
+    )
+    call = called.choices[0].message.tool_calls[0]
+    assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city"}
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"enum": ["red", "blue"]}},
+        "required": ["colour"],
+        "additionalProperties": False,
+    }
+    shaped = client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "A colour?"}],
+        temperature=0,
+        max_tokens=30,
+        logprobs=True,
+        top_logprobs=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    )
+    choice = shaped.choices[0]
+    assert json.loads(choice.message.content)["colour"] in ("red", "blue")
+    assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
+    assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)

@@ -39,10 +39,10 @@ class Gate:
         self.cut_short = 0
 
     def wrap(self, engine) -> None:
-        original = engine.generate_token_ids
+        original = engine.generate
 
-        def gated(prompt_ids, params, should_stop=lambda: False):
-            tokens = original(prompt_ids, params, should_stop=should_stop)
+        def gated(prompt_ids, params, should_stop=lambda: False, constraint=None):
+            tokens = original(prompt_ids, params, should_stop=should_stop, constraint=constraint)
             finished = False
             try:
                 for token in tokens:
@@ -60,7 +60,7 @@ class Gate:
                 if not finished:
                     self.cut_short += 1
 
-        engine.generate_token_ids = gated
+        engine.generate = gated
 
 
 def make_settings(tmp_path: Path, **overrides):

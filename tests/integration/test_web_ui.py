@@ -146,6 +146,27 @@ def test_regenerate_undo_clear_and_errors(browser, server):
     assert "Traceback" not in browser.execute_script("return document.body.innerText")
 
 
+def test_json_mode_and_the_token_view(browser, server):
+    import json
+
+    browser.get(f"{server.url}/ui/")
+    wait_for(lambda: browser.find_elements("css selector", "#json-mode input"))
+    for box in ("json-mode", "show-tokens"):  # inside the closed Settings accordion
+        browser.execute_script(f"document.querySelector('#{box} input').click()")
+    send(browser, "Describe a dog.")
+    wait_for(
+        lambda: (
+            "tokens/s"
+            in browser.execute_script("return document.getElementById('status').innerText")
+        )
+    )
+    assert isinstance(json.loads(bot_messages(browser)[-1]), dict)
+    tokens = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#tokens .token')).map(e => e.title)"
+    )
+    assert tokens and all("%" in title for title in tokens)  # probability and alternatives
+
+
 def test_an_adapter_can_be_chosen_when_adapters_exist(browser, server):
     from selenium.webdriver.common.by import By
 

@@ -155,3 +155,34 @@ def test_dropping_old_turns_keeps_a_user_message_first(smollm):
     ]
     built = build_prompt(smollm, PromptFormat.CHAT_TEMPLATE, None, messages, 40)
     assert built.dropped_messages == 3
+
+
+def test_training_labels_tool_calls_in_the_served_format(smollm):
+    from src.chat.prompts import IGNORE_INDEX, encode_for_training
+    from src.chat.tools import Tool
+
+    tool = Tool("get_weather", "Weather", {"type": "object", "properties": {"city": {}}})
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+    ids, labels = encode_for_training(
+        smollm, PromptFormat.CHAT_TEMPLATE, None, messages, tools=(tool,)
+    )
+    served = encode_conversation(
+        smollm,
+        PromptFormat.CHAT_TEMPLATE,
+        None,
+        messages,
+        add_generation_prompt=False,
+        tools=(tool,),
+    )
+    assert ids == served  # the same tokens as at inference
+    learned = smollm.decode([t for t in labels if t != IGNORE_INDEX])
+    assert (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        in learned
+    )
+    assert "It is sunny." in learned and "Sunny" not in learned.replace("sunny", "")

@@ -10,6 +10,7 @@ from src.config import Settings
 from src.params import GenerationParams
 from src.web.deps import AdapterPoolDep, ServiceDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import HTTPProblem, sse_event, stream_error
+from src.web.openai_translate import token_logprob
 from src.web.schemas import ChatRequest, ChatResponse, ErrorResponse, SessionResponse
 from src.web.security import SlotStreamingResponse, check_chars, client_id
 from src.web.streaming import deltas_of
@@ -113,8 +114,12 @@ async def chat_stream(
     async def events():
         try:
             async for delta in deltas_of(stream):
-                if delta.text:
-                    yield sse_event({"text": delta.text}, event="delta")
+                event = {"text": delta.text}
+                if params.logprobs:
+                    top = params.top_logprobs
+                    event["logprobs"] = [token_logprob(t, top).model_dump() for t in delta.logprobs]
+                if delta.text or delta.logprobs:
+                    yield sse_event(event, event="delta")
         except Exception as exc:  # headers are sent: report in-band rather than cut the stream
             yield sse_event(stream_error(exc), "error")
             return

@@ -21,12 +21,18 @@ from src.params import make_params
 from src.web.deps import ServiceDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import sse_event, stream_error
 from src.web.openai_schemas import (
+    ChatMessage,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
 )
-from src.web.openai_translate import check_choices, sampling_values, usage_of
+from src.web.openai_translate import (
+    check_choices,
+    openai_conversation,
+    sampling_values,
+    usage_of,
+)
 from src.web.routes.chat import ERRORS
 from src.web.security import SlotStreamingResponse, client_id
 from src.web.streaming import merged_deltas
@@ -184,7 +190,9 @@ class TokenizeRequest(BaseModel):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[dict] | None = None  # OpenAI chat messages, rendered by the chat template
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, description="OpenAI chat messages, rendered by the chat template."
+    )
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -213,11 +221,7 @@ def tokenize(body: TokenizeRequest, service: ServiceDep, settings: SettingsDep):
     if body.prompt is not None:
         ids = service.tokenize(body.prompt, body.add_special_tokens)
     else:
-        from src.web.openai_schemas import ChatCompletionRequest
-        from src.web.openai_translate import openai_conversation
-
-        request = ChatCompletionRequest.model_validate({"messages": body.messages})
-        conversation = openai_conversation(request, settings)
+        conversation = openai_conversation(body.messages, settings)
         ids = service.render(conversation, body.add_generation_prompt)
     return TokenizeResponse(count=len(ids), max_model_len=service.context_window, tokens=ids)
 

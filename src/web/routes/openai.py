@@ -60,7 +60,7 @@ async def chat_completions(
     """``model`` is only echoed: the server answers with the one model it loaded at start-up
     and never loads anything a request names."""
     check_choices(body.n, settings)
-    conversation = openai_conversation(body, settings)
+    conversation = openai_conversation(body.messages, settings)
     tools = openai_tools(body)
     params = openai_params(body, service.default_params, settings.max_length)
     slot = slots.acquire(client_id(request))
