@@ -147,6 +147,18 @@ class RemoteBackend:
             )
         return RemoteGeneration(response, url, should_stop)
 
+    def forward(self, route: str, body: dict[str, Any]) -> httpx.Response:
+        """A request sent on as it is (legacy completions, vLLM's tokenizer routes), naming
+        the remote's model; the response streams back. ``route`` is the path the client used:
+        ``/v1/...`` lives under REMOTE_BASE_URL, anything else at the server's root (where vLLM
+        serves ``/tokenize``)."""
+        if route.startswith("/v1/"):
+            url = f"{self.base_url}/{route.removeprefix('/v1/')}"
+        else:
+            url = f"{self.base_url.removesuffix('/v1')}{route}"
+        body = {**body, "model": self.model} if "model" in body else body
+        return self._send(self._http.build_request("POST", url, json=body))
+
     # ---- HTTP ------------------------------------------------------------------------------
 
     def request_body(self, prompt: RemotePrompt, params: GenerationParams) -> dict[str, Any]:

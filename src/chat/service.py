@@ -363,23 +363,28 @@ class ChatService:
                 for each in _choices(params, n)
             ]
 
-    def start_completion(
-        self, prompt: str | list[int], params: GenerationParams | None = None, n: int = 1
+    def start_completions(
+        self, prompts: list[str | list[int]], params: GenerationParams | None = None, n: int = 1
     ) -> list[ReplyStream]:
-        """Replies continuing a raw prompt (text or token ids), with no chat template and no
-        conversation (legacy completions)."""
+        """Replies continuing raw prompts (text or token ids), with no chat template and no
+        conversation (legacy completions): ``n`` per prompt, prompt by prompt, all queued
+        together as one batch."""
         params = self._check_params(params)
-        if isinstance(prompt, str):
-            check_text("prompt", prompt)
         build = getattr(self.backend, "build_raw_prompt", None)
         if build is None:
             raise InvalidRequestError(
                 "prompt: raw completions need a local model (BACKEND=local)", "prompt"
             )
-        built = build(prompt, params)
+        built = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                check_text("prompt", prompt)
+            built.append(build(prompt, params))
         with self.backend.together():
             return [
-                ReplyStream(self, None, None, built, each, n == 1) for each in _choices(params, n)
+                ReplyStream(self, None, None, prompt, each, n == 1)
+                for prompt in built
+                for each in _choices(params, n)
             ]
 
     def _check_params(self, params: GenerationParams | None) -> GenerationParams:
@@ -424,6 +429,17 @@ class ChatService:
         if not isinstance(self.backend, LocalBackend):
             raise InvalidRequestError(f"{what}: needs a local model (BACKEND=local)", what)
         return self.backend
+
+    @property
+    def is_remote(self) -> bool:
+        return isinstance(self.backend, RemoteBackend)
+
+    def forward(self, route: str, body: dict[str, Any]) -> Any:
+        """BACKEND=remote: send a request the remote server answers itself (legacy
+        completions, the tokenizer routes) and return its streamed ``httpx.Response``."""
+        if not isinstance(self.backend, RemoteBackend):
+            raise RuntimeError("forward() is for BACKEND=remote")
+        return self.backend.forward(route, body)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         check_text("prompt", text)

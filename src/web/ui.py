@@ -162,7 +162,7 @@ def build_ui(
             clear = gr.Button("Clear", size="sm", elem_id="clear")
         status = gr.Markdown("", elem_id="status")
         token_view = gr.HTML("", elem_id="tokens")
-        with gr.Accordion("Settings", open=False):
+        with gr.Accordion("Settings", open=False, elem_id="settings"):
             system_prompt = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
             temperature = gr.Slider(
                 0.0,

@@ -193,7 +193,7 @@ def test_json_replies_from_a_schema_file_and_from_set_json(converted_bundled_mod
     assert result.returncode == 0, result.stderr
     first_reply = result.stdout.strip().splitlines()[0]
     jsonschema.validate(json.loads(first_reply), schema)
-    assert "(replies are free text)" in result.stdout
+    assert "(replies are free text)" in result.stderr  # what commands say goes to stderr
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
     failed = run_python(["src/mvp_chatbot.py", "--json-schema", str(broken)], stdin="")

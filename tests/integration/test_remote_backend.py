@@ -329,3 +329,22 @@ def test_tools_schemas_and_logprobs_pass_through_to_the_remote(proxy):
     assert json.loads(choice.message.content)["colour"] in ("red", "blue")
     assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
     assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+
+
+def test_legacy_completions_and_the_tokenizer_routes_are_the_remotes(proxy, upstream):
+    """Answered by the remote server itself, passed back unchanged (the model it names)."""
+    request = {"prompt": "One, two, three,", "max_tokens": 4, "temperature": 0, "logprobs": 1}
+    headers = {"Authorization": f"Bearer {UPSTREAM_KEY}"}
+    with proxy.client() as http, httpx.Client(base_url=upstream.url, headers=headers) as direct:
+        via_proxy = http.post("/v1/completions", json={**request, "model": "anything"})
+        expected = direct.post("/v1/completions", json=request)
+        assert via_proxy.status_code == 200, via_proxy.text
+        assert via_proxy.json()["choices"] == expected.json()["choices"]
+        assert via_proxy.json()["model"] == BUNDLED_MODEL_NAME
+        streamed = http.post("/v1/completions", json={**request, "stream": True})
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert streamed.text.rstrip().endswith("data: [DONE]")
+        tokens = http.post("/tokenize", json={"prompt": "Hello world"}).json()
+        assert tokens == direct.post("/tokenize", json={"prompt": "Hello world"}).json()
+        text = http.post("/detokenize", json={"tokens": tokens["tokens"]}).json()
+        assert text == {"prompt": "Hello world"}

@@ -150,16 +150,21 @@ def test_json_mode_and_the_token_view(browser, server):
     import json
 
     browser.get(f"{server.url}/ui/")
-    wait_for(lambda: browser.find_elements("css selector", "#json-mode input"))
-    for box in ("json-mode", "show-tokens"):  # inside the closed Settings accordion
-        browser.execute_script(f"document.querySelector('#{box} input').click()")
+    # Open the Settings accordion (its content is drawn when it opens), then tick both boxes.
+    toggle = wait_for(lambda: browser.find_elements("css selector", "#settings > button"))
+    toggle[0].click()
+    for box in ("json-mode", "show-tokens"):
+        wait_for(lambda box=box: browser.find_elements("css selector", f"#{box} input"))[0].click()
     send(browser, "Describe a dog.")
-    wait_for(
-        lambda: (
-            "tokens/s"
-            in browser.execute_script("return document.getElementById('status').innerText")
+    try:
+        wait_for(
+            lambda: (
+                "tokens/s"
+                in browser.execute_script("return document.getElementById('status').innerText")
+            )
         )
-    )
+    except AssertionError:
+        raise AssertionError(browser.execute_script("return document.body.innerText")) from None
     assert isinstance(json.loads(bot_messages(browser)[-1]), dict)
     tokens = browser.execute_script(
         "return Array.from(document.querySelectorAll('#tokens .token')).map(e => e.title)"

@@ -186,3 +186,26 @@ def test_training_labels_tool_calls_in_the_served_format(smollm):
         in learned
     )
     assert "It is sunny." in learned and "Sunny" not in learned.replace("sunny", "")
+
+
+def test_a_template_with_tool_support_presents_the_tools_itself(smollm):
+    from src.chat.tools import Tool
+
+    native = AutoTokenizer.from_pretrained(smollm.name_or_path)
+    native.chat_template = (
+        "{% if tools %}[tools:{% for t in tools %}{{ t.function.name }};{% endfor %}]{% endif %}"
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}<call {{ c.function.name }} "
+        "{{ c.function.arguments.city }}>{% endfor %}{% endfor %}"
+    )
+    tool = Tool("get_weather", "Weather", {"type": "object"})
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+    ]
+    text = render(native, messages, tools=(tool,))
+    # the template's own presentation: no default system prompt, arguments as an object
+    assert (
+        text == "[tools:get_weather;][user]Weather?[assistant]<call get_weather Paris>[tool]Sunny"
+    )

@@ -117,7 +117,7 @@ def test_the_prompt_is_scored_with_max_new_tokens_zero(tiny_llama_service):
     service = tiny_llama_service
     params = GREEDY.updated(max_new_tokens=0, logprobs=True, prompt_logprobs=True)
     prompt = "The cat sat on the mat"
-    result = service.start_completion(prompt, params)[0].complete()
+    result = service.start_completions([prompt], params)[0].complete()
     ids = service.tokenize(prompt, add_special_tokens=False)
     assert result.text == "" and result.completion_tokens == 0
     scores = [token.logprob for token in result.prompt_logprobs]

@@ -11,11 +11,13 @@ import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from src.chat.deltas import TokenInfo
 from src.chat.service import ChatResult, ChatService
+from src.config import Settings
 from src.errors import InvalidRequestError
 from src.params import make_params
 from src.web.deps import ServiceDep, SettingsDep, SlotsDep, require_api_key
@@ -59,6 +61,8 @@ async def completions(
     settings: SettingsDep,
     slots: SlotsDep,
 ):
+    if service.is_remote:  # BACKEND=remote: the remote server answers, unchanged
+        return await forwarded(service, "/v1/completions", body, slots, request)
     if body.suffix is not None:
         raise InvalidRequestError("suffix: inserting text is not supported; omit it", "suffix")
     prompts = prompts_of(body.prompt)
@@ -71,9 +75,7 @@ async def completions(
     params = make_params(values)
     slot = slots.acquire(client_id(request))
     try:
-        streams = []
-        for prompt in prompts:
-            streams += await run_in_threadpool(service.start_completion, prompt, params, body.n)
+        streams = await run_in_threadpool(service.start_completions, prompts, params, body.n)
         echoes = [
             _prompt_text(service, p) if body.echo else "" for p in prompts for _ in range(body.n)
         ]
@@ -142,6 +144,32 @@ async def completions(
     return SlotStreamingResponse(
         events(), slot, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
+
+
+async def forwarded(
+    service: ChatService, route: str, body: BaseModel, slots=None, request: Request | None = None
+) -> StreamingResponse:
+    """The remote server's response to the same request, passed back as it comes."""
+    slot = slots.acquire(client_id(request)) if slots is not None else None
+    try:
+        payload = body.model_dump(exclude_unset=True)
+        response = await run_in_threadpool(service.forward, route, payload)
+    except BaseException:
+        if slot is not None:
+            slot.release()
+        raise
+
+    async def relay():
+        try:
+            async for chunk in iterate_in_threadpool(response.iter_bytes()):
+                yield chunk
+        finally:
+            await run_in_threadpool(response.close)
+            if slot is not None:
+                slot.release()
+
+    media_type = response.headers.get("content-type", "application/json")
+    return StreamingResponse(relay(), status_code=response.status_code, media_type=media_type)
 
 
 def _prompt_text(service: ChatService, prompt: str | list[int]) -> str:
@@ -215,7 +243,13 @@ class DetokenizeResponse(BaseModel):
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
-def tokenize(body: TokenizeRequest, service: ServiceDep, settings: SettingsDep):
+async def tokenize(body: TokenizeRequest, service: ServiceDep, settings: SettingsDep):
+    if service.is_remote:
+        return await forwarded(service, "/tokenize", body)
+    return await run_in_threadpool(_tokenize, body, service, settings)
+
+
+def _tokenize(body: TokenizeRequest, service: ChatService, settings: Settings) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("prompt: send either prompt or messages", "prompt")
     if body.prompt is not None:
@@ -227,5 +261,7 @@ def tokenize(body: TokenizeRequest, service: ServiceDep, settings: SettingsDep):
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
-def detokenize(body: DetokenizeRequest, service: ServiceDep):
-    return DetokenizeResponse(prompt=service.detokenize(body.tokens))
+async def detokenize(body: DetokenizeRequest, service: ServiceDep):
+    if service.is_remote:
+        return await forwarded(service, "/detokenize", body)
+    return DetokenizeResponse(prompt=await run_in_threadpool(service.detokenize, body.tokens))
