@@ -135,7 +135,8 @@ def grammar_mask(scores: torch.Tensor, rows: Sequence[Row]) -> None:
     allowed = unpack_bitmask(bitmask, vocabulary)
     if not bool(allowed.any(dim=-1).all()):
         raise ValueError("the grammar allows no next token")
-    scores[constrained] = scores[constrained].masked_fill(~allowed, float("-inf"))
+    for position, index in enumerate(constrained):  # in place, row by row: no copies
+        scores[index].masked_fill_(~allowed[position], float("-inf"))
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocabulary: int) -> torch.Tensor:
