@@ -17,12 +17,17 @@ Training formats conversations with ``encode_conversation`` too, so training and
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from src.chat.tools import Tool, render_tool_calls, render_tool_results, tools_system_prompt
+from src.chat.tools import (
+    Tool,
+    parse_arguments,
+    render_tool_calls,
+    render_tool_results,
+    tools_system_prompt,
+)
 from src.errors import ContextOverflowError, InvalidRequestError, ModelLoadingError
 
 Message = dict[str, Any]  # {"role": ..., "content": "..."} (+ "tool_calls", "tool_call_id")
@@ -136,9 +141,7 @@ def _native_tool_message(message: Message, content: str) -> Message:
     calls = []
     for call in message["tool_calls"]:
         function = call.get("function", call)
-        arguments = function.get("arguments") or {}
-        if isinstance(arguments, str):
-            arguments = json.loads(arguments) if arguments.strip() else {}
+        arguments = parse_arguments(function.get("arguments") or {})
         calls.append({"type": "function", "function": {**function, "arguments": arguments}})
     return {"role": "assistant", "content": content, "tool_calls": calls}
 

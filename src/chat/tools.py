@@ -107,12 +107,25 @@ def render_tool_calls(calls: list[dict[str, Any]]) -> str:
     blocks = []
     for call in calls:
         function = call.get("function", call)
-        arguments = function.get("arguments", {})
-        if isinstance(arguments, str):
-            arguments = json.loads(arguments) if arguments.strip() else {}
+        arguments = parse_arguments(function.get("arguments", {}))
         body = json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False)
         blocks.append(f"{CALL_OPEN}\n{body}\n{CALL_CLOSE}")
     return "\n".join(blocks)
+
+
+def parse_arguments(arguments: Any) -> Any:
+    """A call's arguments as a value: OpenAI sends them as JSON text."""
+    if not isinstance(arguments, str):
+        return arguments
+    if not arguments.strip():
+        return {}
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        raise InvalidRequestError(
+            f"messages: the arguments of a tool call are not valid JSON: {arguments[:80]!r}",
+            "messages",
+        ) from None
 
 
 def render_tool_results(contents: list[str]) -> str:

@@ -376,6 +376,27 @@ def test_openai_routes_non_streaming_and_streaming(client):
         ),
         (
             {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "id": "c1",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "{oops"},
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": "c1", "content": "4"},
+                ]
+            },
+            400,
+            "arguments of a tool call are not valid JSON",
+        ),
+        (
+            {
                 "messages": [{"role": "user", "content": "a"}],
                 "response_format": {
                     "type": "json_schema",
