@@ -264,7 +264,10 @@ def encode_for_training(
 
 
 def _encode_for_training_by_offsets(
-    tokenizer: Any, system_prompt: str | None, messages: list[Message], tools: tuple[Tool, ...]
+    tokenizer: Any,
+    system_prompt: str | None,
+    messages: list[Message],
+    tools: tuple[Tool, ...] = (),
 ) -> tuple[list[int], list[int]] | None:
     """The same result as the exact path, tokenizing once instead of twice per reply.
 

@@ -61,6 +61,7 @@ def test_unknown_sections_are_refused(tmp_path):
     assert result.returncode == 2 and "unknown sections ['speedy']" in result.stderr
 
 
+@pytest.mark.slow  # two trainers, each in its own process, twice: about 40 s
 def test_training_section_runs_both_trainers_on_the_same_batches(converted_bundled_model, tmp_path):
     _, data = run_benchmark(
         tmp_path,
