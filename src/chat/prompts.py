@@ -21,6 +21,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from src.chat.text_encoding import (
+    Segment,
+    encode_segments,
+    mark_contents,
+    split_rendered,
+)
 from src.chat.tools import (
     Tool,
     parse_arguments,
@@ -62,25 +68,56 @@ def encode_conversation(
     messages: list[Message],
     add_generation_prompt: bool = True,
     tools: tuple[Tool, ...] = (),
+    memo: dict[Segment, list[int]] | None = None,
 ) -> list[int]:
-    """Token ids of the whole conversation, ready for the model to write the next reply."""
-    if prompt_format is PromptFormat.CHAT_TEMPLATE:
-        chat, options = template_input(tokenizer, system_prompt, messages, tools)
-        try:
-            encoded = _apply_template(tokenizer, chat, add_generation_prompt, options)
-        except Exception as exc:  # jinja2's TemplateError: e.g. "roles must alternate"
-            merged = _merge_consecutive(chat)
-            if merged == chat:
-                raise InvalidRequestError(
-                    f"messages: the model's chat template cannot render them: {exc}", "messages"
-                ) from None
-            encoded = _apply_template(tokenizer, merged, add_generation_prompt, options)
-        return list(encoded["input_ids"])
-    ids: list[int] = []
-    for text in _turn_texts(messages):
-        ids += tokenizer.encode(text, add_special_tokens=False)
-        ids.append(tokenizer.eos_token_id)
-    return ids
+    """Token ids of the whole conversation, ready for the model to write the next reply.
+    ``memo`` keeps each piece's ids for the next call (``build_prompt``'s tries)."""
+    if prompt_format is PromptFormat.EOS_JOINED:
+        ids: list[int] = []
+        for text in _turn_texts(messages):
+            ids += encode_segments(tokenizer, [(text, True)], memo)[0]  # never a control token
+            ids.append(tokenizer.eos_token_id)
+        return ids
+    segments = conversation_segments(
+        tokenizer, prompt_format, system_prompt, messages, add_generation_prompt, tools
+    )
+    return encode_segments(tokenizer, segments, memo)[0]
+
+
+def conversation_segments(
+    tokenizer: Any,
+    prompt_format: PromptFormat,
+    system_prompt: str | None,
+    messages: list[Message],
+    add_generation_prompt: bool = True,
+    tools: tuple[Tool, ...] = (),
+) -> list[Segment]:
+    """The conversation as the model sees it, in pieces: the format's own text (with its
+    control tokens) and each message's text (to be encoded as text only: see
+    ``src/chat/text_encoding.py``)."""
+    if prompt_format is not PromptFormat.CHAT_TEMPLATE:
+        raise ValueError(f"{prompt_format} has no template to render")
+    chat, options = template_input(tokenizer, system_prompt, messages, tools)
+    try:
+        return _render_segments(tokenizer, chat, add_generation_prompt, options)
+    except InvalidRequestError:
+        raise
+    except Exception as exc:  # jinja2's TemplateError: e.g. "roles must alternate"
+        merged = _merge_consecutive(chat)
+        if merged == chat:
+            raise InvalidRequestError(
+                f"messages: the model's chat template cannot render them: {exc}", "messages"
+            ) from None
+        return _render_segments(tokenizer, merged, add_generation_prompt, options)
+
+
+def _render_segments(
+    tokenizer: Any, chat: list[Message], add_generation_prompt: bool, options: dict[str, Any]
+) -> list[Segment]:
+    marked_chat, texts = mark_contents(chat)
+    marked = _render(tokenizer, marked_chat, add_generation_prompt, options)
+    real = _render(tokenizer, chat, add_generation_prompt, options)
+    return split_rendered(marked, texts, real, tokenizer)
 
 
 def template_input(
@@ -99,15 +136,11 @@ def template_input(
     return chat, options
 
 
-def _apply_template(
+def _render(
     tokenizer: Any, chat: list[Message], add_generation_prompt: bool, options: dict[str, Any]
-) -> Any:
+) -> str:
     return tokenizer.apply_chat_template(
-        chat,
-        add_generation_prompt=add_generation_prompt,
-        tokenize=True,
-        return_dict=True,
-        **options,
+        chat, add_generation_prompt=add_generation_prompt, tokenize=False, **options
     )
 
 
@@ -193,25 +226,43 @@ def build_prompt(
 
     The system prompt and the last turn (from the last user message on) are always kept;
     earlier messages go a turn at a time, so the prompt still starts with a user message.
+
+    It costs about one tokenization of the conversation however long it is: the newest turn
+    is tried first (a prompt that cannot fit is refused at once), the longest suffix that fits
+    is found by bisection (a prompt only shrinks as turns are dropped), and each message's
+    text is tokenized once for all the tries (only the template's short pieces between them
+    are tokenized again).
     """
     starts = [0] + [
         index
         for index, message in enumerate(messages)
         if index > 0 and message["role"] == "user" and _is_turn_start(messages, index)
     ]
-    ids: list[int] = []
-    for start in starts:
-        ids = encode_conversation(
-            tokenizer, prompt_format, system_prompt, messages[start:], tools=tools
+    memo: dict[Segment, list[int]] = {}
+
+    def encode_from(start: int) -> list[int]:
+        return encode_conversation(
+            tokenizer, prompt_format, system_prompt, messages[start:], tools=tools, memo=memo
         )
+
+    newest = encode_from(starts[-1])
+    if len(newest) > max_prompt_tokens:
+        raise ContextOverflowError(
+            f"message: needs {len(newest)} prompt tokens, but only {max_prompt_tokens} fit the "
+            "context window after reserving max_new_tokens. Shorten the message (or the "
+            "system prompt), or lower max_new_tokens.",
+            field="message",
+        )
+    fits, fitting_ids = len(starts) - 1, newest  # the earliest start known to fit
+    too_long = -1  # the latest start known not to fit
+    while fits - too_long > 1:
+        middle = (fits + too_long) // 2
+        ids = encode_from(starts[middle])
         if len(ids) <= max_prompt_tokens:
-            return PromptBuild(ids, dropped_messages=start)
-    raise ContextOverflowError(
-        f"message: needs {len(ids)} prompt tokens, but only {max_prompt_tokens} fit the "
-        "context window after reserving max_new_tokens. Shorten the message (or the "
-        "system prompt), or lower max_new_tokens.",
-        field="message",
-    )
+            fits, fitting_ids = middle, ids
+        else:
+            too_long = middle
+    return PromptBuild(fitting_ids, dropped_messages=starts[fits])
 
 
 def _is_turn_start(messages: list[Message], index: int) -> bool:
@@ -273,18 +324,20 @@ def _encode_for_training_by_offsets(
 
     Rendering a template prefix as text is cheap; tokenizing is not. So: render the whole
     conversation and, for each assistant reply, the text before and through it; tokenize the
-    whole text once, with character offsets, and label the tokens inside each reply. Returns
-    None (use the exact path) if a prefix is not a prefix of the text or a token straddles a
-    reply's boundary.
+    whole conversation once (in its pieces, see ``encode_segments``), with character offsets,
+    and label the tokens inside each reply. Returns None (use the exact path) if a prefix is
+    not a prefix of the text, a token straddles a reply's boundary, or the tokenizer gives no
+    offsets.
     """
 
     def render(part: list[Message], generation_prompt: bool) -> str:
         chat, options = template_input(tokenizer, system_prompt, part, tools)
-        return tokenizer.apply_chat_template(
-            chat, add_generation_prompt=generation_prompt, tokenize=False, **options
-        )
+        return _render(tokenizer, chat, generation_prompt, options)
 
     try:
+        segments = conversation_segments(
+            tokenizer, PromptFormat.CHAT_TEMPLATE, system_prompt, messages, False, tools
+        )
         text = render(messages, False)
     except Exception:  # a template that refuses the roles: the exact path merges them
         return None
@@ -295,12 +348,16 @@ def _encode_for_training_by_offsets(
             if not (text.startswith(before) and text.startswith(through)):
                 return None
             spans.append((len(before), len(through)))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [IGNORE_INDEX] * len(encoded["input_ids"])
-    for position, (start, end) in enumerate(encoded["offset_mapping"]):
+    if "".join(piece for piece, _ in segments) != text:
+        return None
+    ids, offsets = encode_segments(tokenizer, segments)
+    if offsets is None:
+        return None
+    labels = [IGNORE_INDEX] * len(ids)
+    for position, (start, end) in enumerate(offsets):
         for span_start, span_end in spans:
             if start < span_start < end or start < span_end < end:
                 return None  # a token crosses the boundary: only the exact path is safe
             if span_start <= start and end <= span_end and end > start:
-                labels[position] = encoded["input_ids"][position]
-    return list(encoded["input_ids"]), labels
+                labels[position] = ids[position]
+    return ids, labels

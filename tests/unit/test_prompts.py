@@ -209,3 +209,30 @@ def test_a_template_with_tool_support_presents_the_tools_itself(smollm):
     assert (
         text == "[tools:get_weather;][user]Weather?[assistant]<call get_weather Paris>[tool]Sunny"
     )
+
+
+def test_a_long_conversation_is_tokenized_about_once(smollm, monkeypatch):
+    """Dropping turns costs no second tokenization of the text that stays, and a prompt that
+    cannot fit is refused after tokenizing only its newest turn."""
+    from src.chat import text_encoding
+
+    encoded: list[tuple[str, bool]] = []
+    original = text_encoding._encode_one
+
+    def counting(tokenizer, rust, text, is_message):
+        encoded.append((text, is_message))
+        return original(tokenizer, rust, text, is_message)
+
+    monkeypatch.setattr(text_encoding, "_encode_one", counting)
+    messages = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} " * 40}
+        for i in range(99)
+    ]
+    built = build_prompt(smollm, PromptFormat.CHAT_TEMPLATE, None, messages, 2000)
+    assert 0 < built.dropped_messages < 98 and len(built.input_ids) <= 2000
+    texts = [text for text, is_message in encoded if is_message]
+    assert len(texts) == len(set(texts)) <= len(messages)  # each message's text once at most
+    encoded.clear()
+    with pytest.raises(ContextOverflowError):
+        build_prompt(smollm, PromptFormat.CHAT_TEMPLATE, None, messages, 50)
+    assert [text for text, is_message in encoded if is_message] == [messages[-1]["content"]]
