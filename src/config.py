@@ -131,6 +131,11 @@ class Settings(BaseSettings):
         # A blank key would accept "Authorization: Bearer " (an empty key): refuse it.
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("must not be blank (unset API_KEY to turn authentication off)")
+        # HTTP headers arrive as Latin-1: a non-ASCII key could only ever match as HTTP Basic.
+        if value is not None and not value.get_secret_value().isascii():
+            raise ValueError(
+                "must be ASCII (letters, digits, punctuation): headers cannot carry it"
+            )
         return value
 
     @field_validator("remote_base_url")

@@ -3,6 +3,7 @@ engine. A leaf module: it imports nothing of the project but its errors and vali
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import (
@@ -23,6 +24,7 @@ MIN_TEMPERATURE = 0.01
 MAX_STOP_SEQUENCE_CHARS = 64
 MAX_TOP_LOGPROBS = 20  # alternatives per token, as in OpenAI's API
 MAX_LOGIT_BIAS_ENTRIES = 300  # as in OpenAI's API
+MAX_SCHEMA_CHARS = 32_000  # a response format's JSON schema, as JSON text: its grammar's size
 
 
 class ResponseFormat(BaseModel):
@@ -43,6 +45,11 @@ class ResponseFormat(BaseModel):
             raise ValueError("type 'json_schema' needs a JSON schema object")
         if self.type != "json_schema" and self.json_schema is not None:
             raise ValueError(f"a schema is only used with type 'json_schema', not {self.type!r}")
+        size = len(json.dumps(self.json_schema)) if self.json_schema is not None else 0
+        if size > MAX_SCHEMA_CHARS:
+            raise ValueError(
+                f"the schema is {size} characters as JSON, over the limit of {MAX_SCHEMA_CHARS}"
+            )
         return self
 
     @property

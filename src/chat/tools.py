@@ -31,6 +31,8 @@ from typing import Any, Literal
 from src.chat.structured import JSON_OPTIONS
 from src.errors import InvalidRequestError
 
+MAX_TOOLS = 128  # as in OpenAI's API
+MAX_TOOLS_CHARS = 64_000  # all tool definitions, as JSON text: what the prompt and grammar hold
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
 RESULT_OPEN = "<tool_response>"
@@ -67,6 +69,17 @@ class ToolSet:
 
     def __post_init__(self) -> None:
         names = [tool.name for tool in self.tools]
+        if len(self.tools) > MAX_TOOLS:
+            raise InvalidRequestError(
+                f"tools: {len(self.tools)} tools is over the limit of {MAX_TOOLS}", "tools"
+            )
+        size = len(json.dumps([tool.as_openai() for tool in self.tools]))
+        if size > MAX_TOOLS_CHARS:
+            raise InvalidRequestError(
+                f"tools: the definitions are {size} characters as JSON, over the limit of "
+                f"{MAX_TOOLS_CHARS}",
+                "tools",
+            )
         if self.choice != "none" and not self.tools:
             raise InvalidRequestError(f"tool_choice: {self.choice!r} needs tools", "tool_choice")
         if len(set(names)) != len(names):

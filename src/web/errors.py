@@ -9,7 +9,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,6 +21,7 @@ from src.errors import (
     ServerShuttingDownError,
     StorageError,
 )
+from src.web.streaming import ClientGone
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,11 @@ def stream_error(exc: BaseException) -> dict:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, __: ClientGone) -> Response:
+        # Nobody reads this: the client hung up (nginx's "client closed request" code).
+        return Response(status_code=499)
+
     @app.exception_handler(HTTPProblem)
     async def _problem(_: Request, exc: HTTPProblem) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}

@@ -16,9 +16,17 @@ import threading
 from collections.abc import AsyncIterator
 
 import anyio
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 
 from src.chat.deltas import Delta
-from src.chat.service import ReplyStream
+from src.chat.service import ChatResult, ReplyStream
+
+DISCONNECT_POLL_SECONDS = 0.1
+
+
+class ClientGone(Exception):
+    """The client of a request that was not streamed went away before its reply was done."""
 
 
 class _End:
@@ -106,3 +114,26 @@ async def merged_deltas(streams: list[ReplyStream]) -> AsyncIterator[tuple[int, 
         for task in tasks:  # a client gone: every reply is abandoned by its deltas_of
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def complete_unless_gone(streams: list[ReplyStream], request: Request) -> list[ChatResult]:
+    """Generate whole replies (a request that is not streamed), watching the connection: if
+    the client goes away, every reply is abandoned (generation stops after the current token,
+    nothing is saved) and ``ClientGone`` is raised, so the request's slot is free at once.
+    If one reply fails, the others are abandoned and its error is raised."""
+    tasks = [asyncio.ensure_future(run_in_threadpool(stream.complete)) for stream in streams]
+    try:
+        while True:
+            done, pending = await asyncio.wait(
+                tasks, timeout=DISCONNECT_POLL_SECONDS, return_when=asyncio.FIRST_EXCEPTION
+            )
+            if not pending or any(task.exception() is not None for task in done):
+                return [task.result() for task in tasks]  # raises the first failure
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        if not all(task.done() for task in tasks):
+            for stream in streams:
+                stream.abandon()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*tasks, return_exceptions=True)

@@ -571,3 +571,27 @@ def test_a_client_that_disconnects_gives_its_slot_back(tmp_path, tiny_llama_path
             # A refused request (bad input) takes no slot either.
             assert_error(http.post("/chat", json={"message": ""}), 400)
             assert slots.active("127.0.0.1") == 0
+
+
+def test_a_client_that_hangs_up_on_a_plain_request_stops_it_and_nothing_is_saved(
+    tmp_path, tiny_llama_path
+):
+    """Not streamed: the server watches the connection, so a client that gives up stops the
+    generation, frees its slot and leaves its session as it was."""
+    gate = Gate()
+    gate.delay = 0.3  # a slow reply: still running when the client leaves
+    requests = (
+        ("/chat", {"message": "hi", "max_new_tokens": 60}),
+        ("/v1/chat/completions", {"messages": [USER], "max_tokens": 60, "n": 2}),
+        ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 60}),
+    )
+    with serve(tmp_path, tiny_llama_path, gate=gate, max_streams_per_client=1) as live:
+        slots = live.app.state.slots
+        cut_before = 0
+        for route, body in requests:
+            with live.client() as http, pytest.raises(httpx.ReadTimeout):
+                http.post(route, json=body, timeout=1.0)
+            wait_until(lambda: slots.active("127.0.0.1") == 0)
+            wait_until(lambda before=cut_before: gate.cut_short > before)  # it was stopped
+            cut_before = gate.cut_short
+        assert live.app.state.service.store.count() == 0  # no exchange from /chat was kept

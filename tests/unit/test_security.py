@@ -88,6 +88,12 @@ def test_a_blank_api_key_is_refused():
             load_settings(api_key=blank)
 
 
+def test_a_non_ascii_api_key_is_refused_at_start_up():
+    # Headers are read as Latin-1, so "clé" could never be sent as a Bearer or X-API-Key.
+    with pytest.raises(ConfigError, match="API_KEY.*must be ASCII"):
+        load_settings(api_key="clé-secrète")
+
+
 def test_browser_paths_are_the_ui_and_the_docs():
     for path in ("/ui", "/ui/", "/ui/gradio_api/queue/join", "/docs", "/redoc", "/openapi.json"):
         assert is_browser_path(path), path

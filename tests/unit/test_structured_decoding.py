@@ -212,3 +212,16 @@ def test_a_tool_set_names_what_is_wrong():
         ToolSet((LIGHTS,), "function", "nope")
     with pytest.raises(InvalidRequestError, match="same name"):
         ToolSet((LIGHTS, LIGHTS))
+
+
+def test_schemas_and_tools_are_bounded():
+    from src.params import MAX_SCHEMA_CHARS, make_params
+
+    huge = {"type": "object", "description": "x" * MAX_SCHEMA_CHARS}
+    with pytest.raises(InvalidRequestError, match="over the limit of 32000") as error:
+        make_params({"response_format": {"type": "json_schema", "json_schema": huge}})
+    assert error.value.field.startswith("response_format")
+    with pytest.raises(InvalidRequestError, match="129 tools is over the limit of 128"):
+        ToolSet(tuple(Tool(f"t{i}") for i in range(129)))
+    with pytest.raises(InvalidRequestError, match="over the limit of 64000"):
+        ToolSet((Tool("big", "d" * 64_000),))

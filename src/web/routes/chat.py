@@ -13,7 +13,7 @@ from src.web.errors import HTTPProblem, sse_event, stream_error
 from src.web.openai_translate import token_logprob
 from src.web.schemas import ChatRequest, ChatResponse, ErrorResponse, SessionResponse
 from src.web.security import SlotStreamingResponse, check_chars, client_id
-from src.web.streaming import deltas_of
+from src.web.streaming import complete_unless_gone, deltas_of
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 502, 503)}
 router = APIRouter(tags=["chat"], dependencies=[Depends(require_api_key)], responses=ERRORS)
@@ -73,18 +73,20 @@ def prepare(
 
 
 @router.post("/chat", response_model=ChatResponse)
-def chat(
+async def chat(
     body: ChatRequest,
     request: Request,
     pool: AdapterPoolDep,
     settings: SettingsDep,
     slots: SlotsDep,
 ) -> ChatResponse:
-    """Answer one message; the exchange is saved to the session when the reply is complete."""
-    service = pool.get(body.adapter)
-    params, conversation = prepare(body, service, settings)
+    """Answer one message; the exchange is saved to the session when the reply is complete.
+    A client that hangs up stops the generation, and nothing is saved."""
+    service = await run_in_threadpool(pool.get, body.adapter)
+    params, conversation = await run_in_threadpool(prepare, body, service, settings)
     with slots.hold(client_id(request)):
-        result = service.reply(conversation, body.message, params)
+        stream = await run_in_threadpool(service.start_reply, conversation, body.message, params)
+        [result] = await complete_unless_gone([stream], request)
     return ChatResponse.from_result(result, conversation.id)
 
 

@@ -6,7 +6,6 @@ and ``logprobs`` returns the log-probability of each of the prompt's own tokens 
 ``null``: nothing predicts it), as OpenAI and vLLM return them.
 """
 
-import asyncio
 import time
 import uuid
 
@@ -37,7 +36,7 @@ from src.web.openai_translate import (
 )
 from src.web.routes.chat import ERRORS
 from src.web.security import SlotStreamingResponse, client_id
-from src.web.streaming import merged_deltas
+from src.web.streaming import complete_unless_gone, merged_deltas
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)], responses=ERRORS)
 
@@ -86,7 +85,7 @@ async def completions(
     created = int(time.time())
     if not body.stream:
         try:
-            results = await asyncio.gather(*(run_in_threadpool(s.complete) for s in streams))
+            results = await complete_unless_gone(streams, request)
         finally:
             slot.release()
         choices = [

@@ -4,7 +4,6 @@ Stateless, as in OpenAI's API: the client sends the whole conversation each time
 is translated into the core's types (``src/web/openai_translate.py``), and the replies back.
 """
 
-import asyncio
 import time
 import uuid
 
@@ -37,7 +36,7 @@ from src.web.openai_translate import (
 )
 from src.web.routes.chat import ERRORS
 from src.web.security import SlotStreamingResponse, client_id
-from src.web.streaming import merged_deltas
+from src.web.streaming import complete_unless_gone, merged_deltas
 
 router = APIRouter(
     prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)], responses=ERRORS
@@ -77,7 +76,7 @@ async def chat_completions(
     top = params.top_logprobs
     if not body.stream:
         try:
-            results = await asyncio.gather(*(run_in_threadpool(s.complete) for s in streams))
+            results = await complete_unless_gone(streams, request)
         finally:
             slot.release()
         return ChatCompletion(
