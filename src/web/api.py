@@ -119,10 +119,15 @@ def mount_web_ui(app: FastAPI, settings: Settings) -> None:
     the key: the browser asks for it (HTTP Basic: any user name, the key as the password) and
     sends it with each of the page's requests, so no part of Gradio is reachable without it."""
     import gradio as gr
+    from starlette.routing import Mount
 
+    from src.web.errors import QuietClientErrors
     from src.web.ui import build_chat_page
 
     gr.mount_gradio_app(app, build_chat_page(lambda: app.state.adapters, settings), path="/ui")
+    for route in app.routes:
+        if isinstance(route, Mount) and route.path == "/ui":
+            route.app = QuietClientErrors(route.app)
 
 
 app = create_app()

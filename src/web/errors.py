@@ -189,3 +189,37 @@ def sse_event(data: object, event: str | None = None) -> str:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     prefix = f"event: {event}\n" if event else ""
     return f"{prefix}data: {payload}\n\n"
+
+
+class QuietClientErrors:
+    """ASGI wrapper for a mounted app (the Gradio UI): a client error (an HTTP 4xx) raised after
+    the response has started, as Gradio's event stream raises for an unknown session once it
+    has told the client so in-band, ends that response quietly instead of logging a traceback
+    of a hundred lines per request (an easy way to flood the logs)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        finished = False
+
+        async def watched(message: Message) -> None:
+            nonlocal finished
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                finished = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except RuntimeError as exc:
+            cause = exc.__cause__
+            if not (isinstance(cause, StarletteHTTPException) and cause.status_code < 500):
+                raise
+            logger.info(
+                "%s %s: %s after the response started",
+                scope.get("method"),
+                scope.get("path"),
+                cause.status_code,
+            )
+            if not finished:  # end the stream properly: the client has had its answer
+                await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import threading
 import time
@@ -595,3 +596,15 @@ def test_a_client_that_hangs_up_on_a_plain_request_stops_it_and_nothing_is_saved
             wait_until(lambda before=cut_before: gate.cut_short > before)  # it was stopped
             cut_before = gate.cut_short
         assert live.app.state.service.store.count() == 0  # no exchange from /chat was kept
+
+
+def test_a_bad_request_to_the_uis_event_stream_is_quiet(tmp_path, tiny_llama_path, caplog):
+    """Gradio answers an unknown session in-band, then raises: no traceback per request (the
+    logs cannot be flooded), and the stream ends properly."""
+    with serve(tmp_path, tiny_llama_path, mount_ui=True) as live, live.client() as http:
+        caplog.clear()
+        for _ in range(3):
+            with http.stream("GET", "/ui/gradio_api/queue/data?session_hash=x") as response:
+                body = response.read().decode()
+            assert response.status_code == 200 and '"session_not_found":true' in body
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
