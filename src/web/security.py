@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import SecretStr
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from src.web.errors import HTTPProblem, error_response
 
@@ -184,8 +184,16 @@ class SlotStreamingResponse(StreamingResponse):
         self.slot = slot
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def watched_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                # The client is gone: its slot is free now, not once its generation has
+                # noticed (a client that cancels and retries at once gets no 429).
+                self.slot.release()
+            return message
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, watched_receive, send)
         finally:
             self.slot.release()
 

@@ -363,3 +363,34 @@ def test_no_code_unpickles_without_weights_only():
                 if not (safe and weights_only[0].value.value is True):
                     problems.append(f"{path}:{node.lineno}: torch.load without weights_only=True")
     assert problems == []
+
+
+async def test_a_streams_slot_is_free_as_soon_as_its_client_disconnects():
+    """Before its generation has stopped (which takes up to a token), the slot is back."""
+    import asyncio
+
+    from src.web.security import ClientSlots, SlotStreamingResponse
+
+    slots = ClientSlots(limit=1)
+    seen_in_finally: list[int] = []
+
+    async def events():
+        try:
+            yield "data: first\n\n"
+            await asyncio.Event().wait()  # a reply still being generated
+        finally:
+            seen_in_finally.append(slots.active("client"))
+
+    response = SlotStreamingResponse(events(), slots.acquire("client"))
+    messages = iter([{"type": "http.disconnect"}])
+
+    async def receive():
+        await asyncio.sleep(0.01)
+        return next(messages)
+
+    async def send(message):
+        pass
+
+    # uvicorn speaks ASGI 2.3: Starlette then listens for the disconnect (as in production)
+    await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+    assert seen_in_finally == [0] and slots.active("client") == 0
