@@ -352,10 +352,7 @@ class ChatService:
         messages = list(conversation.messages)
         if user_message is not None:
             messages.append({"role": "user", "content": user_message})
-        if tools is not None:
-            prompt = self.backend.build_prompt(conversation.system_prompt, messages, params, tools)
-        else:
-            prompt = self.backend.build_prompt(conversation.system_prompt, messages, params)
+        prompt = self.backend.build_prompt(conversation.system_prompt, messages, params, tools)
         cacheable = n == 1 and (tools is None or not tools.active)
         with self.backend.together():
             return [

@@ -256,3 +256,16 @@ def usage_of(results: list[ChatResult]) -> CompletionUsage:
     return CompletionUsage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
+
+
+def stream_chunk(
+    kind: str, completion_id: str, created: int, model: str, choice: dict[str, Any]
+) -> dict[str, Any]:
+    """One streamed chunk of either endpoint (``kind``: its ``object``), holding one choice."""
+    return {
+        "id": completion_id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }

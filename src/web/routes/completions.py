@@ -32,6 +32,7 @@ from src.web.openai_translate import (
     check_choices,
     openai_conversation,
     sampling_values,
+    stream_chunk,
     usage_of,
 )
 from src.web.routes.chat import ERRORS
@@ -102,13 +103,7 @@ async def completions(
 
     def chunk(index: int, text: str, logprobs=None, reason: str | None = None) -> dict:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-        return {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": service.model_name,
-            "choices": [choice],
-        }
+        return stream_chunk("text_completion", completion_id, created, service.model_name, choice)
 
     async def events():
         offsets = [len(echo) if not body.echo else 0 for echo in echoes]

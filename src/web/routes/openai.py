@@ -29,6 +29,7 @@ from src.web.openai_translate import (
     openai_conversation,
     openai_params,
     openai_tools,
+    stream_chunk,
     token_logprob,
     tool_call_chunks,
     tool_calls_out,
@@ -89,13 +90,9 @@ async def chat_completions(
 
     def chunk(index: int, delta: dict, reason: str | None = None, logprobs=None) -> dict:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-        return {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": service.model_name,
-            "choices": [choice],
-        }
+        return stream_chunk(
+            "chat.completion.chunk", completion_id, created, service.model_name, choice
+        )
 
     async def events():
         for index in range(len(streams)):
