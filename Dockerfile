@@ -56,4 +56,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 
-CMD ["uvicorn", "src.web.api:app", "--host", "0.0.0.0", "--port", "8000"]
+# GuardedH11Protocol: header size, connection timeouts and connections per client (README).
+# `docker stop` sends SIGTERM and kills 10 s later: SHUTDOWN_GRACE_SECONDS (8) fits in it.
+CMD ["uvicorn", "src.web.api:app", "--host", "0.0.0.0", "--port", "8000", \
+     "--http", "src.web.server:GuardedH11Protocol"]

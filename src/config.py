@@ -113,7 +113,18 @@ class Settings(BaseSettings):
     cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser
     data_dir: Path = Path("./data")  # the sessions database lives here
     max_body_bytes: int = Field(1_000_000, ge=1_000, le=100_000_000)
+    # Connections (src/web/server.py, served by `python -m src.web`): the request line and
+    # headers of one request, their count, how long a client may take to send them and its
+    # body, how long an idle keep-alive connection stays open, and connections per address.
+    max_header_bytes: int = Field(16_384, ge=1_024, le=1_048_576)
+    max_header_count: int = Field(100, ge=8, le=10_000)
+    header_timeout_seconds: float = Field(10.0, gt=0.0, le=3600.0)
+    body_timeout_seconds: float = Field(30.0, gt=0.0, le=3600.0)
+    keep_alive_seconds: float = Field(5.0, gt=0.0, le=3600.0)
+    max_connections_per_client: int = Field(64, ge=1, le=100_000)
     max_batch_size: int = Field(16, ge=1, le=256)  # requests decoded together
+    # Requests waiting for a row of the batch; more get 503 with Retry-After at once.
+    max_queued_requests: int = Field(64, ge=1, le=100_000)
     prefix_cache_mb: int = Field(64, ge=0, le=1_000_000)  # reused keys/values; 0 disables
     # On SIGTERM, replies in flight may finish for this long before they are interrupted;
     # under `docker stop` (SIGKILL 10 s after SIGTERM) the interruption still gets out.

@@ -39,6 +39,11 @@ class ServerShuttingDownError(MiniClaudeError):
     stopped, and nothing of it was saved."""
 
 
+class ServerBusyError(MiniClaudeError):
+    """Too many requests are already waiting for the model (MAX_QUEUED_REQUESTS): the API
+    answers 503 with Retry-After, and the client may try again shortly."""
+
+
 class EngineClosedError(ServerShuttingDownError):
     """The decode engine was closed (the server is shutting down) before a reply ended."""
 

@@ -183,6 +183,7 @@ def local_backend(
         settings.max_batch_size,
         prefix_cache=prefix_cache,
         background=background,
+        max_waiting=settings.max_queued_requests if background else None,
     )
     window = context_window(model, engine.max_batch_size)
     return LocalBackend(engine, tokenizer, window)

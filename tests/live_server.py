@@ -10,6 +10,7 @@ import uvicorn
 
 from src.benchmarks.load import sse_events
 from src.benchmarks.processes import free_port
+from src.web.server import GuardedH11Protocol
 
 
 class LiveServer:
@@ -18,7 +19,11 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.wait_until_ready = wait_until_ready
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        # The protocol `python -m src.web` serves with (connection limits from the settings).
+        protocol = GuardedH11Protocol.with_settings(app.state.settings)
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", http=protocol
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

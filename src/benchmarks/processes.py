@@ -36,7 +36,8 @@ def bench_env(**overrides: str) -> dict[str, str]:
 def start_server(
     data_dir: Path, log: Path | None = None, **env: str
 ) -> tuple[subprocess.Popen, str]:
-    """uvicorn with the API on 127.0.0.1 and a free port; its output goes to ``log`` (a file,
+    """uvicorn with the API on 127.0.0.1 and a free port, with the connection limits of
+    ``src/web/server.py``; its output goes to ``log`` (a file,
     appended to) or nowhere."""
     port = free_port()
     output = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
@@ -50,6 +51,8 @@ def start_server(
             "127.0.0.1",
             "--port",
             str(port),
+            "--http",
+            "src.web.server:GuardedH11Protocol",
             "--log-level",
             "warning",
         ],

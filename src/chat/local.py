@@ -175,9 +175,10 @@ class LocalBackend:
             self.tokenizer, self.prompt_format, system_prompt, messages, generation_prompt
         )
 
-    def together(self) -> AbstractContextManager[None]:
-        """Replies started inside this block are prefilled and batched together."""
-        return self.engine.together()
+    def together(self, requests: int = 1) -> AbstractContextManager[None]:
+        """The ``requests`` replies started inside this block are prefilled and batched
+        together; ``ServerBusyError`` when the engine's queue has no room for them."""
+        return self.engine.together(requests)
 
     def cache_material(self, prompt: LocalPrompt) -> tuple:
         """What identifies the prompt in the response cache: its exact token ids."""

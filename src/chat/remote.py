@@ -124,8 +124,9 @@ class RemoteBackend:
         system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         return RemotePrompt(system + [dict(m) for m in messages], tools=tools)
 
-    def together(self) -> AbstractContextManager[None]:
-        """Several replies at once: the remote server batches them as it sees fit."""
+    def together(self, requests: int = 1) -> AbstractContextManager[None]:
+        """Several replies at once: the remote server batches (and queues) them as it sees
+        fit."""
         return nullcontext()
 
     def cache_material(self, prompt: RemotePrompt) -> tuple:

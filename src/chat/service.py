@@ -354,7 +354,7 @@ class ChatService:
             messages.append({"role": "user", "content": user_message})
         prompt = self.backend.build_prompt(conversation.system_prompt, messages, params, tools)
         cacheable = n == 1 and (tools is None or not tools.active)
-        with self.backend.together():
+        with self.backend.together(n):
             return [
                 ReplyStream(self, conversation, user_message, prompt, each, cacheable)
                 for each in _choices(params, n)
@@ -377,7 +377,7 @@ class ChatService:
             if isinstance(prompt, str):
                 check_text("prompt", prompt)
             built.append(build(prompt, params))
-        with self.backend.together():
+        with self.backend.together(len(built) * n):
             return [
                 ReplyStream(self, None, None, prompt, each, n == 1)
                 for prompt in built

@@ -40,7 +40,7 @@ from src.engine.logits import (
     token_logprobs,
 )
 from src.engine.prefix_cache import PrefixCache
-from src.errors import EngineClosedError
+from src.errors import EngineClosedError, ServerBusyError
 from src.models.caches import LayerKV, cache_from_layers, row_layers
 from src.models.model_info import uses_sliding_window
 from src.params import GenerationParams
@@ -134,6 +134,7 @@ class BatchingEngine:
         prefix_cache: PrefixCache | None = None,
         pipeline: LogitsPipeline | None = None,
         background: bool = True,
+        max_waiting: int | None = None,
     ) -> None:
         self.model = model
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -144,6 +145,7 @@ class BatchingEngine:
         self.max_batch_size = 1 if sliding else max_batch_size
         self.prefix_cache = None if sliding else prefix_cache
         self.pipeline = pipeline or LogitsPipeline()
+        self.max_waiting = max_waiting  # requests queued for a row; None: no limit
         self.stats = EngineStats()
         self._waiting: queue.Queue[Any] = queue.Queue()
         self._requests: dict[int, _Request] = {}  # admitted, not finished: failed on a crash
@@ -192,11 +194,19 @@ class BatchingEngine:
         return Generation(self, request)
 
     @contextmanager
-    def together(self) -> Iterator[None]:
-        """Requests queued inside this block are admitted in one go (prefilled together):
-        the n choices of one request then share their batch, so with a seed they come out
-        the same each time."""
+    def together(self, requests: int = 1) -> Iterator[None]:
+        """The ``requests`` queued inside this block are admitted in one go (prefilled
+        together): the n choices of one request then share their batch, so with a seed they
+        come out the same each time. Raises ``ServerBusyError`` when the queue of requests
+        waiting for a row has no room for them (``max_waiting``): a full queue answers at once
+        instead of piling up work that clients would give up on."""
         with self._group:
+            waiting = self._waiting.qsize()
+            if self.max_waiting is not None and waiting + requests > self.max_waiting:
+                raise ServerBusyError(
+                    f"the server is busy: {waiting} requests are waiting for the model "
+                    f"(MAX_QUEUED_REQUESTS is {self.max_waiting}); try again shortly"
+                )
             yield
 
     def _next_item(self, request: _Request, timeout: float | None = None) -> object:

@@ -1,19 +1,18 @@
 """``python -m src.web``: serve the API on API_HOST:API_PORT from the settings (.env too).
 
-Same app as ``uvicorn src.web.api:app``; this entry just reads the host and port the way the
-rest of the project reads its settings.
+Same app as ``uvicorn src.web.api:app``, served with the connection limits of
+``src/web/server.py`` (header size, timeouts, connections per client).
 """
 
 import sys
 
-import uvicorn
-
 from src.config import load_settings
 from src.errors import ConfigError
+from src.web.server import serve
 
 if __name__ == "__main__":
     try:
         settings = load_settings()
     except ConfigError as exc:
         sys.exit(f"Error: {exc}")
-    uvicorn.run("src.web.api:app", host=settings.api_host, port=settings.api_port)
+    serve(settings)

@@ -22,7 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from src.config import Settings, load_settings
 from src.errors import MiniClaudeError
 from src.stack import ChatStack, build_chat_stack
-from src.web.errors import BodySizeLimit, install_error_handlers
+from src.web.errors import RequestLimits, install_error_handlers
 from src.web.lifecycle import GracefulShutdown, ShutdownGate
 from src.web.routes import chat, completions, health, openai
 from src.web.security import APIKeyGuard, ClientSlots
@@ -94,8 +94,13 @@ def create_app(
     install_error_handlers(app)
     # Middleware added last runs first: CORS (answers preflights, labels every answer), then
     # the shutdown gate (counts requests in flight; 503 once shutting down), then the API key
-    # (before any body is read), then the body size limit.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # (before any body is read), then the request's limits (header count, body size and time).
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=settings.max_body_bytes,
+        max_header_count=settings.max_header_count,
+        body_timeout_seconds=settings.body_timeout_seconds,
+    )
     app.add_middleware(APIKeyGuard, api_key=settings.api_key)
     app.add_middleware(ShutdownGate, shutdown=shutdown)
     if settings.cors_origin_list:

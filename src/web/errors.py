@@ -1,9 +1,10 @@
 """HTTP edge: the core's exceptions become status codes, every error has one JSON shape
 (``{"error": {"message", "type", "param"}}``, as in the OpenAI API), and bodies over the
-size limit are refused with 413 before they are read into memory."""
+size limit are refused with 413 before they are read into memory (``RequestLimits``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -18,6 +19,7 @@ from src.errors import (
     InvalidRequestError,
     MiniClaudeError,
     RemoteBackendError,
+    ServerBusyError,
     ServerShuttingDownError,
     StorageError,
 )
@@ -88,6 +90,10 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.error("%s", exc)
         return error_response(503, str(exc), "storage_error")
 
+    @app.exception_handler(ServerBusyError)
+    async def _busy(_: Request, exc: ServerBusyError) -> JSONResponse:
+        return error_response(503, str(exc), "server_busy", headers={"Retry-After": "1"})
+
     @app.exception_handler(ServerShuttingDownError)
     async def _shutdown(_: Request, exc: ServerShuttingDownError) -> JSONResponse:
         return error_response(503, str(exc), "server_shutdown")
@@ -129,58 +135,85 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail), "http_error")
 
 
-class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, whether or not they declare a
-    Content-Length (chunked bodies are counted as they arrive)."""
+class RequestLimits:
+    """Limits checked before a route sees a request, under any server: the number of headers
+    (431), the body's size whether or not it declares a Content-Length (413; chunked bodies
+    are counted as they arrive), and the time the whole body may take to arrive (408)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        max_header_count: int,
+        body_timeout_seconds: float,
+    ) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.max_body_bytes = max_body_bytes
+        self.max_header_count = max_header_count
+        self.body_timeout_seconds = body_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if len(scope["headers"]) > self.max_header_count:
+            message = (
+                f"headers: the request has {len(scope['headers'])} headers, more than "
+                f"{self.max_header_count} (MAX_HEADER_COUNT)"
+            )
+            await self._refuse(scope, receive, send, 431, message, "headers")
+            return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._refuse_size(scope, receive, send)
             return
-        if declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            # No declared length (chunked): read the body here, up to the limit, and replay it.
-            # (An exception raised while the app reads it would become a generic 400.)
-            chunks, size = [], 0
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                if size > self.max_bytes:
-                    await self._refuse(scope, receive, send)
-                    return
-                if not message.get("more_body", False):
-                    break
-            body = b"".join(chunks)
-            replayed = False
-
-            async def replay() -> Message:
-                nonlocal replayed
-                if replayed:
-                    return await receive()
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            await self.app(scope, replay, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        # Read the body here, up to the limits, and replay it to the app.
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.body_timeout_seconds):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client left
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.max_body_bytes:
+                        await self._refuse_size(scope, receive, send)
+                        return
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            message = (
+                f"body: the request body did not arrive within {self.body_timeout_seconds:g} s "
+                "(BODY_TIMEOUT_SECONDS)"
+            )
+            await self._refuse(scope, receive, send, 408, message, "body")
+            return
+        body = b"".join(chunks)
+        replayed = False
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
-            413,
-            f"body: request body is larger than {self.max_bytes} bytes (MAX_BODY_BYTES)",
-            "request_too_large",
-            "body",
-        )
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse_size(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"body: request body is larger than {self.max_body_bytes} bytes (MAX_BODY_BYTES)"
+        await self._refuse(scope, receive, send, 413, message, "body")
+
+    @staticmethod
+    async def _refuse(
+        scope: Scope, receive: Receive, send: Send, status: int, message: str, param: str
+    ) -> None:
+        error_type = "request_timeout" if status == 408 else "request_too_large"
+        response = error_response(status, message, error_type, param, {"Connection": "close"})
         await response(scope, receive, send)
 
 

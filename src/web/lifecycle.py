@@ -10,6 +10,13 @@ nothing of it is saved, and every completed exchange already is (an exchange is 
 one transaction when its reply completes). Then uvicorn runs the app's shutdown, which
 closes the chat stack: engine threads stop and the sessions database is closed.
 
+A second signal during the grace period (an impatient operator, or Ctrl-C twice) ends it at
+once: every reply still running is interrupted now, in the same way (the documented error
+shape, nothing saved), and the server exits as soon as those answers are out. It is not passed
+on to uvicorn, whose forced exit would drop the connections without an answer while replies
+that were not streamed go on generating (and saving) in their threads. A third signal is
+passed on: uvicorn's forced exit, for a server that is stuck.
+
 uvicorn installs its signal handlers before the app starts; ours, installed at start-up,
 notes the signal and calls theirs, so uvicorn's own shutdown runs as usual. A signal handler
 must not take locks the interrupted code may hold (starting a thread does), so the handler
@@ -44,6 +51,8 @@ class GracefulShutdown:
         self.grace_seconds = grace_seconds
         self.get_pool = get_pool
         self.draining = threading.Event()
+        self.forced = threading.Event()  # a second signal: no more grace
+        self._signals = 0
         self._stopped = False  # the app ended without a signal: nothing to drain
         self._requests = 0  # HTTP requests in flight (counted by ShutdownGate)
         self._count_lock = threading.Lock()
@@ -70,7 +79,11 @@ class GracefulShutdown:
             self.draining.set()  # wakes the drain thread, which then just ends
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
         self.draining.set()
+        if self._signals == 2:
+            self.forced.set()
+            return
         previous = self._previous.get(signum)
         if callable(previous):
             previous(signum, frame)
@@ -89,7 +102,9 @@ class GracefulShutdown:
         logger.info("Shutting down: requests in flight have %.0f s to finish", self.grace_seconds)
         deadline = time.monotonic() + self.grace_seconds
         while self.requests_in_flight() and time.monotonic() < deadline:
-            time.sleep(POLL_SECONDS)
+            if self.forced.wait(POLL_SECONDS):
+                logger.warning("Second signal: interrupting the replies in flight now")
+                break
         pool = self.get_pool()
         interrupted = sum(service.interrupt_all() for service in pool.services()) if pool else 0
         if interrupted:

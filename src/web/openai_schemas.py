@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from src.errors import InvalidRequestError
 
@@ -257,7 +257,8 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # Token ids are strict integers: JSON true is not token 1.
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: int | None = 16  # OpenAI's default for this endpoint
     temperature: float | None = None
     top_p: float | None = None

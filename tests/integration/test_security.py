@@ -18,6 +18,7 @@ import pytest
 from src.chat.conversation import is_session_id
 from src.chat.store import SessionStore
 from src.config import load_settings
+from src.stack import local_backend
 from src.web.api import create_app
 from tests.conftest import GREEDY, make_service, stack_around
 from tests.live_server import LiveServer, read_sse
@@ -608,3 +609,70 @@ def test_a_bad_request_to_the_uis_event_stream_is_quiet(tmp_path, tiny_llama_pat
                 body = response.read().decode()
             assert response.status_code == 200 and '"session_not_found":true' in body
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(tmp_path, tiny_llama_path):
+    """MAX_QUEUED_REQUESTS: with the model busy (its forward pass held) and the queue full, a
+    new request of any kind is refused at once instead of waiting; the queued ones are served
+    once the model is free."""
+    body = {"message": "hi", "max_new_tokens": 3}
+    with serve(tmp_path, tiny_llama_path) as live:
+        engine = live.app.state.service.backend.engine
+        # As src/stack.py builds it from MAX_QUEUED_REQUESTS=2 and MAX_BATCH_SIZE=1.
+        model, tokenizer = engine.model, live.app.state.service.backend.tokenizer
+        settings = make_settings(tmp_path, max_queued_requests=2, max_batch_size=1)
+        built = local_backend(model, tokenizer, settings, background=True).engine
+        assert (built.max_waiting, built.max_batch_size) == (2, 1)
+        built.close()
+        engine.max_waiting, engine.max_batch_size = 2, 1
+        entered, release = threading.Event(), threading.Event()
+        forward = engine.model.forward
+
+        def held_forward(*args, **kwargs):
+            entered.set()
+            release.wait(60)
+            return forward(*args, **kwargs)
+
+        statuses: list[int] = []
+
+        def post() -> None:
+            with live.client() as http:
+                statuses.append(http.post("/chat", json=body).status_code)
+
+        engine.model.forward = held_forward
+        clients = [threading.Thread(target=post) for _ in range(3)]
+        try:
+            clients[0].start()
+            assert entered.wait(20)  # the first is in the model; the next two wait in line
+            for client in clients[1:]:
+                client.start()
+            wait_until(lambda: engine._waiting.qsize() == 2)
+            with live.client() as http:
+                for route, request in (
+                    ("/chat", body),
+                    ("/chat/stream", body),
+                    ("/v1/chat/completions", {"messages": [USER], "stream": True}),
+                    ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+                ):
+                    started = time.monotonic()
+                    response = http.post(route, json=request)
+                    assert time.monotonic() - started < 5
+                    error = assert_error(response, 503, "server_busy")
+                    assert "MAX_QUEUED_REQUESTS" in error["message"]
+                    assert response.headers["retry-after"] == "1"
+        finally:
+            release.set()
+            del engine.model.forward  # the class's own again
+            for client in clients:
+                client.join(60)
+        assert statuses == [200, 200, 200]
+        with live.client() as http:
+            assert http.post("/chat", json=body).status_code == 200
+
+
+def test_token_ids_must_be_integers_not_booleans(server):
+    """JSON true is not token 1 (found by the fuzzer)."""
+    with server.client() as http:
+        assert_error(http.post("/detokenize", json={"tokens": [True]}), 422)
+        assert_error(http.post("/v1/completions", json={"prompt": [1, True]}), 422)
+        assert http.post("/detokenize", json={"tokens": [1, 2]}).status_code == 200

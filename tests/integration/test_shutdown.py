@@ -155,3 +155,82 @@ def test_sigterm_drains_then_interrupts_and_saves_only_completed_exchanges(
         ]
     finally:
         stop(process)
+
+
+def test_a_second_signal_interrupts_at_once_answers_in_the_error_shape_and_saves_nothing(
+    converted_bundled_model, tmp_path
+):
+    """SIGTERM with a long grace period, then Ctrl-C (SIGINT) during it: the replies in flight,
+    streamed or not, end at once with the documented error (not uvicorn's forced exit, which
+    dropped them with a plain-text 500 and let them go on generating and saving)."""
+    grace = 120
+    process, url = start_server(
+        tmp_path,
+        log=tmp_path / "server.log",
+        SHUTDOWN_GRACE_SECONDS=str(grace),
+        MAX_LENGTH="1024",
+        DO_SAMPLE="false",
+    )
+    answers: dict[str, httpx.Response | str] = {}
+
+    def post(name: str, route: str, body: dict) -> None:
+        try:
+            answers[name] = httpx.post(url + route, json=body, timeout=grace + 30)
+        except httpx.HTTPError as exc:
+            answers[name] = f"{type(exc).__name__}: {exc}"
+
+    try:
+        wait_until_ready(url, process)
+        first = httpx.post(
+            f"{url}/chat", json={"message": "Hi!", "max_new_tokens": 8}, timeout=60
+        ).json()
+        session = first["session_id"]
+        long = {"repetition_penalty": 1.3}
+        plain = [
+            ("chat", "/chat", {"message": "Tell me a long story.", "session_id": session,
+                               "max_new_tokens": LONG, **long}),
+            ("openai", "/v1/chat/completions", {"messages": [ESSAY], "max_tokens": LONG, **long}),
+        ]  # fmt: skip
+        threads = [threading.Thread(target=post, args=args, daemon=True) for args in plain]
+        stream = Stream("/chat/stream", {"message": "Count to a thousand.", "max_new_tokens": LONG,
+                                         **long})  # fmt: skip
+        threads.append(threading.Thread(target=stream.run, args=(url,), daemon=True))
+        for thread in threads:
+            thread.start()
+        assert stream.first_delta.wait(60), stream.failure
+        time.sleep(1.0)  # the replies that are not streamed are generating too
+
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert not answers, "the grace period was not respected"
+        forced = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        for thread in threads:
+            thread.join(30)
+            assert not thread.is_alive(), "a client still waits after the second signal"
+        answered = time.monotonic() - forced
+        process.wait(30)
+        exited = time.monotonic() - forced
+    finally:
+        stop(process)
+    log = (tmp_path / "server.log").read_text()
+
+    assert answered < 10 and exited < 15, f"answered {answered:.1f} s, exited {exited:.1f} s\n{log}"
+    for name in ("chat", "openai"):
+        response = answers[name]
+        assert isinstance(response, httpx.Response), response
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["type"] == "server_shutdown"
+    event, data = stream.last()
+    assert event == "error" and data["error"]["type"] == "server_shutdown", stream.events[-3:]
+    assert "Traceback" not in log, log
+
+    database = sqlite3.connect(tmp_path / "sessions.sqlite3")
+    try:
+        rows = database.execute("SELECT id, messages FROM sessions").fetchall()
+    finally:
+        database.close()
+    assert [(sid, json.loads(messages)) for sid, messages in rows] == [
+        (session, [{"role": "user", "content": "Hi!"},
+                   {"role": "assistant", "content": first["response"]}])
+    ]  # fmt: skip

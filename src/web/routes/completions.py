@@ -11,7 +11,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from src.chat.deltas import TokenInfo
@@ -229,7 +229,7 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    tokens: list[int] = Field(max_length=100_000)
+    tokens: list[StrictInt] = Field(max_length=100_000)  # true is not token 1
 
 
 class DetokenizeResponse(BaseModel):
