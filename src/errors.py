@@ -39,6 +39,11 @@ class ServerShuttingDownError(MiniClaudeError):
     stopped, and nothing of it was saved."""
 
 
+class SessionBusyError(MiniClaudeError):
+    """A reply to this session is already being generated: one at a time per session, so no
+    exchange is generated without seeing the one before it (the API answers 409)."""
+
+
 class ServerBusyError(MiniClaudeError):
     """Too many requests are already waiting for the model (MAX_QUEUED_REQUESTS): the API
     answers 503 with Retry-After, and the client may try again shortly."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,7 @@ class ReplyStream:
         prompt: Any,
         params: GenerationParams,
         cacheable: bool = True,
+        release_session: Callable[[], None] | None = None,
     ) -> None:
         self.service = service
         self.conversation = conversation
@@ -84,6 +86,11 @@ class ReplyStream:
         self._started = False  # iter() was called
         self._running = False  # the generator's body began (so its ``finally`` will run)
         self._started_at = time.perf_counter()
+        # The stored session this reply continues is reserved until the reply has ended (saved
+        # or not); a stream dropped without being iterated gives it back when collected.
+        self._release_session = release_session or (lambda: None)
+        if release_session is not None:
+            weakref.finalize(self, release_session)
         self._key = service.cache_key(prompt, params) if cacheable else None
         self._cached = service.cache.get(self._key) if self._key is not None else None
         # The generation starts now (nothing runs locally until iterated; a remote request is
@@ -100,8 +107,10 @@ class ReplyStream:
         """Stop after the current token and keep nothing (the client is gone)."""
         self._abandoned = True
         self._cancelled.set()
-        if not self._running and self._generation is not None:
-            self._generation.close()  # never iterated: release it (a remote response) now
+        if not self._running:
+            self._release_session()
+            if self._generation is not None:
+                self._generation.close()  # never iterated: release it (a remote response) now
 
     def interrupt(self) -> None:
         """Stop after the current token, keep nothing, and end by raising
@@ -141,6 +150,7 @@ class ReplyStream:
             yield from self._generate_tracked()
         finally:
             self.service._track(self, running=False)
+            self._release_session()
 
     def _generate_tracked(self) -> Iterator[Delta]:
         cached = self._cached
@@ -354,11 +364,18 @@ class ChatService:
             messages.append({"role": "user", "content": user_message})
         prompt = self.backend.build_prompt(conversation.system_prompt, messages, params, tools)
         cacheable = n == 1 and (tools is None or not tools.active)
-        with self.backend.together(n):
-            return [
-                ReplyStream(self, conversation, user_message, prompt, each, cacheable)
-                for each in _choices(params, n)
-            ]
+        stored = conversation.persistent and self.store is not None and user_message is not None
+        release = self.store.claim(conversation) if stored else None
+        try:
+            with self.backend.together(n):
+                return [
+                    ReplyStream(self, conversation, user_message, prompt, each, cacheable, release)
+                    for each in _choices(params, n)
+                ]
+        except BaseException:
+            if release is not None:
+                release()
+            raise
 
     def start_completions(
         self, prompts: list[str | list[int]], params: GenerationParams | None = None, n: int = 1

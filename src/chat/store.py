@@ -3,7 +3,8 @@ every conversation.
 
 Each completed exchange is appended in its own transaction (``BEGIN IMMEDIATE``), so two
 requests to one session never overwrite each other, and a crash mid-reply leaves exactly the
-exchanges completed before it. WAL mode lets readers proceed while a writer commits.
+exchanges completed before it. WAL mode lets readers proceed while a writer commits. A session
+has one reply generated at a time (``claim``), from its latest state.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from src.chat.conversation import Conversation
-from src.errors import StorageError
+from src.errors import SessionBusyError, StorageError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -38,6 +39,7 @@ class SessionStore:
         if isinstance(self.path, Path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._busy: set[str] = set()  # sessions with a reply being generated (``claim``)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across crashes in WAL mode
@@ -99,6 +101,43 @@ class SessionStore:
                 raise
         conversation.saved = True
         return True
+
+    def claim(self, conversation: Conversation) -> Callable[[], None]:
+        """Reserve a stored session for one reply; returns the function that gives it back
+        (safe to call more than once). A session already claimed, or changed since
+        ``conversation`` was read from the store (another reply was saved in between), raises
+        ``SessionBusyError``: a continuation is generated from the session's latest state, and
+        two continuations of one session never run at once."""
+        session_id = conversation.id
+        with self._lock:
+            if session_id in self._busy:
+                raise SessionBusyError(
+                    f"session_id: a reply to session {session_id!r} is being generated; send "
+                    "this message once it has ended",
+                    "session_id",
+                )
+            self._busy.add(session_id)
+        stored = self.get(session_id) if conversation.saved else None
+        if stored is not None and stored.messages != conversation.messages:
+            self._release(session_id)
+            raise SessionBusyError(
+                f"session_id: session {session_id!r} changed while this request was being "
+                "prepared (another reply was saved); send it again",
+                "session_id",
+            )
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._release(session_id)
+
+        return release
+
+    def _release(self, session_id: str) -> None:
+        with self._lock:
+            self._busy.discard(session_id)
 
     @contextmanager
     def _writing(self, what: str) -> Iterator[None]:

@@ -21,6 +21,7 @@ from src.errors import (
     RemoteBackendError,
     ServerBusyError,
     ServerShuttingDownError,
+    SessionBusyError,
     StorageError,
 )
 from src.web.streaming import ClientGone
@@ -89,6 +90,10 @@ def install_error_handlers(app: FastAPI) -> None:
         # earlier exchanges, and the client may try again once the operator made room.
         logger.error("%s", exc)
         return error_response(503, str(exc), "storage_error")
+
+    @app.exception_handler(SessionBusyError)
+    async def _session_busy(_: Request, exc: SessionBusyError) -> JSONResponse:
+        return error_response(409, str(exc), "session_busy", exc.field)
 
     @app.exception_handler(ServerBusyError)
     async def _busy(_: Request, exc: ServerBusyError) -> JSONResponse:

@@ -4,6 +4,7 @@ import pytest
 
 from src.chat.conversation import Conversation
 from src.chat.store import SessionStore
+from src.errors import SessionBusyError
 
 pytestmark = pytest.mark.unit
 
@@ -52,3 +53,22 @@ def test_concurrent_appends_to_one_session_all_land(store):
         "start",
         *(f"q{n}" for n in range(20)),
     }
+
+
+def test_a_session_is_claimed_by_one_reply_at_a_time_from_its_latest_state(store):
+    conversation = Conversation(persistent=True)
+    store.append_exchange(conversation, "start", "ok")
+    first, second = store.get(conversation.id), store.get(conversation.id)
+    release = store.claim(first)
+    with pytest.raises(SessionBusyError, match="being generated") as busy:
+        store.claim(second)
+    assert busy.value.field == "session_id"
+    store.append_exchange(first, "from the first", "reply")
+    release()
+    release()  # giving it back twice is harmless
+    # The second was read before the first reply was saved: it would not see it.
+    with pytest.raises(SessionBusyError, match="changed while"):
+        store.claim(second)
+    store.claim(store.get(conversation.id))()  # read again, it may go on
+    # A session not saved yet (its first exchange) is claimed without reading the store.
+    store.claim(Conversation(persistent=True))()
