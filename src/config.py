@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=256)  # requests decoded together
     # Requests waiting for a row of the batch; more get 503 with Retry-After at once.
     max_queued_requests: int = Field(64, ge=1, le=100_000)
+    # LoRA adapters kept loaded (each with its own copy of the model); the least recently used
+    # idle one is closed to make room.
+    max_loaded_adapters: int = Field(2, ge=1, le=64)
     prefix_cache_mb: int = Field(64, ge=0, le=1_000_000)  # reused keys/values; 0 disables
     # On SIGTERM, replies in flight may finish for this long before they are interrupted;
     # under `docker stop` (SIGKILL 10 s after SIGTERM) the interruption still gets out.

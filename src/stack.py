@@ -86,7 +86,10 @@ def build_chat_stack(
             store.close()
         raise
 
-    return ChatStack(service, AdapterPool(service, settings.adapters_dir, service_for), store)
+    adapters = AdapterPool(
+        service, settings.adapters_dir, service_for, settings.max_loaded_adapters
+    )
+    return ChatStack(service, adapters, store)
 
 
 def in_passing_thread(work: Callable[[], T]) -> T:

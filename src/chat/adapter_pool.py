@@ -1,30 +1,48 @@
 """The base model's ChatService plus one per LoRA adapter, loaded on first use.
 
-Each adapter gets its own service (and its own copy of the base weights, about 0.6 GB for the
-bundled model): requests for different adapters can then be batched and cached separately,
-without swapping adapters under a running batch.
+Each adapter gets its own service (and its own copy of the base weights): requests for
+different adapters can then be batched and cached separately, without swapping adapters under
+a running batch. At most ``max_loaded`` adapters are kept (MAX_LOADED_ADAPTERS): loading one
+more closes the least recently used that has no reply running (its memory goes back), and when
+every loaded adapter is busy the request is refused with ``ServerBusyError`` (503) rather than
+going over the limit.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 from src.chat.service import ChatService
-from src.errors import InvalidRequestError
+from src.errors import InvalidRequestError, ServerBusyError
 from src.models.adapters import list_adapters, resolve_adapter
 
 AdapterLoader = Callable[[Path], ChatService]
 
+# A service handed out this recently counts as in use even before its reply starts.
+HANDED_OUT_SECONDS = 2.0
+
 
 class AdapterPool:
-    def __init__(self, base: ChatService, adapters_dir: Path, load: AdapterLoader) -> None:
+    def __init__(
+        self,
+        base: ChatService,
+        adapters_dir: Path,
+        load: AdapterLoader,
+        max_loaded: int = 2,
+    ) -> None:
         self.base = base
         self.adapters_dir = Path(adapters_dir)
+        self.max_loaded = max_loaded
         self._load = load
-        self._services: dict[str, ChatService] = {}
+        # Least recently used first; each with the time it was last handed out.
+        self._services: OrderedDict[str, ChatService] = OrderedDict()
+        self._handed_out: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.evictions = 0
 
     @property
     def remote(self) -> bool:
@@ -59,5 +77,34 @@ class AdapterPool:
         path = resolve_adapter(self.adapters_dir, adapter)  # rejects unknown names and paths
         with self._lock:
             if adapter not in self._services:
+                self._make_room()
                 self._services[adapter] = self._load(path)
+            self._services.move_to_end(adapter)
+            self._handed_out[adapter] = time.monotonic()
             return self._services[adapter]
+
+    def _make_room(self) -> None:
+        """Close least recently used idle adapters until one more fits."""
+        while len(self._services) >= self.max_loaded:
+            now = time.monotonic()
+            idle = [
+                name
+                for name, service in self._services.items()
+                if not service.running_replies()
+                and now - self._handed_out.get(name, 0.0) > HANDED_OUT_SECONDS
+            ]
+            if not idle:
+                raise ServerBusyError(
+                    f"adapter: the {len(self._services)} adapters loaded (MAX_LOADED_ADAPTERS is "
+                    f"{self.max_loaded}) are all in use; try again shortly",
+                    "adapter",
+                )
+            evicted = self._services.pop(idle[0])
+            self._handed_out.pop(idle[0], None)
+            evicted.close()
+            self.evictions += 1
+
+    def loaded(self) -> list[str]:
+        """Names of the adapters loaded now, least recently used first."""
+        with self._lock:
+            return list(self._services)

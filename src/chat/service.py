@@ -296,6 +296,11 @@ class ChatService:
             stream.interrupt()
         return len(streams)
 
+    def running_replies(self) -> int:
+        """Replies being generated now (an adapter's service with none may be closed)."""
+        with self._streams_lock:
+            return len(self._streams)
+
     def _track(self, stream: ReplyStream, running: bool) -> None:
         with self._streams_lock:
             if not running:

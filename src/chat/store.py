@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     updated REAL NOT NULL
 );
 """
+SESSION_COLUMNS = {"id", "system_prompt", "messages", "created", "updated"}
 
 
 class SessionStore:
@@ -40,13 +41,40 @@ class SessionStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._busy: set[str] = set()  # sessions with a reply being generated (``claim``)
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across crashes in WAL mode
-        self._db.executescript(SCHEMA)
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect, and check the file is a sound sessions database before serving from it:
+        a file that is not SQLite, a damaged one, one whose ``sessions`` table is another
+        program's, a folder or an unreadable file in its place each raise ``StorageError``
+        naming the file, and nothing is written to it."""
+        try:
+            db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StorageError(f"sessions database {self.path}: cannot open it ({exc})") from exc
+        try:
+            damage = db.execute("PRAGMA quick_check").fetchone()[0]
+            if damage != "ok":
+                raise sqlite3.DatabaseError(f"damaged: {damage}")
+            columns = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
+            if columns and not columns >= SESSION_COLUMNS:
+                raise sqlite3.DatabaseError(
+                    f"its sessions table has the columns {sorted(columns)}, not ours "
+                    f"({sorted(SESSION_COLUMNS)})"
+                )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # durable across crashes in WAL mode
+            db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            db.close()
+            raise StorageError(
+                f"sessions database {self.path}: not a usable sessions database ({exc}); "
+                "move it aside (the server then starts a new one) or point DATA_DIR elsewhere"
+            ) from exc
+        return db
 
     def get(self, session_id: str) -> Conversation | None:
-        with self._lock:
+        with self._lock, self._reading(f"read session {session_id!r}"):
             row = self._db.execute(
                 "SELECT system_prompt, messages FROM sessions WHERE id = ?", (session_id,)
             ).fetchone()
@@ -54,10 +82,24 @@ class SessionStore:
             return None
         return Conversation(
             system_prompt=row[0],
-            messages=json.loads(row[1]),
+            messages=self._messages(session_id, row[1]),
             id=session_id,
             persistent=True,
             saved=True,
+        )
+
+    def _messages(self, session_id: str, stored: str) -> list[dict]:
+        try:
+            messages = json.loads(stored)
+            if isinstance(messages, list) and all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+            ):
+                return messages
+        except (TypeError, ValueError):
+            pass
+        raise StorageError(
+            f"sessions database {self.path}: session {session_id!r} is damaged (its messages "
+            "are not a JSON list of messages); delete the session or restore the file"
         )
 
     def append_exchange(self, conversation: Conversation, user_message: str, reply: str) -> bool:
@@ -74,7 +116,7 @@ class SessionStore:
                 if row is None and conversation.saved:
                     self._db.execute("ROLLBACK")
                     return False
-                messages = json.loads(row[0]) if row else []
+                messages = self._messages(conversation.id, row[0]) if row else []
                 messages += [
                     {"role": "user", "content": user_message},
                     {"role": "assistant", "content": reply},
@@ -140,6 +182,13 @@ class SessionStore:
             self._busy.discard(session_id)
 
     @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StorageError(f"sessions database {self.path}: could not {what} ({exc})") from exc
+
+    @contextmanager
     def _writing(self, what: str) -> Iterator[None]:
         """SQLite's errors on a write (``database or disk is full``, a read-only or damaged
         file) become ``StorageError`` naming the file."""
@@ -157,7 +206,7 @@ class SessionStore:
         return cursor.rowcount > 0
 
     def count(self) -> int:
-        with self._lock:
+        with self._lock, self._reading("count the sessions"):
             return self._db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
 
     def close(self) -> None:

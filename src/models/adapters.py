@@ -1,7 +1,8 @@
 """LoRA adapters offered to users by name, from one configured folder (ADAPTERS_DIR).
 
 Requests name an adapter; they never give a path. A name is accepted only if it is one of
-the folders listed here, so ``../../etc`` and absolute paths cannot reach the disk.
+the folders listed here, so ``../../etc`` and absolute paths cannot reach the disk; an adapter whose files link outside
+the folder is refused.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from src.errors import InvalidRequestError
+from src.models.folder_check import check_inside
 from src.models.lora_wrapper import ADAPTER_CONFIG
 
 
@@ -32,4 +34,6 @@ def resolve_adapter(adapters_dir: Path, name: str) -> Path:
             f"(available: {', '.join(available) or 'none'})",
             "adapter",
         )
-    return Path(adapters_dir) / name
+    folder = Path(adapters_dir) / name
+    check_inside(folder, Path(adapters_dir), "ADAPTERS_DIR")
+    return folder

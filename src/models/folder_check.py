@@ -37,6 +37,21 @@ def check_model_folder(folder: Path) -> None:
             check_safetensors_file(weights_file)
 
 
+def check_inside(folder: Path, root: Path, setting: str) -> None:
+    """Raise ``ModelLoadingError`` if the folder, or anything in it, is a link that leads
+    outside ``root`` (the folder a setting names): the server reads only what lies in its own
+    folders. Links inside it (the hub cache's snapshots pointing at its blobs) are fine."""
+    root = Path(root).resolve()
+    folder = Path(folder)
+    for path in (folder, *folder.rglob("*")):
+        target = path.resolve()
+        if not target.is_relative_to(root):
+            raise ModelLoadingError(
+                f"{path} leads outside {setting} ({root}), to {target}: refused. Copy the file "
+                f"into the folder instead of linking to it."
+            )
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The weight files the folder declares, preferring safetensors; all must exist."""
     for single, index in ((SAFETENSORS_WEIGHTS, SAFETENSORS_INDEX), (PICKLE_WEIGHTS, PICKLE_INDEX)):

@@ -25,7 +25,7 @@ import torch
 from src.config import Settings
 from src.errors import ModelLoadingError
 from src.models.bundled import BUNDLED_MODEL_NAME, bundled_model_dir, convert_bundled_model
-from src.models.folder_check import check_model_folder, weight_files
+from src.models.folder_check import check_inside, check_model_folder, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ def resolve_model(name: str, settings: Settings) -> tuple[Path, str]:
         raise ModelLoadingError(f"MODEL_NAME={name!r} looks like a path, but no such folder.")
     cached = find_in_cache(name, cache_dir)
     if cached is not None:
+        check_inside(cached, cache_dir, "MODEL_CACHE_DIR")
         return cached, "cache"
     try:
         return download_from_hub(name, cache_dir, settings), "hub"
@@ -129,6 +130,7 @@ def ensure_bundled_model(cache_dir: Path) -> Path:
     """The converted bundled model, converting it on first use (or if the copy is damaged)."""
     folder = bundled_model_dir(cache_dir)
     if folder.exists():
+        check_inside(folder, cache_dir, "MODEL_CACHE_DIR")  # never convert through a link
         try:
             check_model_folder(folder)
             return folder

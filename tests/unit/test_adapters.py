@@ -3,7 +3,7 @@
 import pytest
 
 from src.chat.adapter_pool import AdapterPool
-from src.errors import InvalidRequestError
+from src.errors import InvalidRequestError, ModelLoadingError, ServerBusyError
 from src.models.adapters import list_adapters, resolve_adapter
 
 pytestmark = pytest.mark.unit
@@ -51,3 +51,53 @@ def test_the_pool_loads_each_adapter_once_and_returns_the_base_for_none(adapters
     assert loaded == ["style-a"]
     with pytest.raises(InvalidRequestError):
         pool.get("../outside")
+
+
+def test_an_adapter_whose_files_link_outside_the_folder_is_refused(adapters_dir, tmp_path):
+    weights = adapters_dir / "style-a" / "adapter_model.safetensors"
+    weights.symlink_to(tmp_path / "outside" / "adapter_config.json")
+    with pytest.raises(ModelLoadingError, match="leads outside ADAPTERS_DIR") as refused:
+        resolve_adapter(adapters_dir, "style-a")
+    assert str(weights) in str(refused.value)
+    assert resolve_adapter(adapters_dir, "style-b") == adapters_dir / "style-b"
+
+
+class FakeService:
+    def __init__(self, name: str) -> None:
+        self.name, self.running, self.closed = name, 0, False
+
+    def running_replies(self) -> int:
+        return self.running
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_pool_keeps_at_most_max_loaded_adapters_closing_the_least_recently_used_idle(
+    tmp_path, monkeypatch
+):
+    folder = tmp_path / "adapters"
+    for name in ("a", "b", "c"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "adapter_config.json").write_text("{}")
+    made: dict[str, FakeService] = {}
+
+    def load(path):
+        made[path.name] = FakeService(path.name)
+        return made[path.name]
+
+    monkeypatch.setattr("src.chat.adapter_pool.HANDED_OUT_SECONDS", 0.0)
+    pool = AdapterPool("base service", folder, load, max_loaded=2)
+    pool.get("a"), pool.get("b"), pool.get("a")  # b is now the least recently used
+    pool.get("c")
+    assert pool.loaded() == ["a", "c"] and made["b"].closed and not made["a"].closed
+    # A busy adapter is never closed: the idle one goes, even if it was used more recently.
+    made["a"].running = 1
+    pool.get("b")
+    assert pool.loaded() == ["a", "b"] and made["c"].closed
+    # Every loaded adapter busy: refused, not loaded over the limit.
+    made["b"].running = 1
+    with pytest.raises(ServerBusyError, match="MAX_LOADED_ADAPTERS is 2") as busy:
+        pool.get("c")
+    assert busy.value.field == "adapter" and pool.loaded() == ["a", "b"]
+    assert pool.evictions == 2

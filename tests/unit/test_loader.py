@@ -1,6 +1,7 @@
 """Model resolution: local folder, cache, hub (mocked at the network boundary), fallback."""
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -18,11 +19,18 @@ pytestmark = [pytest.mark.unit, pytest.mark.timeout(180)]
 
 @pytest.fixture()
 def cache_with_bundled(tmp_path, bundled_model_path) -> Path:
-    """An empty model cache that already holds the converted bundled model (as a link)."""
+    """An empty model cache that already holds the converted bundled model (hard links or
+    copies: the loader refuses symbolic links out of the cache)."""
     cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / BUNDLED_MODEL_NAME).symlink_to(bundled_model_path, target_is_directory=True)
+    shutil.copytree(bundled_model_path, cache / BUNDLED_MODEL_NAME, copy_function=link_or_copy)
     return cache
+
+
+def link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copy2(source, target)
 
 
 @pytest.fixture()
@@ -164,3 +172,24 @@ def test_a_saved_lora_adapter_is_attached(tiny_gpt2_path, tmp_path):
     )
     assert isinstance(loaded.model, PeftModel)
     assert loaded.adapter == tmp_path / "adapter"
+
+
+def test_a_cached_model_that_links_outside_the_cache_is_refused(tmp_path, bundled_model_path):
+    """The server reads only what lies in its own folders: a model folder in MODEL_CACHE_DIR
+    that is (or holds) a link elsewhere is refused, naming it, and never converted into."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / BUNDLED_MODEL_NAME).symlink_to(bundled_model_path, target_is_directory=True)
+    settings = load_settings(_env_file=None, model_cache_dir=cache)
+    with pytest.raises(ModelLoadingError, match="leads outside MODEL_CACHE_DIR") as refused:
+        resolve_model(BUNDLED_MODEL_NAME, settings)
+    assert str(cache / BUNDLED_MODEL_NAME) in str(refused.value)
+
+    (cache / BUNDLED_MODEL_NAME).unlink()
+    shutil.copytree(bundled_model_path, cache / BUNDLED_MODEL_NAME, copy_function=link_or_copy)
+    secret = tmp_path / "elsewhere.json"
+    secret.write_text("{}")
+    (cache / BUNDLED_MODEL_NAME / "config.json").unlink()
+    (cache / BUNDLED_MODEL_NAME / "config.json").symlink_to(secret)
+    with pytest.raises(ModelLoadingError, match=r"config.json leads outside MODEL_CACHE_DIR"):
+        resolve_model(BUNDLED_MODEL_NAME, settings)

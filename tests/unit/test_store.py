@@ -1,10 +1,11 @@
+import sqlite3
 import threading
 
 import pytest
 
 from src.chat.conversation import Conversation
 from src.chat.store import SessionStore
-from src.errors import SessionBusyError
+from src.errors import SessionBusyError, StorageError
 
 pytestmark = pytest.mark.unit
 
@@ -72,3 +73,50 @@ def test_a_session_is_claimed_by_one_reply_at_a_time_from_its_latest_state(store
     store.claim(store.get(conversation.id))()  # read again, it may go on
     # A session not saved yet (its first exchange) is claimed without reading the store.
     store.claim(Conversation(persistent=True))()
+
+
+def damaged_database(tmp_path, kind: str):
+    path = tmp_path / "sessions.sqlite3"
+    if kind == "not-sqlite":
+        path.write_bytes(b"this is a text file, not a database\n" * 100)
+    elif kind == "truncated":
+        store = SessionStore(path)
+        for number in range(300):
+            store.append_exchange(Conversation(persistent=True), f"hi {number}" * 50, "hello" * 50)
+        store.close()
+        for leftover in tmp_path.glob("sessions.sqlite3-*"):  # checkpointed on close
+            leftover.unlink()
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "foreign":
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE sessions (user TEXT, token TEXT)")
+        db.commit()
+        db.close()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["not-sqlite", "truncated", "folder", "foreign"])
+def test_a_damaged_or_foreign_database_is_refused_naming_the_file(tmp_path, kind):
+    path = damaged_database(tmp_path, kind)
+    before = path.read_bytes() if path.is_file() else None
+    with pytest.raises(StorageError) as refused:
+        SessionStore(path)
+    assert str(path) in str(refused.value) and "sessions database" in str(refused.value)
+    if before is not None:
+        assert path.read_bytes() == before  # nothing was written to it
+
+
+def test_a_session_whose_stored_messages_are_damaged_is_named_and_the_others_still_work(store):
+    good, bad = Conversation(persistent=True), Conversation(persistent=True)
+    store.append_exchange(good, "hi", "hello")
+    store.append_exchange(bad, "hi", "hello")
+    store._db.execute("UPDATE sessions SET messages = '{\"not\": ' WHERE id = ?", (bad.id,))
+    with pytest.raises(StorageError, match=f"session {bad.id!r} is damaged"):
+        store.get(bad.id)
+    with pytest.raises(StorageError, match="is damaged"):
+        store.append_exchange(store.get(good.id) and bad, "more", "text")
+    assert store.get(good.id).messages[0]["content"] == "hi"
+    assert store.delete(bad.id)  # the way out the message suggests works
