@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=256)  # requests decoded together
     # Requests waiting for a row of the batch; more get 503 with Retry-After at once.
     max_queued_requests: int = Field(64, ge=1, le=100_000)
+    # While replies are generated, memory the engine freed goes back to the system at most
+    # this often (glibc's malloc keeps it otherwise; src/engine/memory.py); 0: only when idle.
+    memory_release_seconds: float = Field(5.0, ge=0.0, le=3600.0)
     # LoRA adapters kept loaded (each with its own copy of the model); the least recently used
     # idle one is closed to make room.
     max_loaded_adapters: int = Field(2, ge=1, le=64)

@@ -187,6 +187,7 @@ def local_backend(
         prefix_cache=prefix_cache,
         background=background,
         max_waiting=settings.max_queued_requests if background else None,
+        memory_release_seconds=settings.memory_release_seconds,
     )
     window = context_window(model, engine.max_batch_size)
     return LocalBackend(engine, tokenizer, window)

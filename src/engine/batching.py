@@ -39,6 +39,7 @@ from src.engine.logits import (
     sampling_generator,
     token_logprobs,
 )
+from src.engine.memory import MemoryReleaser
 from src.engine.prefix_cache import PrefixCache
 from src.errors import EngineClosedError, ServerBusyError
 from src.models.caches import LayerKV, cache_from_layers, row_layers
@@ -135,7 +136,11 @@ class BatchingEngine:
         pipeline: LogitsPipeline | None = None,
         background: bool = True,
         max_waiting: int | None = None,
+        memory_release_seconds: float = 5.0,
     ) -> None:
+        """``memory_release_seconds``: while requests are being decoded, memory freed by the
+        engine goes back to the system at most this often (0: only when the batch empties,
+        which it always does as well). See ``src/engine/memory.py``."""
         self.model = model
         self.eos_token_ids = frozenset(eos_token_ids)
         # Our left-padded shared cache assumes every layer attends to all earlier positions.
@@ -147,6 +152,7 @@ class BatchingEngine:
         self.pipeline = pipeline or LogitsPipeline()
         self.max_waiting = max_waiting  # requests queued for a row; None: no limit
         self.stats = EngineStats()
+        self.memory = MemoryReleaser(memory_release_seconds)
         self._waiting: queue.Queue[Any] = queue.Queue()
         self._requests: dict[int, _Request] = {}  # admitted, not finished: failed on a crash
         self._closed = False
@@ -267,14 +273,17 @@ class BatchingEngine:
             batch = self._admit(batch, wait)
             if batch is not None:
                 batch = self._step(batch)
-            return batch
         except Exception as exc:  # never let one bad step kill the server's engine
             logger.exception("generation step failed")
             # Fail every admitted request, including any merged during this round, so no
             # consumer waits forever on its queue.
             for request in list(self._requests.values()):
                 self._finish(request, exc)
-            return None
+            batch = None
+        # Give back what this round's tensors left free in malloc: when the batch has just
+        # emptied (the server goes idle), and every few seconds while it runs.
+        self.memory.after_round(busy=batch is not None)
+        return batch
 
     def _fail_all(self, error: Exception) -> None:
         """Fail the admitted requests and those still waiting (the engine is closed)."""
