@@ -28,6 +28,7 @@ from src.chat.service import ChatService
 from src.chat.store import SessionStore
 from src.config import Settings
 from src.engine.batching import BatchingEngine
+from src.engine.memory import release_free_memory
 from src.engine.prefix_cache import PrefixCache
 from src.errors import ConfigError
 from src.models.model_info import (
@@ -76,8 +77,11 @@ def build_chat_stack(
         if not background:
             return build(background=False)
         # Loading runs PyTorch's parallel kernels: in a thread that then ends, so that no
-        # OpenMP thread team stays alive beside the engine's (see BatchingEngine).
-        return in_passing_thread(partial(build, background=True))
+        # OpenMP thread team stays alive beside the engine's (see BatchingEngine). What it
+        # read and converted on the way is then given back to the system.
+        service = in_passing_thread(partial(build, background=True))
+        release_free_memory()
+        return service
 
     try:
         service = service_for(adapter_path)

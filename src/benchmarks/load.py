@@ -20,14 +20,16 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from src.benchmarks.processes import rss_mb
+from src.benchmarks.processes import ServerSupervisor, rss_mb
 from src.config import Settings
 
 # Growth of the server's resident memory allowed after the warm-up: what the allocator keeps
@@ -46,9 +48,32 @@ PROMPTS = [
     "Say hello in three languages.",
 ]
 
-# The request mix: each kind's share of the requests that do not disconnect.
-KINDS = ("chat", "chat_stream", "openai", "openai_stream")
+# The request mix: each kind's share of the requests that do not disconnect (``adapter_chat``
+# only when the run names adapters).
+KINDS = (
+    "chat",
+    "chat_stream",
+    "openai",
+    "openai_stream",
+    "openai_json",
+    "openai_tools",
+    "completions",
+    "tokenize",
+    "adapter_chat",
+)
 DISCONNECTING = ("chat_stream_disconnect", "openai_stream_disconnect")
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
 
 
 @dataclass
@@ -65,22 +90,31 @@ class LoadConfig:
     seed: int = 0
     api_key: str | None = None
     rounds: int = 1  # run the load this many times, with the memory measured after each
+    adapters: list[str] = field(default_factory=list)  # names in the server's ADAPTERS_DIR
+    sample_seconds: float = 10.0  # how often the server's memory is read during the load
 
 
 @dataclass
 class Outcome:
     kind: str
-    status: str  # "served", "disconnected" or "error"
+    # "served", "disconnected", "refused" (503 server_busy: the server said to come back),
+    # "interrupted" (an error while the server was being stopped or restarted on purpose),
+    # or "error"
+    status: str
     seconds: float
     first_text_seconds: float | None = None
     error: str | None = None  # the kind of error, e.g. "http_500", "connection"
     detail: str | None = None  # what happened, for the report
+    started_at: float = 0.0  # time.monotonic() at the start
 
 
 @dataclass
 class SessionRecord:
     session_id: str
     messages: list[dict] = field(default_factory=list)  # the exchanges it saw completed
+    # A message whose request failed: its exchange may have been saved whole just before (a
+    # server killed after the commit), never in part. The client leaves the session after it.
+    unanswered: str | None = None
 
     @property
     def completed(self) -> int:
@@ -97,10 +131,11 @@ class ClientState:
 
 
 class RequestFailed(Exception):
-    def __init__(self, kind: str, detail: str) -> None:
+    def __init__(self, kind: str, detail: str, error_type: str | None = None) -> None:
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
+        self.error_type = error_type  # the API's error type, e.g. "server_busy"
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -114,12 +149,14 @@ def percentile(values: list[float], fraction: float) -> float | None:
 def check_status(response: httpx.Response) -> None:
     if response.status_code == 200:
         return
+    error_type = None
     try:
         response.read()
-        message = response.json()["error"]["message"]
+        error = response.json()["error"]
+        message, error_type = error["message"], error["type"]
     except Exception:
         message = response.text[:200] if response.is_stream_consumed else ""
-    raise RequestFailed(f"http_{response.status_code}", message)
+    raise RequestFailed(f"http_{response.status_code}", message, error_type)
 
 
 class SSEReader:
@@ -158,6 +195,7 @@ class LoadClient:
         self.state = state
         headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         self.http = httpx.Client(base_url=url, timeout=config.timeout, headers=headers)
+        self.sent_to_session: str | None = None  # the message of a request to the session
 
     def close(self) -> None:
         self.http.close()
@@ -170,31 +208,45 @@ class LoadClient:
         rng = self.state.rng
         if rng.random() < self.config.disconnect_fraction:
             return rng.choice(DISCONNECTING)
-        return rng.choice(KINDS)
+        kinds = [k for k in KINDS if k != "adapter_chat" or self.config.adapters]
+        return rng.choice(kinds)
 
     def run_one(self, kind: str) -> Outcome:
-        started = time.perf_counter()
+        started, at = time.perf_counter(), time.monotonic()
         first: list[float] = []
         try:
             status = getattr(self, kind)(started, first)
         except RequestFailed as exc:
-            return Outcome(kind, "error", time.perf_counter() - started, None, exc.kind, exc.detail)
-        except httpx.TimeoutException as exc:
-            outcome = Outcome(kind, "error", time.perf_counter() - started, None, "timeout")
-            outcome.detail = f"{type(exc).__name__}: {exc}"
-            return outcome
-        except httpx.TransportError as exc:
-            outcome = Outcome(kind, "error", time.perf_counter() - started, None, "connection")
-            outcome.detail = f"{type(exc).__name__}: {exc}"
-            return outcome
-        return Outcome(kind, status, time.perf_counter() - started, first[0] if first else None)
+            self.leave_session_after_a_failure()
+            status = "refused" if exc.error_type == "server_busy" else "error"
+            seconds = time.perf_counter() - started
+            return Outcome(kind, status, seconds, None, exc.kind, exc.detail, at)
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            self.leave_session_after_a_failure()
+            kind_of_error = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection"
+            seconds = time.perf_counter() - started
+            detail = f"{type(exc).__name__}: {exc}"
+            return Outcome(kind, "error", seconds, None, kind_of_error, detail, at)
+        seconds = time.perf_counter() - started
+        return Outcome(kind, status, seconds, first[0] if first else None, started_at=at)
+
+    def leave_session_after_a_failure(self) -> None:
+        """The last request to the session failed: its exchange may or may not be stored
+        (whole), so the session is checked with that in mind and the client starts another."""
+        session = self.state.session
+        if session is not None and self.sent_to_session is not None:
+            session.unanswered = self.sent_to_session
+            self.state.session = None
+        self.sent_to_session = None
 
     # ---- the native routes -----------------------------------------------------------------
 
     def native_body(self, with_session: bool) -> dict:
         body = {"message": self.prompt(), "max_new_tokens": self.config.max_new_tokens}
+        self.sent_to_session = None
         if with_session and self.state.session is not None:
             body["session_id"] = self.state.session.session_id
+            self.sent_to_session = body["message"]
         return body
 
     def check_reply(self, reply: dict, body: dict) -> None:
@@ -221,8 +273,10 @@ class LoadClient:
         if state.session.completed >= self.config.turns_per_session:
             state.session = None  # the next exchange starts a new session
 
-    def chat(self, started: float, first: list[float]) -> str:
+    def chat(self, started: float, first: list[float], adapter: str | None = None) -> str:
         body = self.native_body(with_session=True)
+        if adapter is not None:
+            body["adapter"] = adapter
         response = self.http.post("/chat", json=body)
         check_status(response)
         reply = response.json()
@@ -255,6 +309,12 @@ class LoadClient:
                 elif event == "error":
                     raise RequestFailed("stream_error", data[:300])
         raise RequestFailed("stream_incomplete", "the stream ended without its 'done' event")
+
+    def adapter_chat(self, started: float, first: list[float]) -> str:
+        """/chat in the client's session through one of the run's LoRA adapters: adapters load
+        on first use, and the least recently used idle one is closed when MAX_LOADED_ADAPTERS
+        are loaded (a 503 server_busy when all are busy is a refusal, not an error)."""
+        return self.chat(started, first, adapter=self.state.rng.choice(self.config.adapters))
 
     def chat_stream_disconnect(self, started: float, first: list[float]) -> str:
         # Never the client's own session: a reply finished just before the hang-up is saved,
@@ -321,6 +381,59 @@ class LoadClient:
     def openai_stream_disconnect(self, started: float, first: list[float]) -> str:
         return self.openai_stream(started, first, disconnect=True)
 
+    def post_json(self, route: str, body: dict) -> dict:
+        response = self.http.post(route, json=body)
+        check_status(response)
+        return response.json()
+
+    def openai_json(self, started: float, first: list[float]) -> str:
+        """JSON mode: a reply that ends on its own is a JSON object (the grammar's promise)."""
+        body = self.openai_body(stream=False)
+        body["response_format"] = {"type": "json_object"}
+        body["max_tokens"] = max(body["max_tokens"], 48)
+        choice = self.post_json("/v1/chat/completions", body)["choices"][0]
+        if choice["finish_reason"] == "stop":
+            try:
+                if not isinstance(json.loads(choice["message"]["content"]), dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                raise RequestFailed("bad_response", f"JSON mode gave {exc}") from None
+        return "served"
+
+    def openai_tools(self, started: float, first: list[float]) -> str:
+        """A required tool call: its arguments are valid JSON with the required field."""
+        body = self.openai_body(stream=False)
+        body.update(tools=[WEATHER_TOOL], tool_choice="required", max_tokens=64)
+        choice = self.post_json("/v1/chat/completions", body)["choices"][0]
+        if choice["finish_reason"] == "tool_calls":
+            call = choice["message"]["tool_calls"][0]["function"]
+            try:
+                arguments = json.loads(call["arguments"])
+                valid = call["name"] == "get_weather" and isinstance(arguments["city"], str)
+            except (ValueError, KeyError, TypeError):
+                valid = False
+            if not valid:
+                raise RequestFailed("bad_response", f"tool call {call}")
+        elif choice["finish_reason"] != "length":
+            raise RequestFailed("bad_response", f"finish_reason {choice['finish_reason']!r}")
+        return "served"
+
+    def completions(self, started: float, first: list[float]) -> str:
+        body = {"prompt": self.prompt(), "max_tokens": self.config.max_new_tokens, "logprobs": 2}
+        reply = self.post_json("/v1/completions", body)
+        choice = reply["choices"][0]
+        if not isinstance(choice["text"], str) or choice["finish_reason"] not in ("stop", "length"):
+            raise RequestFailed("bad_response", f"not a completion: {str(reply)[:200]}")
+        return "served"
+
+    def tokenize(self, started: float, first: list[float]) -> str:
+        text = self.prompt()
+        tokens = self.post_json("/tokenize", {"prompt": text, "add_special_tokens": False})
+        back = self.post_json("/detokenize", {"tokens": tokens["tokens"]})
+        if back["prompt"] != text:
+            raise RequestFailed("bad_response", f"{text!r} came back as {back['prompt']!r}")
+        return "served"
+
 
 def drive(url: str, config: LoadConfig, states: list[ClientState], requests: int | None) -> float:
     """Every client runs ``requests`` requests (or until ``config.duration``); returns the
@@ -334,8 +447,11 @@ def drive(url: str, config: LoadConfig, states: list[ClientState], requests: int
             while requests is None or done < requests:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                state.outcomes.append(client.run_one(client.pick()))
+                outcome = client.run_one(client.pick())
+                state.outcomes.append(outcome)
                 done += 1
+                if outcome.error == "connection":
+                    time.sleep(0.5)  # the server is down (a restart in a soak): do not spin
         finally:
             client.close()
 
@@ -362,7 +478,13 @@ def check_sessions(url: str, config: LoadConfig, states: list[ClientState]) -> l
                     problems.append(Outcome("session", "error", 0.0, None, "session", detail))
                     continue
                 messages = response.json()["messages"]
-                if messages != record.messages:
+                saved_whole = (
+                    record.unanswered is not None
+                    and len(messages) == len(record.messages) + 2
+                    and messages[:-2] == record.messages
+                    and messages[-2] == {"role": "user", "content": record.unanswered}
+                )
+                if messages != record.messages and not saved_whole:
                     detail = (
                         f"session {record.session_id}: {len(messages)} messages stored, not "
                         f"the {len(record.messages)} its client saw completed"
@@ -380,6 +502,8 @@ def summarise(outcomes: list[Outcome], wall: float) -> dict:
             "requests": len(group),
             "served": len(served),
             "disconnected": sum(o.status == "disconnected" for o in group),
+            "refused": sum(o.status == "refused" for o in group),
+            "interrupted": sum(o.status == "interrupted" for o in group),
             "errors": sum(o.status == "error" for o in group),
             "latency_p50": percentile(latencies, 0.50),
             "latency_p95": percentile(latencies, 0.95),
@@ -404,9 +528,23 @@ def summarise(outcomes: list[Outcome], wall: float) -> dict:
     }
 
 
-def run_load(url: str, config: LoadConfig, pid: int | None = None) -> dict:
+def run_load(
+    url: str,
+    config: LoadConfig,
+    pid: int | None = None,
+    supervisor: ServerSupervisor | None = None,
+    disruptions: list[tuple[float, int]] = (),
+) -> dict:
     """Warm up, measure memory, run the load, measure again, settle, measure a last time,
-    then check the sessions. ``pid``: the server's process, for its resident memory."""
+    then check the sessions. ``pid``: the server's process, for its resident memory; or a
+    ``supervisor`` that runs it, which ``disruptions`` ((seconds into the load, signal), e.g.
+    SIGKILL then SIGTERM) stop and start again on the same data during the load. Requests
+    that fail while the server is down are counted as interrupted, not as errors; every
+    session is checked all the same. Memory is sampled every ``config.sample_seconds``."""
+
+    def current_pid() -> int | None:
+        return supervisor.pid() if supervisor is not None else pid
+
     states = [
         ClientState(i, random.Random(config.seed * 1_000_003 + i)) for i in range(config.clients)
     ]
@@ -416,16 +554,30 @@ def run_load(url: str, config: LoadConfig, pid: int | None = None) -> dict:
     warmup_outcomes = [o for state in states for o in state.outcomes]
     for state in states:
         state.outcomes = []
-    rss_before = rss_mb(pid) if pid else None
+    rss_before = rss_mb(current_pid()) if current_pid() else None
+    sampler = MemorySampler(current_pid, config.sample_seconds)
+    disturber = threading.Thread(
+        target=disturb, args=(supervisor, disruptions), name="disruptions", daemon=True
+    )
+    sampler.start()
+    if disruptions:
+        disturber.start()
     wall, rss_rounds = 0.0, []
     for _ in range(config.rounds):
         wall += drive(url, config, states, config.requests)
-        rss_rounds.append(rss_mb(pid) if pid else None)
+        rss_rounds.append(rss_mb(current_pid()) if current_pid() else None)
+    if disruptions:
+        disturber.join()
     rss_after = rss_rounds[-1]
     if config.settle_seconds:
         time.sleep(config.settle_seconds)
-    rss_settled = rss_mb(pid) if pid else None
+    rss_settled = rss_mb(current_pid()) if current_pid() else None
+    sampler.stop()
     outcomes = [o for state in states for o in state.outcomes]
+    windows = supervisor.windows if supervisor is not None else []
+    for outcome in outcomes:
+        if outcome.status == "error" and during(outcome, windows):
+            outcome.status = "interrupted"
     session_problems = check_sessions(url, config, states)
     report = {
         "config": asdict(config) | {"api_key": bool(config.api_key)},
@@ -434,14 +586,20 @@ def run_load(url: str, config: LoadConfig, pid: int | None = None) -> dict:
         "sessions_checked": sum(len(state.sessions) for state in states),
         "exchanges_checked": sum(r.completed for state in states for r in state.sessions),
         "session_errors": [o.detail for o in session_problems],
+        "disruptions": [
+            {"signal": signal.Signals(signum).name, "at": at, "down_seconds": end - begin}
+            for (at, signum), (begin, end) in zip(disruptions, windows, strict=False)
+        ],
         "memory_mb": {
             "before": rss_before,
             "after_each_round": rss_rounds,
             "after": rss_after,
             "settled": rss_settled,
             "growth": None
-            if rss_before is None or rss_settled is None
+            if rss_before is None or rss_settled is None or disruptions
             else rss_settled - rss_before,
+            "timeline": sampler.samples,  # [seconds into the load, pid, MB]
+            "last_server_peak": sampler.peak_of_last_process(skip_seconds=60),
         },
     }
     report["errors"] = (
@@ -450,6 +608,58 @@ def run_load(url: str, config: LoadConfig, pid: int | None = None) -> dict:
         + len(session_problems)
     )
     return report
+
+
+def during(outcome: Outcome, windows: list[list[float]], margin: float = 2.0) -> bool:
+    """Whether a request overlapped a time the server was down on purpose."""
+    begin, end = outcome.started_at, outcome.started_at + outcome.seconds
+    return any(begin <= w_end + margin and end >= w_begin - 0.5 for w_begin, w_end in windows)
+
+
+def disturb(supervisor: ServerSupervisor | None, disruptions: list[tuple[float, int]]) -> None:
+    """Send each signal at its time (seconds from now), then start the server again."""
+    started = time.monotonic()
+    for at, signum in disruptions:
+        time.sleep(max(0.0, started + at - time.monotonic()))
+        assert supervisor is not None
+        supervisor.disrupt(signum)
+
+
+class MemorySampler:
+    """The server's resident memory every few seconds, from a thread, following restarts."""
+
+    def __init__(self, pid: Callable[[], int | None], every: float) -> None:
+        self.pid, self.every = pid, every
+        self.samples: list[tuple[float, int, float]] = []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
+        self._started = time.monotonic()
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            pid = self.pid()
+            value = rss_mb(pid) if pid else None
+            if value is not None:
+                self.samples.append((round(time.monotonic() - self._started, 1), pid, value))
+            if self._stopped.wait(self.every):
+                return
+
+    def peak_of_last_process(self, skip_seconds: float) -> float | None:
+        """The highest sample of the last server process, after its first seconds."""
+        if not self.samples:
+            return None
+        last = self.samples[-1][1]
+        mine = [(t, mb) for t, pid, mb in self.samples if pid == last]
+        later = [mb for t, mb in mine if t - mine[0][0] >= skip_seconds] or [mb for _, mb in mine]
+        return max(later)
 
 
 def format_report(report: dict) -> str:
@@ -466,16 +676,22 @@ def format_report(report: dict) -> str:
         f"{config['disconnect_fraction']:.0%} disconnecting mid-stream; "
         f"{load['wall_seconds']:.1f} s, {load['total']['requests_per_second']:.2f} requests/s",
         "",
-        "| kind | requests | served | disconnected | errors | p50 (s) | p95 (s) | p99 (s) "
-        "| first text p50 (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| kind | requests | served | disconnected | refused (503 busy) | interrupted (restart) "
+        "| errors | p50 (s) | p95 (s) | p99 (s) | first text p50 (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = list(load["by_kind"].items()) + [("total", load["total"])]
     for kind, row in rows:
         lines.append(
             f"| {kind} | {row['requests']} | {row['served']} | {row['disconnected']} | "
-            f"{row['errors']} | {seconds(row['latency_p50'])} | {seconds(row['latency_p95'])} | "
+            f"{row['refused']} | {row['interrupted']} | {row['errors']} | "
+            f"{seconds(row['latency_p50'])} | {seconds(row['latency_p95'])} | "
             f"{seconds(row['latency_p99'])} | {seconds(row['first_text_p50'])} |"
+        )
+    for disruption in report.get("disruptions", []):
+        lines.append(
+            f"{disruption['signal']} at {disruption['at']:.0f} s: down (stopped and started "
+            f"again) for {disruption['down_seconds']:.1f} s"
         )
     memory = report["memory_mb"]
 
@@ -492,7 +708,13 @@ def format_report(report: dict) -> str:
             if len(memory["after_each_round"]) > 1
             else ""
         )
-        + ("" if growth is None else f" (growth {growth:+.0f} MB)"),
+        + ("" if growth is None else f" (growth {growth:+.0f} MB)")
+        + (
+            f"; the last server process peaked at {mb(memory['last_server_peak'])} "
+            f"({len(memory['timeline'])} samples)"
+            if memory.get("last_server_peak") is not None
+            else ""
+        ),
         f"Sessions checked: {report['sessions_checked']} holding "
         f"{report['exchanges_checked']} exchanges; problems: {len(report['session_errors'])}",
         f"Errors: {report['errors']}"

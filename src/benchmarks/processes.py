@@ -34,12 +34,12 @@ def bench_env(**overrides: str) -> dict[str, str]:
 
 
 def start_server(
-    data_dir: Path, log: Path | None = None, **env: str
+    data_dir: Path, log: Path | None = None, port: int | None = None, **env: str
 ) -> tuple[subprocess.Popen, str]:
     """uvicorn with the API on 127.0.0.1 and a free port, with the connection limits of
     ``src/web/server.py``; its output goes to ``log`` (a file,
     appended to) or nowhere."""
-    port = free_port()
+    port = port or free_port()
     output = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(
         [
@@ -108,3 +108,42 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+class ServerSupervisor:
+    """The real server on a fixed port, which a soak stops with a signal and starts again on
+    the same data, as an operator or a crash would; ``windows`` holds the times it was down."""
+
+    def __init__(self, data_dir: Path, log: Path | None = None, **env: str) -> None:
+        self.data_dir, self.log, self.env = data_dir, log, env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self.windows: list[list[float]] = []  # [down since, up again] (time.monotonic())
+
+    def start(self) -> float:
+        """Start it and wait until /health says ready; returns the seconds that took."""
+        self.process, _ = start_server(self.data_dir, self.log, port=self.port, **self.env)
+        return wait_until_ready(self.url, self.process)
+
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def disrupt(self, signum: int, exit_timeout: float = 60) -> None:
+        """Send ``signum``, wait for the process to end (SIGKILL after ``exit_timeout``),
+        start it again."""
+        window = [time.monotonic(), time.monotonic()]
+        self.windows.append(window)
+        assert self.process is not None
+        self.process.send_signal(signum)
+        try:
+            self.process.wait(exit_timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.start()
+        window[1] = time.monotonic()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)

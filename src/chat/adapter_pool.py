@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from src.chat.service import ChatService
+from src.engine.memory import release_free_memory
 from src.errors import InvalidRequestError, ServerBusyError
 from src.models.adapters import list_adapters, resolve_adapter
 
@@ -103,6 +104,7 @@ class AdapterPool:
             self._handed_out.pop(idle[0], None)
             evicted.close()
             self.evictions += 1
+            release_free_memory()
 
     def loaded(self) -> list[str]:
         """Names of the adapters loaded now, least recently used first."""
