@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     # While replies are generated, memory the engine freed goes back to the system at most
     # this often (glibc's malloc keeps it otherwise; src/engine/memory.py); 0: only when idle.
     memory_release_seconds: float = Field(5.0, ge=0.0, le=3600.0)
+    # Keys and values all decoding batches may hold (the base model's and each adapter's,
+    # rows grown to their longest reply); a request that does not fit waits for rows to end.
+    kv_cache_mb: int = Field(256, ge=1, le=1_000_000)
     # LoRA adapters kept loaded (each with its own copy of the model); the least recently used
     # idle one is closed to make room.
     max_loaded_adapters: int = Field(2, ge=1, le=64)

@@ -28,6 +28,7 @@ from src.chat.service import ChatService
 from src.chat.store import SessionStore
 from src.config import Settings
 from src.engine.batching import BatchingEngine
+from src.engine.kv_budget import KVBudget
 from src.engine.memory import release_free_memory
 from src.engine.prefix_cache import PrefixCache
 from src.errors import ConfigError
@@ -71,9 +72,13 @@ def build_chat_stack(
     Raises ``ConfigError`` or ``ModelLoadingError``.
     """
     store = SessionStore(settings.sessions_db) if sessions else None
+    # The base model's engine and each adapter's share one budget for keys and values.
+    kv_budget = KVBudget(settings.kv_cache_mb * 2**20)
 
     def service_for(adapter: Path | None) -> ChatService:
-        build = partial(build_service, settings, model_name, adapter, engine_name, store)
+        build = partial(
+            build_service, settings, model_name, adapter, engine_name, store, kv_budget=kv_budget
+        )
         if not background:
             return build(background=False)
         # Loading runs PyTorch's parallel kernels: in a thread that then ends, so that no
@@ -121,8 +126,10 @@ def build_service(
     engine_name: str | None = None,
     store: SessionStore | None = None,
     background: bool = True,
+    kv_budget: KVBudget | None = None,
 ) -> ChatService:
-    """One ChatService: the configured model (or remote server) with the settings' defaults."""
+    """One ChatService: the configured model (or remote server) with the settings' defaults;
+    its engine holds keys and values within ``kv_budget`` (servers: shared by all)."""
     if settings.backend == "remote":
         if adapter_path is not None or engine_name not in (None, "auto"):
             raise ConfigError(
@@ -134,7 +141,7 @@ def build_service(
         name = backend.model
     else:
         backend, name = build_local_backend(
-            settings, model_name, adapter_path, engine_name, background
+            settings, model_name, adapter_path, engine_name, background, kv_budget
         )
     return ChatService(
         backend,
@@ -154,13 +161,14 @@ def build_local_backend(
     adapter_path: Path | None = None,
     engine_name: str | None = None,
     background: bool = True,
+    kv_budget: KVBudget | None = None,
 ) -> tuple[LocalBackend, str]:
     """The model (see ``src.models.inference`` for ENGINE, PRECISION and QUANTIZE), the
     engine that decodes for it, and the text-to-ids backend around the engine."""
     from src.models.inference import load_for_inference
 
     loaded = load_for_inference(settings, model_name, adapter_path, engine_name)
-    backend = local_backend(loaded.model, loaded.tokenizer, settings, background)
+    backend = local_backend(loaded.model, loaded.tokenizer, settings, background, kv_budget)
     logger.info(
         "Model: %s (%s); context window %d tokens (a full one holds %.0f MB of keys and values)",
         loaded.name,
@@ -172,7 +180,11 @@ def build_local_backend(
 
 
 def local_backend(
-    model: Any, tokenizer: Any, settings: Settings, background: bool = False
+    model: Any,
+    tokenizer: Any,
+    settings: Settings,
+    background: bool = False,
+    kv_budget: KVBudget | None = None,
 ) -> LocalBackend:
     """The engine for an already loaded ``model`` and the backend around it (scripts that
     load a model themselves, such as compare_adapter.py, start here: one consumer, so by
@@ -192,6 +204,7 @@ def local_backend(
         background=background,
         max_waiting=settings.max_queued_requests if background else None,
         memory_release_seconds=settings.memory_release_seconds,
+        kv_budget=kv_budget,
     )
     window = context_window(model, engine.max_batch_size)
     return LocalBackend(engine, tokenizer, window)

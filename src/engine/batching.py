@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 
+from src.engine.kv_budget import KVBudget
 from src.engine.logits import (
     GeneratedToken,
     LogitsPipeline,
@@ -43,7 +45,7 @@ from src.engine.memory import MemoryReleaser
 from src.engine.prefix_cache import PrefixCache
 from src.errors import EngineClosedError, ServerBusyError
 from src.models.caches import LayerKV, cache_from_layers, row_layers
-from src.models.model_info import uses_sliding_window
+from src.models.model_info import kv_bytes_per_token, uses_sliding_window
 from src.params import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -137,10 +139,13 @@ class BatchingEngine:
         background: bool = True,
         max_waiting: int | None = None,
         memory_release_seconds: float = 5.0,
+        kv_budget: KVBudget | None = None,
     ) -> None:
         """``memory_release_seconds``: while requests are being decoded, memory freed by the
         engine goes back to the system at most this often (0: only when the batch empties,
-        which it always does as well). See ``src/engine/memory.py``."""
+        which it always does as well). See ``src/engine/memory.py``. ``kv_budget``: the keys
+        and values this engine's batch may hold, shared with the server's other engines
+        (``src/engine/kv_budget.py``); a request that does not fit waits."""
         self.model = model
         self.eos_token_ids = frozenset(eos_token_ids)
         # Our left-padded shared cache assumes every layer attends to all earlier positions.
@@ -153,6 +158,9 @@ class BatchingEngine:
         self.max_waiting = max_waiting  # requests queued for a row; None: no limit
         self.stats = EngineStats()
         self.memory = MemoryReleaser(memory_release_seconds)
+        self.kv_budget = kv_budget
+        self._kv_per_token = kv_bytes_per_token(model) if kv_budget is not None else 0
+        self._deferred: deque[_Request] = deque()  # taken from the queue, waiting for room
         self._waiting: queue.Queue[Any] = queue.Queue()
         self._requests: dict[int, _Request] = {}  # admitted, not finished: failed on a crash
         self._closed = False
@@ -207,7 +215,7 @@ class BatchingEngine:
         waiting for a row has no room for them (``max_waiting``): a full queue answers at once
         instead of piling up work that clients would give up on."""
         with self._group:
-            waiting = self._waiting.qsize()
+            waiting = self._waiting.qsize() + len(self._deferred)
             if self.max_waiting is not None and waiting + requests > self.max_waiting:
                 raise ServerBusyError(
                     f"the server is busy: {waiting} requests are waiting for the model "
@@ -283,12 +291,32 @@ class BatchingEngine:
         # Give back what this round's tensors left free in malloc: when the batch has just
         # emptied (the server goes idle), and every few seconds while it runs.
         self.memory.after_round(busy=batch is not None)
+        if self.kv_budget is not None:
+            self.kv_budget.hold(self, self._kv_bytes(batch.requests if batch else []))
         return batch
+
+    def _kv_bytes(self, requests: list[_Request]) -> int:
+        """The keys and values a batch of ``requests`` holds once every row has its longest
+        reply (rows are left-padded to the longest)."""
+        if not requests:
+            return 0
+        longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
+        return len(requests) * longest * self._kv_per_token
+
+    def _has_room_for(self, rows: list[_Request], request: _Request) -> bool:
+        """Whether ``request`` may join ``rows`` within the KV budget (one row always may)."""
+        if self.kv_budget is None or not rows:
+            return True
+        return self.kv_budget.fits(self, self._kv_bytes([*rows, request]))
 
     def _fail_all(self, error: Exception) -> None:
         """Fail the admitted requests and those still waiting (the engine is closed)."""
         for request in list(self._requests.values()):
             self._finish(request, error)
+        while self._deferred:
+            self._deferred.popleft().tokens.put(error)
+        if self.kv_budget is not None:
+            self.kv_budget.hold(self, 0)
         while True:  # requests that never got in
             try:
                 request = self._waiting.get_nowait()
@@ -307,16 +335,23 @@ class BatchingEngine:
         ``wait``, block if idle). Clients that arrive together (a burst, a page of users)
         share one prefill pass instead of queueing behind each other's prompts."""
         room = self.max_batch_size - (len(batch.requests) if batch is not None else 0)
+        running = batch.requests if batch is not None else []
         arrivals: list[_Request] = []
         while len(arrivals) < room:
-            try:
-                request = self._waiting.get(block=wait and batch is None and not arrivals)
-            except queue.Empty:
-                break
-            if not arrivals:  # a group being queued (``together``) is complete before we go on
-                with self._group:
-                    pass
+            if self._deferred:  # first in line: it was waiting for room
+                request = self._deferred.popleft()
+            else:
+                try:
+                    request = self._waiting.get(block=wait and batch is None and not arrivals)
+                except queue.Empty:
+                    break
+                if not arrivals:  # a group being queued (``together``) is complete first
+                    with self._group:
+                        pass
             if request is _CLOSE:
+                break
+            if not self._has_room_for(running + arrivals, request):
+                self._deferred.appendleft(request)  # waits, first in line, for rows to end
                 break
             self._requests[id(request)] = request
             if self._start(request):

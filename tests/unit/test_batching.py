@@ -7,9 +7,11 @@ import pytest
 import src.engine.batching as batching
 from src.chat.prompts import encode_conversation
 from src.engine.batching import BatchingEngine
+from src.engine.kv_budget import KVBudget
 from src.engine.logits import LogitsPipeline, repetition_penalty
 from src.engine.prefix_cache import PrefixCache
 from src.errors import EngineClosedError
+from src.models.model_info import kv_bytes_per_token
 from src.params import GenerationParams
 from tests.batching_helpers import alone_and_together, arrive_together, wait_until
 
@@ -201,3 +203,50 @@ def test_the_callers_threads_can_run_the_loop_themselves(tiny_llama_service):
     engine.close()
     with pytest.raises(EngineClosedError):
         next(engine.generate_token_ids(prompts[0], GREEDY))
+
+
+def test_the_kv_budget_holds_requests_back_until_rows_end_and_changes_no_reply(
+    tiny_llama_service,
+):
+    """KV_CACHE_MB: with room for two rows of these requests (grown to their longest reply),
+    four arriving together run two at a time, in order; each reply is the one it gets alone,
+    and the budget is free again at the end."""
+    service = tiny_llama_service
+    prompts = [prompt(service, text) for text in ("one", "two", "three", "four")]
+    model = service.backend.engine.model
+    longest = max(len(p) for p in prompts) + GREEDY.max_new_tokens
+    budget = KVBudget(2 * longest * kv_bytes_per_token(model))
+    other_engine = Owner()
+    budget.hold(other_engine, 0)  # another engine holding nothing takes no room
+    engine = BatchingEngine(model, service.backend.engine.eos_token_ids, kv_budget=budget)
+    rows_seen: list[int] = []
+    step = engine._step
+
+    def counting_step(batch):
+        rows_seen.append(len(batch.requests))
+        return step(batch)
+
+    engine._step = counting_step
+    alone = [list(service.backend.engine.generate_token_ids(p, GREEDY)) for p in prompts]
+    together = arrive_together(engine, prompts, GREEDY)
+    assert together == alone
+    assert max(rows_seen) == 2 and engine.stats.prefill_passes >= 2
+    wait_until(lambda: budget.used() == 0)
+    # Another engine holding the whole budget: one request still runs (never a deadlock).
+    budget.hold(other_engine, budget.limit_bytes)
+    assert list(engine.generate_token_ids(prompts[0], GREEDY)) == alone[0]
+    engine.close()
+
+
+class Owner:
+    """Stands for an engine (the budget keeps weak references to its holders)."""
+
+
+def test_kv_budget_bookkeeping():
+    budget, first, second = KVBudget(100), Owner(), Owner()
+    assert budget.fits(first, 100) and not budget.fits(first, 101)
+    budget.hold(first, 60)
+    assert budget.fits(first, 100)  # its own amount is replaced, not added
+    assert budget.fits(second, 40) and not budget.fits(second, 41)
+    budget.hold(first, 0)
+    assert budget.used() == 0 and budget.fits(second, 100)
