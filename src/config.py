@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     # Keys and values all decoding batches may hold (the base model's and each adapter's,
     # rows grown to their longest reply); a request that does not fit waits for rows to end.
     kv_cache_mb: int = Field(256, ge=1, le=1_000_000)
+    # Prompt tokens (padding included) prefilled together in one pass; one prompt may be longer.
+    max_prefill_tokens: int = Field(2048, ge=16, le=1_000_000)
     # LoRA adapters kept loaded (each with its own copy of the model); the least recently used
     # idle one is closed to make room.
     max_loaded_adapters: int = Field(2, ge=1, le=64)

@@ -205,6 +205,7 @@ def local_backend(
         max_waiting=settings.max_queued_requests if background else None,
         memory_release_seconds=settings.memory_release_seconds,
         kv_budget=kv_budget,
+        max_prefill_tokens=settings.max_prefill_tokens,
     )
     window = context_window(model, engine.max_batch_size)
     return LocalBackend(engine, tokenizer, window)

@@ -140,12 +140,17 @@ class BatchingEngine:
         max_waiting: int | None = None,
         memory_release_seconds: float = 5.0,
         kv_budget: KVBudget | None = None,
+        max_prefill_tokens: int | None = None,
     ) -> None:
         """``memory_release_seconds``: while requests are being decoded, memory freed by the
         engine goes back to the system at most this often (0: only when the batch empties,
         which it always does as well). See ``src/engine/memory.py``. ``kv_budget``: the keys
         and values this engine's batch may hold, shared with the server's other engines
-        (``src/engine/kv_budget.py``); a request that does not fit waits."""
+        (``src/engine/kv_budget.py``); a request that does not fit waits.
+        ``max_prefill_tokens``: prompts prefilled together in one pass hold at most this many
+        tokens, padding included (one prompt alone may be longer): a pass's attention scores
+        take memory in proportion to rows x length squared, so a burst of long prompts is
+        prefilled a few rows at a time instead of all at once."""
         self.model = model
         self.eos_token_ids = frozenset(eos_token_ids)
         # Our left-padded shared cache assumes every layer attends to all earlier positions.
@@ -159,6 +164,7 @@ class BatchingEngine:
         self.stats = EngineStats()
         self.memory = MemoryReleaser(memory_release_seconds)
         self.kv_budget = kv_budget
+        self.max_prefill_tokens = max_prefill_tokens
         self._kv_per_token = kv_bytes_per_token(model) if kv_budget is not None else 0
         self._deferred: deque[_Request] = deque()  # taken from the queue, waiting for room
         self._waiting: queue.Queue[Any] = queue.Queue()
@@ -303,11 +309,21 @@ class BatchingEngine:
         longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
         return len(requests) * longest * self._kv_per_token
 
-    def _has_room_for(self, rows: list[_Request], request: _Request) -> bool:
-        """Whether ``request`` may join ``rows`` within the KV budget (one row always may)."""
-        if self.kv_budget is None or not rows:
+    def _may_join(
+        self, running: list[_Request], arrivals: list[_Request], request: _Request
+    ) -> bool:
+        """Whether ``request`` may be prefilled with ``arrivals`` and join ``running``: the
+        prefill pass within ``max_prefill_tokens`` and the batch within the KV budget. One
+        request alone always may, so nothing waits for ever."""
+        if not running and not arrivals:
             return True
-        return self.kv_budget.fits(self, self._kv_bytes([*rows, request]))
+        if self.max_prefill_tokens is not None and arrivals:
+            longest = max(len(r.prompt_ids) for r in (*arrivals, request))
+            if (len(arrivals) + 1) * longest > self.max_prefill_tokens:
+                return False
+        if self.kv_budget is None:
+            return True
+        return self.kv_budget.fits(self, self._kv_bytes([*running, *arrivals, request]))
 
     def _fail_all(self, error: Exception) -> None:
         """Fail the admitted requests and those still waiting (the engine is closed)."""
@@ -350,7 +366,7 @@ class BatchingEngine:
                         pass
             if request is _CLOSE:
                 break
-            if not self._has_room_for(running + arrivals, request):
+            if not self._may_join(running, arrivals, request):
                 self._deferred.appendleft(request)  # waits, first in line, for rows to end
                 break
             self._requests[id(request)] = request

@@ -250,3 +250,19 @@ def test_kv_budget_bookkeeping():
     assert budget.fits(second, 40) and not budget.fits(second, 41)
     budget.hold(first, 0)
     assert budget.used() == 0 and budget.fits(second, 100)
+
+
+def test_a_burst_of_prompts_is_prefilled_within_max_prefill_tokens(tiny_llama_service):
+    service = tiny_llama_service
+    texts = ["hi", "a much longer question about the weather today", "and a third one"]
+    prompts = [prompt(service, text) for text in texts]
+    alone = [list(service.backend.engine.generate_token_ids(p, GREEDY)) for p in prompts]
+    longest = max(len(p) for p in prompts)
+    engine = BatchingEngine(
+        service.backend.engine.model,
+        service.backend.engine.eos_token_ids,
+        max_prefill_tokens=2 * longest,  # two of these prompts per pass, padded to the longest
+    )
+    assert arrive_together(engine, prompts, GREEDY) == alone
+    assert (engine.stats.prefill_passes, engine.stats.rows_prefilled) == (2, 3)
+    engine.close()
