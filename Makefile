@@ -6,7 +6,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
 .PHONY: setup setup-dev setup-llamacpp browser chat serve web train bench test test-slow test-all lint format cov download \
-	clean-cache docs-images load-test
+	clean-cache docs-images load-test soak
 
 $(RUNTIME_STAMP): requirements.txt requirements-assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ bench: setup                     ## side-by-side benchmark -> outputs/benchmark/
 
 load-test: setup                 ## load-test the API (loopback): clients, disconnects, latency, memory
 	$(PY) scripts/load_test.py $(ARGS)
+
+soak: setup                      ## 65-minute soak: every route, adapters, a SIGKILL and a SIGTERM, memory
+	$(PY) scripts/load_test.py --clients 16 --duration 3900 --adapters 3 --sigkill-at 120 \
+	  --sigterm-at 300 --turns 12 --max-new-tokens 48 --sample-seconds 30 \
+	  --output outputs/soak/load.json $(ARGS)
 
 download: setup                  ## fetch/prepare MODEL_NAME into MODEL_CACHE_DIR
 	$(PY) scripts/download_models.py $(ARGS)

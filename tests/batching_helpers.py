@@ -40,12 +40,16 @@ def arrive_together(
     ``params``: for all requests, or one per prompt."""
     each = params if isinstance(params, list) else [params] * len(prompts)
     results: list = [None] * len(prompts)
-    gate = threading.Event()
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold_the_scheduler() -> bool:
+        holding.set()
+        return not gate.wait(timeout=60)
 
     def run(index: int) -> None:
         # The first request holds the scheduler (it checks should_stop before its prefill)
         # until all the others are queued: a deterministic "arrive together".
-        should_stop = (lambda: not gate.wait(timeout=60)) if index == 0 else (lambda: False)
+        should_stop = hold_the_scheduler if index == 0 else (lambda: False)
         try:
             results[index] = list(
                 engine.generate_token_ids(prompts[index], each[index], should_stop)
@@ -55,7 +59,7 @@ def arrive_together(
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     threads[0].start()
-    wait_until(lambda: len(engine._requests) == 1)
+    wait_until(holding.is_set)
     for thread in threads[1:]:
         thread.start()
     wait_until(lambda: engine._waiting.qsize() == len(prompts) - 1)

@@ -106,6 +106,7 @@ class Outcome:
     error: str | None = None  # the kind of error, e.g. "http_500", "connection"
     detail: str | None = None  # what happened, for the report
     started_at: float = 0.0  # time.monotonic() at the start
+    error_type: str | None = None  # the API's error type, e.g. "server_shutdown"
 
 
 @dataclass
@@ -214,13 +215,16 @@ class LoadClient:
     def run_one(self, kind: str) -> Outcome:
         started, at = time.perf_counter(), time.monotonic()
         first: list[float] = []
+        self.sent_to_session = None  # set by a request to the client's session
         try:
             status = getattr(self, kind)(started, first)
         except RequestFailed as exc:
             self.leave_session_after_a_failure()
             status = "refused" if exc.error_type == "server_busy" else "error"
             seconds = time.perf_counter() - started
-            return Outcome(kind, status, seconds, None, exc.kind, exc.detail, at)
+            outcome = Outcome(kind, status, seconds, None, exc.kind, exc.detail, at)
+            outcome.error_type = exc.error_type
+            return outcome
         except (httpx.TimeoutException, httpx.TransportError) as exc:
             self.leave_session_after_a_failure()
             kind_of_error = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection"
@@ -307,7 +311,7 @@ class LoadClient:
                         )
                     return "served"
                 elif event == "error":
-                    raise RequestFailed("stream_error", data[:300])
+                    raise RequestFailed("stream_error", data[:300], stream_error_type(data))
         raise RequestFailed("stream_incomplete", "the stream ended without its 'done' event")
 
     def adapter_chat(self, started: float, first: list[float]) -> str:
@@ -368,7 +372,7 @@ class LoadClient:
                     return "served"
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    raise RequestFailed("stream_error", data[:300])
+                    raise RequestFailed("stream_error", data[:300], stream_error_type(data))
                 for choice in chunk.get("choices", []):
                     if choice["delta"].get("content"):
                         if not first:
@@ -610,8 +614,22 @@ def run_load(
     return report
 
 
+# What a request sees of a server being stopped or killed: anything else is an error even then.
+SHUTDOWN_ERRORS = ("connection", "timeout", "stream_incomplete")
+
+
+def stream_error_type(data: str) -> str | None:
+    try:
+        return json.loads(data)["error"]["type"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def during(outcome: Outcome, windows: list[list[float]], margin: float = 2.0) -> bool:
-    """Whether a request overlapped a time the server was down on purpose."""
+    """Whether a request failed the way a server stopped on purpose fails it (its
+    connection, or the documented ``server_shutdown`` error) while it was being stopped."""
+    if outcome.error not in SHUTDOWN_ERRORS and outcome.error_type != "server_shutdown":
+        return False
     begin, end = outcome.started_at, outcome.started_at + outcome.seconds
     return any(begin <= w_end + margin and end >= w_begin - 0.5 for w_begin, w_end in windows)
 

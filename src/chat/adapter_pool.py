@@ -23,8 +23,9 @@ from src.models.adapters import list_adapters, resolve_adapter
 
 AdapterLoader = Callable[[Path], ChatService]
 
-# A service handed out this recently counts as in use even before its reply starts.
-HANDED_OUT_SECONDS = 2.0
+# A service handed out this recently counts as in use even before its reply is created (the
+# request may wait for a worker thread to build its prompt).
+HANDED_OUT_SECONDS = 10.0
 
 
 class AdapterPool:

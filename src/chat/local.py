@@ -291,3 +291,7 @@ class LocalGeneration:
     def close(self) -> None:
         """Stop the engine's token generator (which frees the request's row)."""
         self._tokens.close()
+
+    def abandon(self) -> None:
+        """Give the request up without waiting for the engine (it was never read)."""
+        self._tokens.abandon()

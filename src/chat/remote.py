@@ -287,6 +287,9 @@ class RemoteGeneration:
         """Close the response; a server stops generating when its client goes away."""
         self._response.close()
 
+    def abandon(self) -> None:
+        self.close()  # closing a response does not wait
+
     def __iter__(self) -> Iterator[Delta]:
         try:
             for data in self._events():

@@ -87,10 +87,10 @@ class ReplyStream:
         self._running = False  # the generator's body began (so its ``finally`` will run)
         self._started_at = time.perf_counter()
         # The stored session this reply continues is reserved until the reply has ended (saved
-        # or not); a stream dropped without being iterated gives it back when collected.
+        # or not). A stream dropped without being iterated stops its generation and gives the
+        # session back when collected.
         self._release_session = release_session or (lambda: None)
-        if release_session is not None:
-            weakref.finalize(self, release_session)
+        weakref.finalize(self, _dropped, self._cancelled, self._release_session)
         self._key = service.cache_key(prompt, params) if cacheable else None
         self._cached = service.cache.get(self._key) if self._key is not None else None
         # The generation starts now (nothing runs locally until iterated; a remote request is
@@ -98,6 +98,7 @@ class ReplyStream:
         self._generation = None
         if self._cached is None:
             self._generation = service.backend.start(prompt, params, self._cancelled.is_set)
+        service._track(self, running=True)
 
     def cancel(self) -> None:
         """Stop after the current token; the partial reply is kept."""
@@ -108,9 +109,11 @@ class ReplyStream:
         self._abandoned = True
         self._cancelled.set()
         if not self._running:
+            self.service._track(self, running=False)
             self._release_session()
             if self._generation is not None:
-                self._generation.close()  # never iterated: release it (a remote response) now
+                # Never iterated: drop it now, without waiting (this may be the event loop).
+                self._generation.abandon()
 
     def interrupt(self) -> None:
         """Stop after the current token, keep nothing, and end by raising
@@ -145,7 +148,6 @@ class ReplyStream:
 
     def _generate(self) -> Iterator[Delta]:
         self._running = True
-        self.service._track(self, running=True)
         try:
             yield from self._generate_tracked()
         finally:
@@ -224,6 +226,12 @@ class ReplyStream:
         )
 
 
+def _dropped(cancelled: threading.Event, release_session: Callable[[], None]) -> None:
+    """A ReplyStream was garbage-collected: its generation (if any) stops, its session is free."""
+    cancelled.set()
+    release_session()
+
+
 def assistant_message(text: str, tool_calls: list[ToolCall]) -> dict[str, Any]:
     """A reply as a message of the conversation (OpenAI's shape)."""
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
@@ -275,7 +283,9 @@ class ChatService:
         self.default_params = default_params or GenerationParams()
         self.default_system_prompt = default_system_prompt
         self.cache = ResponseCache(cache_size)
-        self._streams: set[ReplyStream] = set()  # replies being generated (for shutdown)
+        # Replies started and not ended (for shutdown, and so an adapter in use is not closed);
+        # weak, so a stream dropped without being iterated does not count for ever.
+        self._streams: weakref.WeakSet[ReplyStream] = weakref.WeakSet()
         self._streams_lock = threading.Lock()
         self._shutting_down = False  # set by interrupt_all: later replies stop at once
 
@@ -297,7 +307,8 @@ class ChatService:
         return len(streams)
 
     def running_replies(self) -> int:
-        """Replies being generated now (an adapter's service with none may be closed)."""
+        """Replies started and not ended, queued ones included (an adapter's service with
+        none may be closed)."""
         with self._streams_lock:
             return len(self._streams)
 

@@ -159,7 +159,11 @@ class SessionStore:
                     "session_id",
                 )
             self._busy.add(session_id)
-        stored = self.get(session_id) if conversation.saved else None
+        try:
+            stored = self.get(session_id) if conversation.saved else None
+        except BaseException:
+            self._release(session_id)
+            raise
         if stored is not None and stored.messages != conversation.messages:
             self._release(session_id)
             raise SessionBusyError(

@@ -323,7 +323,7 @@ class BatchingEngine:
                 return False
         if self.kv_budget is None:
             return True
-        return self.kv_budget.fits(self, self._kv_bytes([*running, *arrivals, request]))
+        return self.kv_budget.reserve(self, self._kv_bytes([*running, *arrivals, request]))
 
     def _fail_all(self, error: Exception) -> None:
         """Fail the admitted requests and those still waiting (the engine is closed)."""
@@ -366,6 +366,9 @@ class BatchingEngine:
                         pass
             if request is _CLOSE:
                 break
+            if request.abandoned or request.should_stop():  # its client left while it waited
+                self._finish(request)
+                continue
             if not self._may_join(running, arrivals, request):
                 self._deferred.appendleft(request)  # waits, first in line, for rows to end
                 break
@@ -631,6 +634,13 @@ class Generation:
             self._ended = True
             self._request.abandoned = True
             self._engine._wait_for_end(self._request)
+
+    def abandon(self) -> None:
+        """Give up the request without waiting (for a caller that never read from it, such
+        as the event loop when a client left before its reply started): the engine drops it
+        at its next step, or when it would have been admitted."""
+        self._ended = True
+        self._request.abandoned = True
 
 
 @dataclass

@@ -7,7 +7,9 @@ the bundled model hold several hundred MB, and a server with LoRA adapters has o
 request, an engine checks that its batch, with that row added and every row grown to its
 longest possible reply, still fits beside what the other engines hold; if not, the request
 waits for rows to finish. An engine with nothing running always admits one request, so a
-single conversation longer than the budget is still served.
+single conversation longer than the budget is still served. The estimate counts each row's
+prompt and longest reply; a prompt whose start comes from the prefix cache may be padded a
+little further, so the budget is close, not exact.
 """
 
 from __future__ import annotations
@@ -28,7 +30,19 @@ class KVBudget:
     def fits(self, owner: Any, amount: int) -> bool:
         """Whether ``owner`` may hold ``amount`` beside what the others hold."""
         with self._lock:
-            others = sum(held for key, held in self._held.items() if key is not owner)
+            return self._fits(owner, amount)
+
+    def reserve(self, owner: Any, amount: int) -> bool:
+        """Hold ``amount`` for ``owner`` if it fits, in one step (two engines admitting at
+        once cannot both take the last room); False, and nothing changed, if not."""
+        with self._lock:
+            if not self._fits(owner, amount):
+                return False
+            self._held[owner] = max(amount, self._held.get(owner, 0))
+            return True
+
+    def _fits(self, owner: Any, amount: int) -> bool:
+        others = sum(held for key, held in self._held.items() if key is not owner)
         return others + amount <= self.limit_bytes
 
     def hold(self, owner: Any, amount: int) -> None:

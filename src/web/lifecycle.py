@@ -86,7 +86,8 @@ class GracefulShutdown:
             return
         previous = self._previous.get(signum)
         if callable(previous):
-            previous(signum, frame)
+            # From the third on, as Ctrl-C: uvicorn forces its exit only for SIGINT.
+            previous(signum if self._signals == 1 else signal.SIGINT, frame)
 
     def begin(self) -> None:
         """Refuse new requests from now on and interrupt what still runs after the grace

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from src.errors import InvalidRequestError
 
+# OpenAPI: with "stream": true, a 200 is server-sent events instead of the JSON object.
+STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
 # Accepted for compatibility, and ignored: nothing a local text model can do with them.
 IGNORED_CHAT_FIELDS = (
     "audio",

@@ -14,8 +14,9 @@ import base64
 import binascii
 import hmac
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -177,11 +178,14 @@ class Slot:
 
 class SlotStreamingResponse(StreamingResponse):
     """A streaming response that gives its slot back however it ends: the last event sent,
-    an error, or the client disconnecting (even before the first event)."""
+    an error, or the client disconnecting (even before the first event). ``replies``: the
+    reply streams it sends, abandoned when it ends, so that one whose client left before
+    its first event (the event generator never started) does not generate for nobody."""
 
-    def __init__(self, content, slot: Slot, **kwargs) -> None:
+    def __init__(self, content, slot: Slot, replies: Sequence[Any] = (), **kwargs) -> None:
         super().__init__(content, **kwargs)
         self.slot = slot
+        self.replies = replies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def watched_receive() -> Message:
@@ -196,6 +200,8 @@ class SlotStreamingResponse(StreamingResponse):
             await super().__call__(scope, watched_receive, send)
         finally:
             self.slot.release()
+            for reply in self.replies:
+                reply.abandon()  # a reply that ended already keeps what it saved
 
 
 # ---- request limits ------------------------------------------------------------------------

@@ -10,7 +10,9 @@ adds, from the settings:
   the last header; a client that has not sent them by then gets 408 and is disconnected.
 - ``KEEP_ALIVE_SECONDS``: an idle keep-alive connection is closed after this long.
 - ``MAX_CONNECTIONS_PER_CLIENT``: open connections from one address; the next one gets 429
-  and is closed at once.
+  and is closed at once. A trusted proxy (uvicorn's ``--forwarded-allow-ips``, loopback by
+  default, with ``--proxy-headers``, on by default) carries many clients' connections, so its
+  address is not counted; the per-client reply limit still applies to each client it names.
 
 The header count and the time a body may take are checked in the app
 (``src/web/errors.py``: ``RequestLimits``), which works under any server. Refusals made here,
@@ -23,6 +25,7 @@ uvicorn's command line, add ``--http src.web.server:GuardedH11Protocol``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from http import HTTPStatus
@@ -76,6 +79,7 @@ class GuardedH11Protocol(H11Protocol):
         )
         self.timeout_keep_alive = self.limits.keep_alive_seconds
         self.header_timer: asyncio.TimerHandle | None = None
+        self.trusted_proxies = trusted_proxies(config) if config.proxy_headers else None
 
     # ---- connections per address -------------------------------------------------------------
 
@@ -89,7 +93,8 @@ class GuardedH11Protocol(H11Protocol):
             and connection.client
             and connection.client[0] == address
         )
-        if address is not None and same_address > self.limits.max_connections_per_client:
+        counted = address is not None and not is_trusted(address, self.trusted_proxies)
+        if counted and same_address > self.limits.max_connections_per_client:
             self.refuse(
                 429,
                 f"too many open connections from {address} (MAX_CONNECTIONS_PER_CLIENT is "
@@ -159,6 +164,35 @@ class GuardedH11Protocol(H11Protocol):
         self.stop_header_timer()
         self.transport.write(raw_error(status, message, error_type, param))
         self.transport.close()
+
+
+TrustedProxies = tuple[bool, list[ipaddress.IPv4Network | ipaddress.IPv6Network], set[str]]
+
+
+def trusted_proxies(config: Config) -> TrustedProxies:
+    """uvicorn's ``forwarded_allow_ips``: (trust everyone, networks, other literals)."""
+    raw = config.forwarded_allow_ips
+    hosts = [h.strip() for h in (raw.split(",") if isinstance(raw, str) else raw) if h.strip()]
+    networks, literals = [], set()
+    for host in hosts:
+        try:
+            networks.append(ipaddress.ip_network(host, strict=False))
+        except ValueError:
+            literals.add(host)
+    return "*" in hosts, networks, literals
+
+
+def is_trusted(address: str, trusted: TrustedProxies | None) -> bool:
+    if trusted is None:
+        return False
+    everyone, networks, literals = trusted
+    if everyone or address in literals:
+        return True
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def serve(settings: Settings) -> None:

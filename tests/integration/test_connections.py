@@ -18,10 +18,12 @@ from tests.integration.test_security import serve
 pytestmark = pytest.mark.integration
 
 
-def connect(url: str) -> socket.socket:
+def connect(url: str, source: str | None = None) -> socket.socket:
+    """A connection from ``source`` (another loopback address: 127.0.0.1 is a trusted proxy
+    by default, whose connections are not counted per address)."""
     host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
-    return sock
+    address = (source, 0) if source else None
+    return socket.create_connection((host, int(port)), timeout=10, source_address=address)
 
 
 def read_until_closed(sock: socket.socket, limit: float = 10) -> bytes:
@@ -130,14 +132,21 @@ def test_an_idle_keep_alive_connection_is_closed_and_a_slow_second_request_too(s
 
 
 def test_connections_per_address_are_capped_and_freed_when_closed(tmp_path, tiny_llama_path):
+    client = "127.0.0.2"
     with serve(tmp_path, tiny_llama_path, max_connections_per_client=3) as live:
-        held = [connect(live.url) for _ in range(3)]
+        held = [connect(live.url, client) for _ in range(3)]
         time.sleep(0.2)
-        extra = connect(live.url)
+        extra = connect(live.url, client)
         refusal = assert_refused(read_until_closed(extra), 429, "MAX_CONNECTIONS_PER_CLIENT", None)
         assert refusal["type"] == "too_many_connections"
+        # Another address is not affected, nor is a trusted proxy (loopback, by default).
+        other = httpx.HTTPTransport(local_address="127.0.0.3")
+        assert httpx.get(f"{live.url}/health", transport=other).status_code == 200
+        proxied = [connect(live.url) for _ in range(5)]
+        assert httpx.get(f"{live.url}/health", timeout=5).status_code == 200
         held.pop().close()
         time.sleep(0.2)
-        assert httpx.get(f"{live.url}/health", timeout=5).status_code == 200
-        for sock in held:
+        mine = httpx.HTTPTransport(local_address=client)
+        assert httpx.get(f"{live.url}/health", transport=mine, timeout=5).status_code == 200
+        for sock in held + proxied:
             sock.close()

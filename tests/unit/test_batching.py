@@ -1,6 +1,7 @@
 """The batching engine's failure handling: nobody waits forever, one bad row fails alone."""
 
 import threading
+import time
 
 import pytest
 
@@ -265,4 +266,23 @@ def test_a_burst_of_prompts_is_prefilled_within_max_prefill_tokens(tiny_llama_se
     )
     assert arrive_together(engine, prompts, GREEDY) == alone
     assert (engine.stats.prefill_passes, engine.stats.rows_prefilled) == (2, 3)
+    engine.close()
+
+
+def test_a_request_given_up_while_it_waits_for_room_is_dropped_at_once(tiny_llama_service):
+    """A client that leaves while its request waits for KV room frees it at the next step,
+    not once a long reply beside it has ended."""
+    model = tiny_llama_service.backend.engine.model
+    budget, other = KVBudget(10_000), Owner()
+    budget.hold(other, 10_000)  # another engine holds everything: only one row at a time
+    engine = BatchingEngine(model, frozenset(), kv_budget=budget)  # no EOS: runs to the end
+    running = engine.generate([1, 2, 3, 4], GREEDY.updated(max_new_tokens=600))
+    next(running)
+    waiting = engine.generate([5, 6, 7], GREEDY.updated(max_new_tokens=5))
+    wait_until(lambda: len(engine._deferred) == 1)
+    started = time.monotonic()
+    waiting.close()
+    assert time.monotonic() - started < 5 and not engine._deferred
+    assert running._request.generated < 600  # the long reply was still running
+    running.close()
     engine.close()

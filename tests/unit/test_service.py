@@ -1,5 +1,6 @@
 """ChatService and the generation loop on tiny random-weight models with real tokenizers."""
 
+import gc
 import threading
 
 import pytest
@@ -278,3 +279,23 @@ def test_closing_the_service_stops_its_engine(tiny_gpt2_path):
     assert not engine._thread.is_alive()
     with pytest.raises(EngineClosedError):
         service.reply(service.new_conversation(), "Hi")
+
+
+def test_a_reply_counts_as_running_from_its_start_until_it_ends_or_is_dropped(
+    tiny_llama_service,
+):
+    """What keeps an adapter's service from being closed under a queued reply, and what a
+    reply whose client left before it was read gives back at once."""
+    service = tiny_llama_service
+    params = GREEDY.updated(max_new_tokens=5)
+    started = service.start_reply(service.new_conversation(), "hi", params)
+    assert service.running_replies() == 1  # queued, not yet read
+    started.complete()
+    assert service.running_replies() == 0
+    never_read = service.start_reply(service.new_conversation(), "hi", params)
+    never_read.abandon()  # returns at once: nothing waits for the engine
+    assert service.running_replies() == 0
+    dropped = service.start_reply(service.new_conversation(), "hello", params)
+    del dropped
+    gc.collect()
+    assert service.running_replies() == 0

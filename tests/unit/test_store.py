@@ -120,3 +120,18 @@ def test_a_session_whose_stored_messages_are_damaged_is_named_and_the_others_sti
         store.append_exchange(store.get(good.id) and bad, "more", "text")
     assert store.get(good.id).messages[0]["content"] == "hi"
     assert store.delete(bad.id)  # the way out the message suggests works
+
+
+def test_a_claim_whose_session_cannot_be_read_is_given_back(store, monkeypatch):
+    conversation = Conversation(persistent=True)
+    store.append_exchange(conversation, "hi", "hello")
+    loaded = store.get(conversation.id)
+
+    def unreadable(session_id):
+        raise StorageError("sessions database: could not read it (disk I/O error)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "get", unreadable)
+        with pytest.raises(StorageError):
+            store.claim(loaded)
+    store.claim(loaded)()  # not left busy for ever

@@ -129,7 +129,11 @@ async def chat_stream(
         yield sse_event(done.model_dump(), event="done")
 
     return SlotStreamingResponse(
-        events(), slot, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        events(),
+        slot,
+        replies=[stream],
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
     )
 
 

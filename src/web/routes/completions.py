@@ -22,6 +22,7 @@ from src.params import make_params
 from src.web.deps import ServiceDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import sse_event, stream_error
 from src.web.openai_schemas import (
+    STREAMED,
     ChatMessage,
     Completion,
     CompletionChoice,
@@ -53,7 +54,7 @@ def prompts_of(prompt: str | list) -> list[str | list[int]]:
     return list(prompt)
 
 
-@router.post("/v1/completions", response_model=Completion)
+@router.post("/v1/completions", response_model=Completion, responses=STREAMED)
 async def completions(
     body: CompletionRequest,
     request: Request,
@@ -136,7 +137,11 @@ async def completions(
         yield sse_event("[DONE]")
 
     return SlotStreamingResponse(
-        events(), slot, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        events(),
+        slot,
+        replies=streams,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
     )
 
 

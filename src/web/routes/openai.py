@@ -14,6 +14,7 @@ from src.chat.service import ChatResult
 from src.web.deps import ServiceDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import sse_event, stream_error
 from src.web.openai_schemas import (
+    STREAMED,
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
@@ -49,7 +50,7 @@ def list_models(service: ServiceDep) -> ModelList:
     return ModelList(data=[ModelCard(id=service.model_name)])
 
 
-@router.post("/chat/completions", response_model=ChatCompletion)
+@router.post("/chat/completions", response_model=ChatCompletion, responses=STREAMED)
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
@@ -127,7 +128,11 @@ async def chat_completions(
         yield sse_event("[DONE]")
 
     return SlotStreamingResponse(
-        events(), slot, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        events(),
+        slot,
+        replies=streams,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
     )
 
 
