@@ -1,6 +1,7 @@
 """A short load test of the real server process (the CI version of scripts/load_test.py):
-8 concurrent clients mixing /chat, /chat/stream and /v1/chat/completions (plain and
-streamed), some hanging up mid-stream. No request may fail, every session must hold exactly
+8 concurrent clients mixing every route (/chat, /chat/stream, /v1/chat/completions plain,
+streamed, in JSON mode and with tools, /v1/completions, /tokenize and /detokenize), some
+hanging up mid-stream. No request may fail, every session must hold exactly
 the exchanges its client saw completed, the server must log no error, and its memory must
 not grow by more than MEMORY_GROWTH_BOUND_MB after the warm-up (docs/RELIABILITY.md)."""
 
