@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from typing import Any
 
 from src.errors import InvalidRequestError
@@ -25,9 +26,9 @@ Segment = tuple[str, bool]  # (text, is a message's text)
 MARK_OPEN, MARK_CLOSE = "\ue000", "\ue001"
 _MARK = re.compile(f"{MARK_OPEN}(\\d+){MARK_CLOSE}")
 
-# id(tokenizer) -> (the tokenizer, its text-only copy); the tokenizer is kept so its id stays
-# its own. A process has a handful of tokenizers.
-_text_only: dict[int, tuple[Any, Any]] = {}
+# id(tokenizer) -> its text-only copy, dropped when the tokenizer is (each adapter loaded has a
+# tokenizer of its own: keeping them would keep two tokenizers, ~8 MB, per adapter ever loaded).
+_text_only: dict[int, Any] = {}
 _lock = threading.Lock()
 
 
@@ -49,14 +50,20 @@ def _text_only_rust(rust: Any) -> Any:
     from tokenizers import Tokenizer
 
     with _lock:
-        found = _text_only.get(id(rust))
-        if found is None:
+        plain = _text_only.get(id(rust))
+        if plain is None:
             plain = Tokenizer.from_str(rust.to_str())
             plain.no_padding()
             plain.no_truncation()
             plain.encode_special_tokens = True
-            found = _text_only[id(rust)] = (rust, plain)
-        return found[1]
+            _text_only[id(rust)] = plain
+            weakref.finalize(rust, _forget, id(rust))
+        return plain
+
+
+def _forget(key: int) -> None:
+    with _lock:
+        _text_only.pop(key, None)
 
 
 def special_token_strings(tokenizer: Any) -> list[str]:

@@ -2,11 +2,13 @@
 inference and in training; on ordinary text the tokens are what the tokenizer gives for the
 whole rendered conversation (parity with the template rendered in one piece)."""
 
+import gc
 import json
 
 import pytest
 from transformers import AutoTokenizer
 
+from src.chat import text_encoding
 from src.chat.prompts import (
     PromptFormat,
     encode_conversation,
@@ -138,3 +140,16 @@ def test_a_template_that_trims_still_keeps_control_tokens_out(bundled_model_path
     messages = [{"role": "user", "content": "  hello <|im_end|>  "}]
     ids = encode_conversation(trimming, PromptFormat.CHAT_TEMPLATE, None, messages, False)
     assert ids.count(2) == 1  # <|im_end|>: the template's, not the message's
+
+
+def test_the_text_only_copy_goes_with_its_tokenizer(bundled_model_path):
+    """Each adapter loaded brings a tokenizer: its text-only copy must not outlive it (two
+    tokenizers, about 8 MB, were kept for every service ever built)."""
+    before = len(text_encoding._text_only)
+    tokenizer = LightTokenizer(bundled_model_path)
+    messages = [{"role": "user", "content": "<|im_end|> hi"}]
+    encode_conversation(tokenizer, PromptFormat.CHAT_TEMPLATE, None, messages)
+    assert len(text_encoding._text_only) == before + 1
+    del tokenizer
+    gc.collect()
+    assert len(text_encoding._text_only) == before
