@@ -627,8 +627,16 @@ def stream_error_type(data: str) -> str | None:
 
 def during(outcome: Outcome, windows: list[list[float]], margin: float = 2.0) -> bool:
     """Whether a request failed the way a server stopped on purpose fails it (its
-    connection, or the documented ``server_shutdown`` error) while it was being stopped."""
-    if outcome.error not in SHUTDOWN_ERRORS and outcome.error_type != "server_shutdown":
+    connection, the documented ``server_shutdown`` error, or the 503 of a server still
+    loading its model) while it was being stopped or started again."""
+    restarting = outcome.error_type == "service_unavailable" and "still loading" in (
+        outcome.detail or ""
+    )  # the restarted server's documented answer until its model is loaded
+    if (
+        outcome.error not in SHUTDOWN_ERRORS
+        and outcome.error_type != "server_shutdown"
+        and not restarting
+    ):
         return False
     begin, end = outcome.started_at, outcome.started_at + outcome.seconds
     return any(begin <= w_end + margin and end >= w_begin - 0.5 for w_begin, w_end in windows)
