@@ -54,6 +54,12 @@ def assert_refused(raw: bytes, status: int, setting: str, param: str | None) -> 
     return body["error"]
 
 
+def get_health(url: str, source: str) -> int:
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(transport=transport, timeout=5) as client:
+        return client.get(f"{url}/health").status_code
+
+
 @pytest.fixture()
 def server(tmp_path, tiny_llama_path):
     limits = dict(
@@ -140,13 +146,11 @@ def test_connections_per_address_are_capped_and_freed_when_closed(tmp_path, tiny
         refusal = assert_refused(read_until_closed(extra), 429, "MAX_CONNECTIONS_PER_CLIENT", None)
         assert refusal["type"] == "too_many_connections"
         # Another address is not affected, nor is a trusted proxy (loopback, by default).
-        other = httpx.HTTPTransport(local_address="127.0.0.3")
-        assert httpx.get(f"{live.url}/health", transport=other).status_code == 200
+        assert get_health(live.url, "127.0.0.3") == 200
         proxied = [connect(live.url) for _ in range(5)]
         assert httpx.get(f"{live.url}/health", timeout=5).status_code == 200
         held.pop().close()
         time.sleep(0.2)
-        mine = httpx.HTTPTransport(local_address=client)
-        assert httpx.get(f"{live.url}/health", transport=mine, timeout=5).status_code == 200
+        assert get_health(live.url, client) == 200
         for sock in held + proxied:
             sock.close()
