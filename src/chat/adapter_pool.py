@@ -101,11 +101,10 @@ class AdapterPool:
                     f"{self.max_loaded}) are all in use; try again shortly",
                     "adapter",
                 )
-            evicted = self._services.pop(idle[0])
             self._handed_out.pop(idle[0], None)
-            evicted.close()
+            self._services.pop(idle[0]).close()  # no reference left: its weights are freed
             self.evictions += 1
-            release_free_memory()
+            release_free_memory()  # ... and given back to the system
 
     def loaded(self) -> list[str]:
         """Names of the adapters loaded now, least recently used first."""
