@@ -32,6 +32,7 @@ from src.engine.kv_budget import KVBudget
 from src.engine.memory import release_free_memory
 from src.engine.prefix_cache import PrefixCache
 from src.errors import ConfigError
+from src.models.inference import InferenceModel
 from src.models.model_info import (
     context_window,
     eos_token_ids,
@@ -75,9 +76,16 @@ def build_chat_stack(
     # The base model's engine and each adapter's share one budget for keys and values.
     kv_budget = KVBudget(settings.kv_cache_mb * 2**20)
 
-    def service_for(adapter: Path | None) -> ChatService:
+    def service_for(adapter: Path | None, shared_base: InferenceModel | None = None) -> ChatService:
         build = partial(
-            build_service, settings, model_name, adapter, engine_name, store, kv_budget=kv_budget
+            build_service,
+            settings,
+            model_name,
+            adapter,
+            engine_name,
+            store,
+            kv_budget=kv_budget,
+            shared_base=shared_base,
         )
         if not background:
             return build(background=False)
@@ -95,8 +103,13 @@ def build_chat_stack(
             store.close()
         raise
 
+    # Adapters picked by name go on the base model's weights where its engine allows.
+    shared_base = service.backend.loaded if isinstance(service.backend, LocalBackend) else None
     adapters = AdapterPool(
-        service, settings.adapters_dir, service_for, settings.max_loaded_adapters
+        service,
+        settings.adapters_dir,
+        partial(service_for, shared_base=shared_base),
+        settings.max_loaded_adapters,
     )
     return ChatStack(service, adapters, store)
 
@@ -127,9 +140,11 @@ def build_service(
     store: SessionStore | None = None,
     background: bool = True,
     kv_budget: KVBudget | None = None,
+    shared_base: InferenceModel | None = None,
 ) -> ChatService:
     """One ChatService: the configured model (or remote server) with the settings' defaults;
-    its engine holds keys and values within ``kv_budget`` (servers: shared by all)."""
+    its engine holds keys and values within ``kv_budget`` (servers: shared by all), and an
+    adapter goes on ``shared_base``'s weights where it can (see ``load_for_inference``)."""
     if settings.backend == "remote":
         if adapter_path is not None or engine_name not in (None, "auto"):
             raise ConfigError(
@@ -141,7 +156,7 @@ def build_service(
         name = backend.model
     else:
         backend, name = build_local_backend(
-            settings, model_name, adapter_path, engine_name, background, kv_budget
+            settings, model_name, adapter_path, engine_name, background, kv_budget, shared_base
         )
     return ChatService(
         backend,
@@ -162,13 +177,15 @@ def build_local_backend(
     engine_name: str | None = None,
     background: bool = True,
     kv_budget: KVBudget | None = None,
+    shared_base: InferenceModel | None = None,
 ) -> tuple[LocalBackend, str]:
     """The model (see ``src.models.inference`` for ENGINE, PRECISION and QUANTIZE), the
     engine that decodes for it, and the text-to-ids backend around the engine."""
     from src.models.inference import load_for_inference
 
-    loaded = load_for_inference(settings, model_name, adapter_path, engine_name)
+    loaded = load_for_inference(settings, model_name, adapter_path, engine_name, shared_base)
     backend = local_backend(loaded.model, loaded.tokenizer, settings, background, kv_budget)
+    backend.loaded = loaded
     logger.info(
         "Model: %s (%s); context window %d tokens (a full one holds %.0f MB of keys and values)",
         loaded.name,

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from src.chat.deltas import Delta, TokenInfo
 from src.chat.prompts import (
@@ -35,6 +35,9 @@ from src.engine.logits import GeneratedToken
 from src.errors import InvalidRequestError
 from src.models.model_info import kv_bytes_per_token
 from src.params import GenerationParams
+
+if TYPE_CHECKING:
+    from src.models.inference import InferenceModel
 
 
 @dataclass
@@ -70,6 +73,8 @@ class LocalBackend:
         self.vocab_size = int(engine.model.config.vocab_size)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, engine.eos_token_ids)
         self._token_infos: dict[int, tuple[str, bytes]] = {}
+        # The model as the stack loaded it (src/models/inference.py): adapters share it.
+        self.loaded: InferenceModel | None = None
 
     def close(self) -> None:
         """Stop the engine's thread (replies still running end with ``EngineClosedError``)."""

@@ -5,7 +5,9 @@ measured (README "Performance"):
 
 - ENGINE=auto runs our from-scratch transformer (``src/models/transformer.py``, exact
   against transformers and faster per token) for the families it implements (GPT-2 and
-  Llama) without a LoRA adapter; transformers' model otherwise.
+  Llama), with LoRA adapters unmerged on the base's own weights
+  (``src/models/lora_view.py``); transformers' model otherwise, and for the adapters only
+  peft can run (DoRA, adapted embeddings, ...), merged into a copy of the model.
 - PRECISION=auto / QUANTIZE=auto: bf16 + int4 for the bundled model (its weights come from a
   4-bit file, so int4 keeps them), fp32 + none (exact) for any other model.
 
@@ -38,6 +40,12 @@ class InferenceModel:
     name: str  # what users see, e.g. "smollm2-135m-instruct" or "base+adapter"
     engine: str  # "hf" or "scratch": whose forward pass runs
     description: str  # e.g. "scratch engine, bf16, int4", for --verbose and logs
+    # The same model without its LoRA adapter, on the same weights (scratch engine only):
+    # what other adapters are put on. None when the model has no adapter.
+    plain: InferenceModel | None = None
+
+    def without_adapter(self) -> InferenceModel:
+        return self.plain or self
 
 
 def load_for_inference(
@@ -45,26 +53,26 @@ def load_for_inference(
     model_name: str | None = None,
     adapter_path: Path | None = None,
     engine_name: str | None = None,
+    shared_base: InferenceModel | None = None,
 ) -> InferenceModel:
-    """Resolve the model (see ``src.models.loader``) and load it as configured. Raises
-    ``ModelLoadingError``."""
+    """Resolve the model (see ``src.models.loader``) and load it as configured. With
+    ``shared_base`` (the same model, already loaded by the scratch engine) an adapter is put
+    on its weights instead of loading them again. Raises ``ModelLoadingError``."""
     from src.models.loader import inference_dtype, resolve_model
     from src.models.quantize import resolve_quantization, use_int4_kernel
 
+    adapter = adapter_path or settings.adapter_path
+    requested = engine_name or settings.engine
+    if shared_base is not None and adapter is not None and shared_base.engine == "scratch":
+        adapted = put_adapter_on(shared_base.without_adapter(), Path(adapter), requested)
+        if adapted is not None:
+            return adapted
     name = model_name or settings.model_name
     folder, source = resolve_model(name, settings)
-    adapter = adapter_path or settings.adapter_path
     dtype = inference_dtype(settings.precision, source)
     quantization = resolve_quantization(settings.quantize, source)
-    requested = engine_name or settings.engine
-    if requested == "scratch" and adapter is not None:
-        raise ModelLoadingError(
-            "ENGINE=scratch runs base models only; LoRA adapters need ENGINE=hf (or auto)."
-        )
     loaded = None
-    if requested == "scratch" or (
-        requested == "auto" and adapter is None and model_type(folder) in SCRATCH_FAMILIES
-    ):
+    if requested == "scratch" or (requested == "auto" and model_type(folder) in SCRATCH_FAMILIES):
         try:
             loaded = load_scratch_fast(folder, source, name, dtype, quantization, settings)
         except ValueError as exc:  # a folder the direct path cannot read: use transformers
@@ -77,7 +85,42 @@ def load_for_inference(
         loaded.model, settings.int4_kernel, Path(settings.model_cache_dir)
     ):
         loaded.description += " (our AVX-512 BF16 int4 kernel)"
+    if adapter is not None and loaded.engine == "scratch":
+        adapted = put_adapter_on(loaded, Path(adapter), requested)
+        if adapted is None:  # only peft can run it: transformers' model, adapter merged
+            return load_for_inference(settings, model_name, adapter_path, "hf")
+        return adapted
     return loaded
+
+
+def put_adapter_on(base: InferenceModel, adapter: Path, requested: str) -> InferenceModel | None:
+    """``base`` (scratch engine, no adapter) with a LoRA adapter on its weights, or None if
+    the adapter needs peft and ENGINE=auto allows transformers instead."""
+    from src.models.lora_view import UnsupportedAdapter, with_adapter
+
+    try:
+        model = with_adapter(base.model, adapter)
+    except UnsupportedAdapter as exc:
+        if requested == "scratch":
+            raise ModelLoadingError(
+                f"ENGINE=scratch cannot run the LoRA adapter in {adapter}: {exc}. "
+                "ENGINE=auto (or hf) runs it through transformers and peft."
+            ) from exc
+        logger.warning(
+            "Notice: the LoRA adapter %s needs peft (%s): it runs on transformers' engine, "
+            "merged into its own copy of the model.",
+            adapter.name,
+            exc,
+        )
+        return None
+    return InferenceModel(
+        model,
+        base.tokenizer,
+        f"{base.name}+{adapter.name}",
+        "scratch",
+        f"{base.description}, LoRA adapter {adapter.name} on the shared weights",
+        plain=base,
+    )
 
 
 def model_type(folder: Path) -> str | None:
@@ -116,7 +159,11 @@ def load_scratch_fast(
 
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     return InferenceModel(
-        model, tokenizer, shown_name(name, source), "scratch", describe("scratch", dtype, quantization)
+        model,
+        tokenizer,
+        shown_name(name, source),
+        "scratch",
+        describe("scratch", dtype, quantization),
     )
 
 
@@ -134,10 +181,12 @@ def load_through_transformers(
     from src.models.quantize import quantize_for_inference
     from src.models.transformer import Transformer
 
-    loaded = load_resolved(settings, name, folder, source, adapter, dtype)
+    # On the scratch engine the adapter is put on afterwards (load_for_inference).
+    scratch = requested == "scratch"
+    loaded = load_resolved(settings, name, folder, source, None if scratch else adapter, dtype)
     shown = loaded.name if loaded.adapter is None else f"{loaded.name}+{loaded.adapter.name}"
     model, engine = loaded.model, "hf"
-    if requested == "scratch":
+    if scratch:
         try:
             model, engine = Transformer.from_hf(loaded.model), "scratch"
         except ValueError as exc:

@@ -61,7 +61,9 @@ def load_model(
     ``dtype`` defaults to PRECISION's choice for inference; training passes torch.float32."""
     name = model_name or settings.model_name
     folder, source = resolve_model(name, settings)
-    return load_resolved(settings, name, folder, source, adapter_path, dtype)
+    return load_resolved(
+        settings, name, folder, source, adapter_path or settings.adapter_path, dtype
+    )
 
 
 def load_resolved(
@@ -72,18 +74,18 @@ def load_resolved(
     adapter_path: Path | None = None,
     dtype: torch.dtype | None = None,
 ) -> LoadedModel:
-    """``load_model`` for a model ``resolve_model`` has already found."""
+    """``load_model`` for a model ``resolve_model`` has already found, with ``adapter_path``
+    attached if given (ADAPTER_PATH is not consulted here)."""
     dtype = dtype or inference_dtype(settings.precision, source)
     model, tokenizer = load_from_folder(
         folder, settings.trust_remote_code, dtype, allow_pickle=settings.allow_pickle
     )
     shown_name = BUNDLED_MODEL_NAME if source.startswith("bundled") else name
-    adapter = adapter_path or settings.adapter_path
-    if adapter is not None:
+    if adapter_path is not None:
         from src.models.lora_wrapper import load_adapter
 
-        model = load_adapter(model, Path(adapter), allow_pickle=settings.allow_pickle)
-    return LoadedModel(model, tokenizer, shown_name, folder, source, adapter)
+        model = load_adapter(model, Path(adapter_path), allow_pickle=settings.allow_pickle)
+    return LoadedModel(model, tokenizer, shown_name, folder, source, adapter_path)
 
 
 def inference_dtype(precision: str, source: str) -> torch.dtype:

@@ -140,19 +140,39 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
         super().__init__()
         self.base = base
-        self.base.weight.requires_grad_(False)
-        if self.base.bias is not None:
-            self.base.bias.requires_grad_(False)
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
         self.scaling = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))  # (out, r): zero
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and peft do
         self.merged = False
 
+    @classmethod
+    def around(cls, base: nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor) -> LoRALinear:
+        """A frozen layer serving a trained update, B already scaled: ``base`` may be any
+        layer with ``in_features`` and ``out_features`` (a quantised one too), and is shared,
+        not copied (src/models/lora_view.py)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.base, layer.scaling, layer.merged = base, 1.0, False
+        layer.lora_A = nn.Parameter(lora_A, requires_grad=False)
+        layer.lora_B = nn.Parameter(lora_B, requires_grad=False)
+        return layer
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not self.merged:
-            y = y + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+            update = x @ self.lora_A.T @ self.lora_B.T
+            y = y + (update if self.scaling == 1.0 else update * self.scaling)
         return y
 
     def delta_weight(self) -> torch.Tensor:

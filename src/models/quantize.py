@@ -24,7 +24,9 @@ given, so the rest of the model keeps PRECISION. The output layer is the excepti
 int8 in both modes and, given several rows (a batched decoding step, a whole sequence), also
 rounds its inputs to int8, one scale per row (``Int8DynamicLinear``), which makes a batch of
 rows several times cheaper. This is weight-only quantisation for
-inference: training and LoRA adapters (which are merged in first) use ordinary weights.
+inference: training uses ordinary weights, and LoRA adapters run beside the quantised layers
+in the model's precision (src/models/lora_view.py; on transformers' engine they are merged
+in before quantising).
 """
 
 from __future__ import annotations

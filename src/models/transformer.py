@@ -657,44 +657,65 @@ def attention_bias(attention_mask: torch.Tensor, T: int, dtype: torch.dtype) -> 
     return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
+# Which Hugging Face linear layers make each of ours, per family: several are concatenated
+# along the output in this order (Llama's q, k and v become our one qkv). LoRA adapters, which
+# name Hugging Face's layers, are mapped onto ours with the same table (src/models/lora_view.py).
+HF_BLOCK_PREFIX = {"gpt2": "transformer.h.{}.", "llama": "model.layers.{}."}
+HF_LINEAR_NAMES: dict[str, dict[str, list[str]]] = {
+    "gpt2": {
+        "attention.qkv": ["attn.c_attn"],
+        "attention.proj": ["attn.c_proj"],
+        "mlp.up": ["mlp.c_fc"],
+        "mlp.down": ["mlp.c_proj"],
+    },
+    "llama": {
+        "attention.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        "attention.proj": ["self_attn.o_proj"],
+        "mlp.gate": ["mlp.gate_proj"],
+        "mlp.up": ["mlp.up_proj"],
+        "mlp.down": ["mlp.down_proj"],
+    },
+}
+
+
+def family(config: TransformerConfig) -> str:
+    """ "gpt2" or "llama": whose Hugging Face names the weights have."""
+    return "gpt2" if config.positions == "learned" else "llama"
+
+
 def hf_weight_map(config: TransformerConfig, hf: dict[str, torch.Tensor]) -> dict:
     """Rename (and where needed transpose or concatenate) Hugging Face tensors to ours."""
     ours: dict[str, torch.Tensor] = {}
-    if config.positions == "learned":  # GPT-2
+    kind = family(config)
+    if kind == "gpt2":
         ours["token_embedding.weight"] = hf["transformer.wte.weight"]
         ours["position_embedding.weight"] = hf["transformer.wpe.weight"]
         ours["final_norm.weight"] = hf["transformer.ln_f.weight"]
         ours["final_norm.bias"] = hf["transformer.ln_f.bias"]
-        for i in range(config.n_layer):
-            theirs, mine = f"transformer.h.{i}.", f"blocks.{i}."
-            # GPT-2 stores Conv1D weights as (in, out); nn.Linear wants (out, in).
-            renames = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attention.qkv",
-                       "attn.c_proj": "attention.proj", "mlp.c_fc": "mlp.up",
-                       "mlp.c_proj": "mlp.down"}  # fmt: skip
-            for old, new in renames.items():
-                weight = hf[f"{theirs}{old}.weight"]
-                ours[f"{mine}{new}.weight"] = weight if old.startswith("ln") else weight.t()
-                ours[f"{mine}{new}.bias"] = hf[f"{theirs}{old}.bias"]
-        return ours
-    # Llama
-    ours["token_embedding.weight"] = hf["model.embed_tokens.weight"]
-    ours["final_norm.weight"] = hf["model.norm.weight"]
-    if not config.tie_embeddings:
-        ours["lm_head.weight"] = hf["lm_head.weight"]
+        norms = {"norm1": "ln_1", "norm2": "ln_2"}
+    else:
+        ours["token_embedding.weight"] = hf["model.embed_tokens.weight"]
+        ours["final_norm.weight"] = hf["model.norm.weight"]
+        if not config.tie_embeddings:
+            ours["lm_head.weight"] = hf["lm_head.weight"]
+        norms = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm"}
     for i in range(config.n_layer):
-        theirs, mine = f"model.layers.{i}.", f"blocks.{i}."
-        ours[f"{mine}norm1.weight"] = hf[f"{theirs}input_layernorm.weight"]
-        ours[f"{mine}norm2.weight"] = hf[f"{theirs}post_attention_layernorm.weight"]
-        projections = [f"{theirs}self_attn.{p}_proj" for p in ("q", "k", "v")]
-        ours[f"{mine}attention.qkv.weight"] = torch.cat([hf[f"{p}.weight"] for p in projections])
-        if config.attention_bias:
-            ours[f"{mine}attention.qkv.bias"] = torch.cat([hf[f"{p}.bias"] for p in projections])
-        renames = {"self_attn.o_proj": ("attention.proj", config.attention_bias),
-                   "mlp.gate_proj": ("mlp.gate", config.mlp_bias),
-                   "mlp.up_proj": ("mlp.up", config.mlp_bias),
-                   "mlp.down_proj": ("mlp.down", config.mlp_bias)}  # fmt: skip
-        for old, (new, has_bias) in renames.items():
+        theirs, mine = HF_BLOCK_PREFIX[kind].format(i), f"blocks.{i}."
+        for new, old in norms.items():
             ours[f"{mine}{new}.weight"] = hf[f"{theirs}{old}.weight"]
-            if has_bias:
+            if kind == "gpt2":
                 ours[f"{mine}{new}.bias"] = hf[f"{theirs}{old}.bias"]
+        for new, parts in HF_LINEAR_NAMES[kind].items():
+            # GPT-2 stores Conv1D weights as (in, out); nn.Linear wants (out, in).
+            weights = [hf[f"{theirs}{part}.weight"] for part in parts]
+            weights = [w.t() for w in weights] if kind == "gpt2" else weights
+            ours[f"{mine}{new}.weight"] = weights[0] if len(parts) == 1 else torch.cat(weights)
+            if has_bias(config, new):
+                biases = [hf[f"{theirs}{part}.bias"] for part in parts]
+                ours[f"{mine}{new}.bias"] = biases[0] if len(parts) == 1 else torch.cat(biases)
     return ours
+
+
+def has_bias(config: TransformerConfig, layer: str) -> bool:
+    """Whether our ``layer`` ("attention.qkv", "mlp.up", ...) has a bias in this config."""
+    return config.attention_bias if layer.startswith("attention.") else config.mlp_bias

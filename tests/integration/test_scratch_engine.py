@@ -4,11 +4,11 @@ exact against Hugging Face, and serving chat through the same engines."""
 import pytest
 import torch
 
-from src.errors import ModelLoadingError
 from src.models.bundled import BUNDLED_MODEL_NAME
 from src.models.transformer import Transformer
 from src.params import GenerationParams
-from src.stack import build_service
+from src.benchmarks.adapters import make_random_adapters
+from src.stack import build_chat_stack, build_service
 from tests.batching_helpers import alone_and_together, prompts_for
 from tests.conftest import EXACT, bundled_settings
 from tests.integration.conftest import run_python
@@ -83,14 +83,30 @@ def test_cli_engine_flag(bundled_model_path):
     assert "Paris" in result.stdout
 
 
-def test_scratch_engine_refuses_adapters(bundled_model_path, tmp_path):
-    settings = bundled_settings(
-        engine="scratch",
-    )
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+def test_scratch_engine_runs_an_adapter_as_peft_does(bundled_model_path, tmp_path):
+    make_random_adapters(bundled_model_path, tmp_path, 1)
+    peft = build_service(bundled_settings(**EXACT), adapter_path=tmp_path / "random-0")
+    scratch_settings = bundled_settings(**{**EXACT, "engine": "scratch"})
+    ours = build_service(scratch_settings, adapter_path=tmp_path / "random-0")
+    assert ours.backend.engine.model.__class__ is Transformer
+    for question in QUESTIONS:
+        expected = peft.reply(peft.new_conversation(), question, GREEDY)
+        assert ours.reply(ours.new_conversation(), question, GREEDY).text == expected.text
 
-    base = AutoModelForCausalLM.from_pretrained(bundled_model_path)
-    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadingError, match="LoRA adapters need ENGINE=hf"):
-        build_service(settings, adapter_path=tmp_path)
+
+def test_adapters_picked_by_name_share_the_base_weights(bundled_model_path, tmp_path):
+    """The default server (int4 weights): each adapter adds its A and B, nothing else."""
+    make_random_adapters(bundled_model_path, tmp_path, 2)
+    stack = build_chat_stack(bundled_settings(adapters_dir=tmp_path), background=False)
+    base = stack.service.backend.engine.model
+    base_storage = {t.data_ptr() for t in [*base.parameters(), *base.buffers()]}
+    replies = {}
+    for name in (None, "random-0", "random-1"):
+        service = stack.adapters.get(name)
+        model = service.backend.engine.model
+        added = [t for t in [*model.parameters(), *model.buffers()]
+                 if t.data_ptr() not in base_storage]  # fmt: skip
+        assert sum(t.nbytes for t in added) < 10 * 2**20  # A and B: about 5 MB
+        replies[name] = service.reply(service.new_conversation(), QUESTIONS[2], GREEDY).text
+    assert len(set(replies.values())) == 3  # each adapter changes the reply its own way
+    stack.close()
