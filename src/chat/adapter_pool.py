@@ -4,10 +4,10 @@ Each adapter gets its own service (its own engine and caches): requests for diff
 adapters can then be batched and cached separately, without swapping adapters under a running
 batch. On the scratch engine an adapter's model shares every base weight and adds only its
 LoRA matrices (src/models/lora_view.py); on transformers' engine it is a copy of the model
-with the adapter merged in. At most ``max_loaded`` adapters are kept (MAX_LOADED_ADAPTERS): loading one
-more closes the least recently used that has no reply running (its memory goes back), and when
-every loaded adapter is busy the request is refused with ``ServerBusyError`` (503) rather than
-going over the limit.
+with the adapter merged in. At most ``max_loaded`` adapters are kept (MAX_LOADED_ADAPTERS):
+loading one more closes the least recently used that has no reply running (its memory goes
+back), and when every loaded adapter is busy the request is refused with ``ServerBusyError``
+(503) rather than going over the limit.
 """
 
 from __future__ import annotations

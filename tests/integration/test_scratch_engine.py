@@ -4,10 +4,10 @@ exact against Hugging Face, and serving chat through the same engines."""
 import pytest
 import torch
 
+from src.benchmarks.adapters import make_random_adapters
 from src.models.bundled import BUNDLED_MODEL_NAME
 from src.models.transformer import Transformer
 from src.params import GenerationParams
-from src.benchmarks.adapters import make_random_adapters
 from src.stack import build_chat_stack, build_service
 from tests.batching_helpers import alone_and_together, prompts_for
 from tests.conftest import EXACT, bundled_settings

@@ -105,7 +105,10 @@ def test_the_adapted_model_shares_every_base_weight_and_adds_only_a_and_b(
     assert {t.data_ptr() for t in new} == {
         t.data_ptr() for layer in lora_layers for t in (layer.lora_A, layer.lora_B)
     }
-    assert all(layer.base is block.attention.qkv for layer, block in zip(lora_layers, base.blocks))
+    assert all(
+        layer.base is block.attention.qkv
+        for layer, block in zip(lora_layers, base.blocks, strict=True)
+    )
     assert not any(isinstance(m, LoRALinear) for m in base.modules())  # the base is untouched
     # On int4 weights too the update is exact: the base's output plus B A x in full precision.
     x = torch.randn(3, base.config.n_embd)
