@@ -74,7 +74,7 @@ def build_chat_stack(
     """
     store = SessionStore(settings.sessions_db) if sessions else None
     # The base model's engine and each adapter's share one budget for keys and values.
-    kv_budget = KVBudget(settings.kv_cache_mb * 2**20)
+    shared = SharedCaches.from_settings(settings)
 
     def service_for(adapter: Path | None, shared_base: InferenceModel | None = None) -> ChatService:
         build = partial(
@@ -84,7 +84,7 @@ def build_chat_stack(
             adapter,
             engine_name,
             store,
-            kv_budget=kv_budget,
+            shared=shared,
             shared_base=shared_base,
         )
         if not background:
@@ -139,11 +139,11 @@ def build_service(
     engine_name: str | None = None,
     store: SessionStore | None = None,
     background: bool = True,
-    kv_budget: KVBudget | None = None,
+    shared: SharedCaches | None = None,
     shared_base: InferenceModel | None = None,
 ) -> ChatService:
     """One ChatService: the configured model (or remote server) with the settings' defaults;
-    its engine holds keys and values within ``kv_budget`` (servers: shared by all), and an
+    its engine draws on ``shared`` caches (servers: one for all their engines), and an
     adapter goes on ``shared_base``'s weights where it can (see ``load_for_inference``)."""
     if settings.backend == "remote":
         if adapter_path is not None or engine_name not in (None, "auto"):
@@ -156,7 +156,7 @@ def build_service(
         name = backend.model
     else:
         backend, name = build_local_backend(
-            settings, model_name, adapter_path, engine_name, background, kv_budget, shared_base
+            settings, model_name, adapter_path, engine_name, background, shared, shared_base
         )
     return ChatService(
         backend,
@@ -176,7 +176,7 @@ def build_local_backend(
     adapter_path: Path | None = None,
     engine_name: str | None = None,
     background: bool = True,
-    kv_budget: KVBudget | None = None,
+    shared: SharedCaches | None = None,
     shared_base: InferenceModel | None = None,
 ) -> tuple[LocalBackend, str]:
     """The model (see ``src.models.inference`` for ENGINE, PRECISION and QUANTIZE), the
@@ -184,7 +184,7 @@ def build_local_backend(
     from src.models.inference import load_for_inference
 
     loaded = load_for_inference(settings, model_name, adapter_path, engine_name, shared_base)
-    backend = local_backend(loaded.model, loaded.tokenizer, settings, background, kv_budget)
+    backend = local_backend(loaded.model, loaded.tokenizer, settings, background, shared)
     backend.loaded = loaded
     logger.info(
         "Model: %s (%s); context window %d tokens (a full one holds %.0f MB of keys and values)",
@@ -201,28 +201,44 @@ def local_backend(
     tokenizer: Any,
     settings: Settings,
     background: bool = False,
-    kv_budget: KVBudget | None = None,
+    shared: SharedCaches | None = None,
 ) -> LocalBackend:
     """The engine for an already loaded ``model`` and the backend around it (scripts that
     load a model themselves, such as compare_adapter.py, start here: one consumer, so by
-    default the loop runs in the caller's thread)."""
+    default the loop runs in the caller's thread, with a prefix cache of its own and no
+    budget for keys and values beyond the model's context window)."""
     if uses_sliding_window(model):
         logger.warning(
             "Notice: this model uses sliding-window attention; requests are decoded one at a time."
         )
-    prefix_cache = (
-        PrefixCache(settings.prefix_cache_mb * 2**20) if settings.prefix_cache_mb else None
-    )
+    shared = shared or SharedCaches(prefix_cache=new_prefix_cache(settings))
     engine = BatchingEngine(
         model,
         eos_token_ids(model, tokenizer),
         settings.max_batch_size,
-        prefix_cache=prefix_cache,
+        prefix_cache=shared.prefix_cache,
         background=background,
         max_waiting=settings.max_queued_requests if background else None,
         memory_release_seconds=settings.memory_release_seconds,
-        kv_budget=kv_budget,
+        kv_budget=shared.kv_budget,
         max_prefill_tokens=settings.max_prefill_tokens,
     )
     window = context_window(model, engine.max_batch_size)
     return LocalBackend(engine, tokenizer, window)
+
+
+@dataclass
+class SharedCaches:
+    """What every engine of one stack (the base model's and each adapter's) draws from, so
+    that loading adapters does not multiply the memory settings allow."""
+
+    kv_budget: KVBudget | None = None  # KV_CACHE_MB: keys and values of all running batches
+    prefix_cache: PrefixCache | None = None  # PREFIX_CACHE_MB: kept for later prompts
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SharedCaches:
+        return cls(KVBudget(settings.kv_cache_mb * 2**20), new_prefix_cache(settings))
+
+
+def new_prefix_cache(settings: Settings) -> PrefixCache | None:
+    return PrefixCache(settings.prefix_cache_mb * 2**20) if settings.prefix_cache_mb else None

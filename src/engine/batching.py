@@ -41,7 +41,7 @@ from src.engine.logits import (
     sampling_generator,
     token_logprobs,
 )
-from src.engine.memory import MemoryReleaser
+from src.engine.memory import MemoryReleaser, return_large_blocks_at_once
 from src.engine.prefix_cache import PrefixCache
 from src.errors import EngineClosedError, ServerBusyError
 from src.models.caches import LayerKV, cache_from_layers, row_layers
@@ -159,9 +159,13 @@ class BatchingEngine:
         sliding = uses_sliding_window(model)
         self.max_batch_size = 1 if sliding else max_batch_size
         self.prefix_cache = None if sliding else prefix_cache
+        # This engine's entries in a prefix cache it may share with others (no reference to
+        # the engine itself, so the cache never keeps a dropped engine alive).
+        self._cache_owner = object()
         self.pipeline = pipeline or LogitsPipeline()
         self.max_waiting = max_waiting  # requests queued for a row; None: no limit
         self.stats = EngineStats()
+        return_large_blocks_at_once()  # for the whole process; the same every time
         self.memory = MemoryReleaser(memory_release_seconds)
         self.kv_budget = kv_budget
         self.max_prefill_tokens = max_prefill_tokens
@@ -266,6 +270,8 @@ class BatchingEngine:
             self._closed = True
             self._waiting.put(_CLOSE)
         _LIVE_ENGINES.discard(self)
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(self._cache_owner)
         if self._thread is None:
             with self._driving:
                 self._fail_all(EngineClosedError("the engine was closed before this reply ended"))
@@ -481,7 +487,7 @@ class BatchingEngine:
     def _cached_prefix(self, request: _Request) -> tuple[int, list[LayerKV]]:
         if self.prefix_cache is None:
             return 0, []
-        return self.prefix_cache.longest_prefix(request.prompt_ids)
+        return self.prefix_cache.longest_prefix(request.prompt_ids, owner=self._cache_owner)
 
     def _remember(self, batch: _Batch, row: int, request: _Request) -> None:
         """Keep a leaving row's keys and values (prompt and reply so far) for later prompts."""
@@ -489,7 +495,8 @@ class BatchingEngine:
             return
         columns = batch.attention_mask[row].nonzero().squeeze(1)  # its real positions
         if len(columns) == len(request.seen):  # the cache holds exactly those tokens
-            self.prefix_cache.store(request.seen, row_layers(batch.cache, row, columns))
+            layers = row_layers(batch.cache, row, columns)
+            self.prefix_cache.store(request.seen, layers, owner=self._cache_owner)
 
     @torch.inference_mode()
     def _step(self, batch: _Batch) -> _Batch | None:

@@ -10,7 +10,10 @@ tokens through the model. (llama.cpp keeps a conversation's cache in its slot th
 and vLLM's automatic prefix caching shares common prefixes between requests.)
 
 This cache is deliberately simple: whole sequences in least-recently-used order under a
-memory budget (PREFIX_CACHE_MB), matched by their longest common prefix with the prompt.
+memory budget (PREFIX_CACHE_MB), matched by their longest common prefix with the prompt. The
+engines of one server (the base model's and each LoRA adapter's) share one cache and its
+budget: each entry belongs to the engine (``owner``) whose model computed it, since the same
+tokens give other keys and values under another adapter.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class _Entry:
     ids: torch.Tensor  # (length,) the token ids whose keys and values are kept
     layers: list[LayerKV]
     nbytes: int
+    owner: object  # the engine whose model computed them
 
 
 class PrefixCache:
@@ -54,17 +58,18 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def longest_prefix(self, ids: list[int]) -> tuple[int, list[LayerKV]]:
-        """How many leading tokens of ``ids`` have cached keys and values, and those (each
-        (1, kv_heads, n, head_dim)); (0, []) when fewer than ``MIN_REUSED_TOKENS`` match. At
-        most ``len(ids) - 1``: the last token must go through the model to give the logits."""
+    def longest_prefix(self, ids: list[int], owner: object = None) -> tuple[int, list[LayerKV]]:
+        """How many leading tokens of ``ids`` have keys and values cached by ``owner``, and
+        those (each (1, kv_heads, n, head_dim)); (0, []) when fewer than ``MIN_REUSED_TOKENS``
+        match. At most ``len(ids) - 1``: the last token must go through the model to give the
+        logits."""
         query = torch.tensor(ids, dtype=torch.long)
         with self._lock:
             self.lookups += 1
             best, best_length = None, 0
             for entry in self._entries:
                 length = min(len(entry.ids), len(ids) - 1)
-                if length <= best_length:
+                if entry.owner is not owner or length <= best_length:
                     continue
                 differs = (entry.ids[:length] != query[:length]).nonzero()
                 common = int(differs[0]) if len(differs) else length
@@ -80,22 +85,29 @@ class PrefixCache:
                 (k[:, :, :best_length], v[:, :, :best_length]) for k, v in best.layers
             ]
 
-    def store(self, ids: torch.Tensor, layers: list[LayerKV]) -> None:
-        """Keep ``layers`` (owned by the cache from now on) as the keys and values of ``ids``.
-        Entries that are a prefix of ``ids`` go (the new one covers them); then the least
-        recently used ones, until the cache fits its budget."""
+    def store(self, ids: torch.Tensor, layers: list[LayerKV], owner: object = None) -> None:
+        """Keep ``layers`` (owned by the cache from now on) as ``owner``'s keys and values of
+        ``ids``. That owner's entries that are a prefix of ``ids`` go (the new one covers
+        them); then the least recently used of all, until the cache fits its budget."""
         if len(ids) < MIN_REUSED_TOKENS:
             return
         nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
         if nbytes > self.budget_bytes:
             return
-        entry = _Entry(ids.clone(), layers, nbytes)
+        entry = _Entry(ids.clone(), layers, nbytes, owner)
         with self._lock:
-            self._entries = [e for e in self._entries if not _is_prefix(e.ids, entry.ids)]
+            self._entries = [
+                e for e in self._entries if e.owner is not owner or not _is_prefix(e.ids, entry.ids)
+            ]
             self._entries.append(entry)
             total = sum(e.nbytes for e in self._entries)
             while total > self.budget_bytes:
                 total -= self._entries.pop(0).nbytes
+
+    def forget(self, owner: object) -> None:
+        """Drop ``owner``'s entries (its engine closed: nobody can use them again)."""
+        with self._lock:
+            self._entries = [e for e in self._entries if e.owner is not owner]
 
 
 def _is_prefix(shorter: torch.Tensor, longer: torch.Tensor) -> bool:

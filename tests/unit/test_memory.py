@@ -49,6 +49,48 @@ def test_releasing_works_on_glibc_and_does_nothing_elsewhere():
         assert released is False
 
 
+FREED_BLOCKS = """
+import sys, torch
+from src.engine.memory import return_large_blocks_at_once
+
+def resident_mb():
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024
+
+if sys.argv[1] == "fixed":
+    assert return_large_blocks_at_once()
+big = torch.ones(16 << 20, dtype=torch.uint8)
+del big  # glibc's own rule now serves blocks up to 16 MB from the heap
+before = resident_mb()
+blocks = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(16)]  # 64 MB
+after_them = torch.ones(1000)  # allocated above them: the heap cannot shrink from the top
+del blocks
+print(resident_mb() - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_freed_large_tensors_go_back_to_the_system_at_once(tmp_path):
+    import platform
+    import subprocess
+
+    from src.config import REPO_ROOT
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's allocator")
+
+    def kept_mb(mode: str) -> float:
+        result = subprocess.run(
+            [sys.executable, "-c", FREED_BLOCKS, mode],
+            capture_output=True, text=True, cwd=REPO_ROOT, check=True,
+        )  # fmt: skip
+        return float(result.stdout)
+
+    assert kept_mb("default") > 24  # glibc kept much of the 64 MB for later
+    assert kept_mb("fixed") < 8
+
+
 def test_the_kv_cache_copies_what_it_is_handed_and_sizes_buffers_in_blocks():
     """Keys and values arrive as views of the whole q/k/v projection: keeping the views would
     keep the projections alive (several times the cache's size)."""

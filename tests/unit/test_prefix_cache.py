@@ -66,6 +66,38 @@ def test_a_longer_sequence_replaces_its_prefixes_and_the_budget_evicts_least_rec
     PrefixCache(budget_bytes=10).store(torch.tensor(ids), layers_for(ids))
 
 
+def test_engines_sharing_the_cache_share_its_budget_but_never_each_others_entries(
+    tiny_llama_path,
+):
+    """The base model's engine and an adapter's compute other keys for the same tokens."""
+    ids = list(range(100))
+    one_entry = sum(k.nbytes + v.nbytes for k, v in layers_for(ids))
+    cache = PrefixCache(budget_bytes=2 * one_entry)
+    base, adapter = object(), object()
+    cache.store(torch.tensor(ids), layers_for(ids), owner=base)
+    assert cache.longest_prefix(ids + [1], owner=adapter) == (0, [])
+    cache.store(torch.tensor(ids[:50]), layers_for(ids[:50]), owner=adapter)  # not merged
+    assert cache.longest_prefix(ids + [1], owner=adapter)[0] == 50
+    assert len(cache) == 2 and cache.longest_prefix(ids + [1], owner=base)[0] == 100
+    other = [200 + i for i in range(100)]
+    cache.store(torch.tensor(other), layers_for(other), owner=adapter)  # one budget for all
+    assert cache.nbytes <= cache.budget_bytes and len(cache) == 2
+    cache.forget(adapter)
+    assert len(cache) == 1 and cache.longest_prefix(ids + [1], owner=base)[0] == 100
+    # An engine that closes takes its entries with it.
+    from src.models.transformer import Transformer
+
+    cache = PrefixCache(BUDGET)
+    cache.store(torch.tensor(ids), layers_for(ids), owner=base)
+    model = Transformer.from_folder(tiny_llama_path)
+    engine = BatchingEngine(model, frozenset({2}), prefix_cache=cache, background=False)
+    prompt = list(range(5, 30))
+    list(engine.generate_token_ids(prompt, GREEDY))
+    assert len(cache) == 2
+    engine.close()
+    assert len(cache) == 1
+
+
 def conversation_prompts(service) -> tuple[list[int], list[int]]:
     """A first turn, and the second turn of the same conversation (which starts with it)."""
     first = [{"role": "user", "content": "Tell me about the weather in spring."}]
