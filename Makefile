@@ -53,8 +53,8 @@ bench: setup                     ## side-by-side benchmark -> outputs/benchmark/
 load-test: setup                 ## load-test the API (loopback): clients, disconnects, latency, memory
 	$(PY) scripts/load_test.py $(ARGS)
 
-soak: setup                      ## 30-minute soak: every route, adapters, a SIGKILL and a SIGTERM, memory
-	$(PY) scripts/load_test.py --clients 16 --duration 1800 --adapters 3 --sigkill-at 120 \
+soak: setup                      ## one-hour soak: every route, adapters, a SIGKILL and a SIGTERM, memory
+	$(PY) scripts/load_test.py --clients 16 --duration 3600 --adapters 3 --sigkill-at 120 \
 	  --sigterm-at 300 --turns 12 --max-new-tokens 48 --sample-seconds 30 \
 	  --output outputs/soak/load.json $(ARGS)
 

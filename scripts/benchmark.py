@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import _bootstrap
@@ -28,8 +29,9 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     from src.benchmarks.decode import (
         EngineStream,
         held_out_perplexity,
+        time_engine,
+        time_generate,
         time_stream,
-        transformers_generate_stream,
     )
     from src.chat.prompts import detect_prompt_format, encode_conversation
     from src.models.loader import ensure_bundled_model
@@ -74,20 +76,28 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     def perplexity_of(model):
         return lambda: held_out_perplexity(model, held_out)
 
-    # (name, stream, perplexity): every row decodes the same prompt and scores the same text.
-    baseline_stream = transformers_generate_stream(fp32, prompt, new_tokens)
-    runs = [("transformers generate fp32 (baseline)", baseline_stream, perplexity_of(fp32))]
+    # (name, timing, perplexity): every row decodes the same prompt and scores the same text;
+    # timing(repetitions) gives (tokens/s, first token seconds, tokens).
+    runs = [
+        (
+            "transformers generate fp32 (baseline)",
+            lambda count: time_generate(fp32, prompt, new_tokens, count),
+            perplexity_of(fp32),
+        )
+    ]
     for name, make in candidates:
         model = make()
-        runs.append((name, EngineStream(model, prompt, new_tokens), perplexity_of(model)))
-    runs += llama_cpp_runs(prompt, new_tokens, held_out)
+        stream = EngineStream(model, prompt, new_tokens)
+        runs.append((name, partial(time_engine, stream), perplexity_of(model)))
+    runs += [
+        (name, partial(time_stream, stream), perplexity)
+        for name, stream, perplexity in llama_cpp_runs(prompt, new_tokens, held_out)
+    ]
     stop_ids = {tokenizer.eos_token_id, fp32.generation_config.eos_token_id}
     rows, baseline_tokens = [], None
-    for name, stream, perplexity in runs:
+    for name, timing, perplexity in runs:
         print(f"  decode: {name}", flush=True)
-        speed, first, tokens = time_stream(stream, repetitions)
-        if isinstance(stream, EngineStream):
-            stream.close()  # its thread ends: see EngineStream
+        speed, first, tokens = timing(repetitions)
         baseline_tokens = baseline_tokens or tokens
         # The baseline's min_new_tokens suppresses EOS while ours generates through it, so
         # compare the reply a user would see: up to our first end-of-turn token.

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     # and never downloaded, unless the operator opts in. Safetensors are always preferred.
     allow_pickle: bool = False
     # "hf": transformers' model; "scratch": our own src/models/transformer.py on the same
-    # weights; "auto": scratch for the GPT-2 and Llama families without an adapter, else hf.
+    # weights; "auto": scratch for the GPT-2 and Llama families (adapters too), else hf.
     engine: Literal["auto", "hf", "scratch"] = "auto"
     # Inference speed and memory (README "Performance" has the measurements behind these).
     # PRECISION: fp32 (exact) or bf16 (half the memory, faster here; perplexity within 0.1%).

@@ -1,6 +1,8 @@
 """Single-stream decoding speed: each of our engines and precisions against plain
 transformers ``generate`` (fp32), same prompt, same number of new tokens, greedy, measured
-side by side in one process. Medians of several repetitions."""
+side by side in one process. Medians of several repetitions. The baseline runs as its users
+run it (``time_generate``); our engines and llama.cpp are timed token by token as they
+stream (``time_stream``)."""
 
 from __future__ import annotations
 
@@ -41,47 +43,28 @@ def time_stream(stream: Callable[[], Iterator[int]], repetitions: int) -> tuple[
     return statistics.median(speeds), statistics.median(firsts), tokens
 
 
-def transformers_generate_stream(model: Any, prompt: list[int], new_tokens: int):
-    """Plain ``model.generate`` (the baseline), streamed through transformers' streamer API
-    so that time to first token is measured the same way."""
-    import queue
-    import threading
+def time_generate(
+    model: Any, prompt: list[int], new_tokens: int, repetitions: int
+) -> tuple[float, float, list]:
+    """Plain ``model.generate`` (the baseline) as its users call it, with no streamer or
+    thread around it: time to first token from calls that generate one token, and tokens/s
+    from calls that generate all of them, each timed as a whole: (n - 1) / (whole - first),
+    the same decoding rate ``time_stream`` measures for the other rows. Medians."""
+    ids = torch.tensor([prompt])
 
-    from transformers.generation.streamers import BaseStreamer
-
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.items: queue.Queue = queue.Queue()
-            self.prompt_seen = False
-
-        def put(self, value):
-            if not self.prompt_seen:  # the first call carries the prompt
-                self.prompt_seen = True
-                return
-            for token in value.reshape(-1).tolist():
-                self.items.put(token)
-
-        def end(self):
-            self.items.put(None)
-
-    def stream():
-        streamer = Collect()
-        worker = threading.Thread(
-            target=lambda: model.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                streamer=streamer,
-                pad_token_id=0,
-            )
+    def run(count: int) -> tuple[float, list[int]]:
+        started = time.perf_counter()
+        output = model.generate(
+            ids, max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=0
         )
-        worker.start()
-        while (token := streamer.items.get()) is not None:
-            yield token
-        worker.join()
+        return time.perf_counter() - started, output[0, len(prompt) :].tolist()
 
-    return stream
+    first = statistics.median(run(1)[0] for _ in range(repetitions))
+    wholes, tokens = [], []
+    for _ in range(repetitions):
+        seconds, tokens = run(new_tokens)
+        wholes.append(seconds)
+    return (new_tokens - 1) / (statistics.median(wholes) - first), first, tokens
 
 
 class EngineStream:
@@ -101,6 +84,14 @@ class EngineStream:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def time_engine(stream: EngineStream, repetitions: int) -> tuple[float, float, list]:
+    """``time_stream`` on one of our engines, which is closed afterwards (its thread ends)."""
+    try:
+        return time_stream(stream, repetitions)
+    finally:
+        stream.close()
 
 
 @torch.inference_mode()
