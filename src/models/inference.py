@@ -65,8 +65,8 @@ def load_for_inference(
     requested = engine_name or settings.engine
     if shared_base is not None and adapter is not None and shared_base.engine == "scratch":
         adapted = put_adapter_on(shared_base.without_adapter(), Path(adapter), requested)
-        if adapted is not None:
-            return adapted
+        # None: only peft can run it, on transformers' model with the adapter merged.
+        return adapted or load_for_inference(settings, model_name, adapter_path, "hf")
     name = model_name or settings.model_name
     folder, source = resolve_model(name, settings)
     dtype = inference_dtype(settings.precision, source)
@@ -87,9 +87,7 @@ def load_for_inference(
         loaded.description += " (our AVX-512 BF16 int4 kernel)"
     if adapter is not None and loaded.engine == "scratch":
         adapted = put_adapter_on(loaded, Path(adapter), requested)
-        if adapted is None:  # only peft can run it: transformers' model, adapter merged
-            return load_for_inference(settings, model_name, adapter_path, "hf")
-        return adapted
+        return adapted or load_for_inference(settings, model_name, adapter_path, "hf")
     return loaded
 
 
