@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from src.models.cpu_info import cpu_flags
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "int4_bf16.c"
@@ -45,12 +47,9 @@ def unavailable_reason() -> str | None:
     """Why the kernel cannot run on this machine, or None if it can."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"it is for x86-64 Linux, not {platform.system()} {platform.machine()}"
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        return f"cannot read /proc/cpuinfo ({exc})"
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
-                  if line.startswith("flags")), [])  # fmt: skip
+    flags = cpu_flags()
+    if flags is None:
+        return "cannot read /proc/cpuinfo"
     missing = [feature for feature in CPU_FEATURES if feature not in flags]
     return f"this CPU lacks {', '.join(missing)}" if missing else None
 
