@@ -4,8 +4,8 @@ Merging an adapter (W + B A) needs a whole copy of the model per adapter, and on
 it also rounds the update into 4 bits. Here the adapter stays a separate low-rank update on
 each layer (``LoRALinear``: y = W x + B A x, scaling folded into B), and everything else (the
 embeddings, the norms and every base weight, int4 or not) is the very same tensors as the
-base model's: an adapter costs its own A and B matrices (about 5 MB for SmolLM2-135M at rank
-8), and the base keeps its exact weights.
+base model's: an adapter costs its own A and B matrices (about 10 MB for SmolLM2-135M at
+rank 8, kept in fp32: see ``LoRALinear``), and the base keeps its exact weights.
 
 Llama's q, k and v projections are one ``qkv`` layer in our model: their adapters are joined
 into one update, A stacked along the rank and B block-diagonal, which gives the same
@@ -55,8 +55,8 @@ class UnsupportedAdapter(ValueError):
 class LayerUpdate:
     """One of our linear layers' low-rank update: y += B (A x), the scaling already in B."""
 
-    lora_A: torch.Tensor  # (r, in)
-    lora_B: torch.Tensor  # (out, r)
+    lora_A: torch.Tensor  # (r, in), fp32 whatever the model's dtype (see LoRALinear)
+    lora_B: torch.Tensor  # (out, r), fp32
 
 
 def read_adapter(folder: Path, model: Transformer) -> dict[str, LayerUpdate]:
@@ -80,7 +80,6 @@ def read_adapter(folder: Path, model: Transformer) -> dict[str, LayerUpdate]:
         raise ModelLoadingError(f"Could not read the adapter {weights_file}: {exc}") from exc
     tensors = {name.removeprefix(PEFT_PREFIX): tensor for name, tensor in saved.items()}
     alpha, rslora = float(config.get("lora_alpha", 8)), bool(config.get("use_rslora"))
-    dtype = model.token_embedding.weight.dtype
     updates: dict[str, LayerUpdate] = {}
     kind = family(model.config)
     for i, block in enumerate(model.blocks):
@@ -94,7 +93,7 @@ def read_adapter(folder: Path, model: Transformer) -> dict[str, LayerUpdate]:
             if all(pair is None for pair in found):
                 continue
             widths = part_widths(model, ours, len(parts))
-            updates[f"blocks.{i}.{ours}"] = join_parts(found, widths, dtype, f"{prefix}{ours}")
+            updates[f"blocks.{i}.{ours}"] = join_parts(found, widths, f"{prefix}{ours}")
     if not updates:
         raise ModelLoadingError(
             f"The adapter in {folder} does not fit this model: none of its tensors "
@@ -166,7 +165,6 @@ def part_widths(model: Transformer, layer: str, parts: int) -> list[int]:
 def join_parts(
     found: list[tuple[torch.Tensor, torch.Tensor] | None],
     widths: list[int],
-    dtype: torch.dtype,
     name: str,
 ) -> LayerUpdate:
     """One update for a layer made of several modules (stacked A, block-diagonal B); a
@@ -182,7 +180,7 @@ def join_parts(
         *(pair[1] if pair is not None else torch.zeros(width, 0)
           for pair, width in zip(found, widths, strict=True))
     )  # fmt: skip
-    return LayerUpdate(lora_A.to(dtype), lora_B.to(dtype))
+    return LayerUpdate(lora_A, lora_B)
 
 
 def with_adapter(model: Transformer, folder: Path) -> Transformer:

@@ -171,8 +171,12 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not self.merged:
-            update = x @ self.lora_A.T @ self.lora_B.T
-            y = y + (update if self.scaling == 1.0 else update * self.scaling)
+            # In A's dtype: fp32 when serving a bf16 model (lora_view.py), because PyTorch's
+            # bf16 matmul keeps memory for every new row count it meets (hundreds of MB over
+            # a server's varied prompt lengths) and is slower at these tiny ranks.
+            update = x.to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T
+            update = update if self.scaling == 1.0 else update * self.scaling
+            y = y + update.to(y.dtype)
         return y
 
     def delta_weight(self) -> torch.Tensor:
