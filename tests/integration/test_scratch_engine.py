@@ -83,6 +83,7 @@ def test_cli_engine_flag(bundled_model_path):
     assert "Paris" in result.stdout
 
 
+@pytest.mark.slow  # two fp32 copies of the model and peft; tests/unit/test_lora_view.py is quick
 def test_scratch_engine_runs_an_adapter_as_peft_does(bundled_model_path, tmp_path):
     make_random_adapters(bundled_model_path, tmp_path, 1)
     peft = build_service(bundled_settings(**EXACT), adapter_path=tmp_path / "random-0")
