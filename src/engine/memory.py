@@ -27,6 +27,7 @@ Two remedies, glibc only (elsewhere nothing happens):
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -41,6 +42,7 @@ LARGE_BLOCK_BYTES = 1 << 20  # from this size up, malloc maps pages of their own
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 
 
+@functools.cache  # every engine asks (return_large_blocks_at_once); look it up once
 def _glibc() -> ctypes.CDLL | None:
     """The C library, where it is glibc (not macOS, Windows or musl)."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":

@@ -30,7 +30,13 @@ from torch import nn
 
 from src.errors import ModelLoadingError
 from src.models.lora_wrapper import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, LoRALinear
-from src.models.transformer import HF_BLOCK_PREFIX, HF_LINEAR_NAMES, Transformer, family
+from src.models.transformer import (
+    HF_BLOCK_PREFIX,
+    HF_LINEAR_NAMES,
+    Transformer,
+    TransformerConfig,
+    family,
+)
 
 PEFT_PREFIX = "base_model.model."  # peft's saved names: this, then the model's own name
 
@@ -92,7 +98,7 @@ def read_adapter(folder: Path, model: Transformer) -> dict[str, LayerUpdate]:
             ]
             if all(pair is None for pair in found):
                 continue
-            widths = part_widths(model, ours, len(parts))
+            widths = part_widths(model.config, layer.out_features, len(parts))
             updates[f"blocks.{i}.{ours}"] = join_parts(found, widths, f"{prefix}{ours}")
     if not updates:
         raise ModelLoadingError(
@@ -153,13 +159,12 @@ def lora_pair(
     return lora_A, lora_B * scaling
 
 
-def part_widths(model: Transformer, layer: str, parts: int) -> list[int]:
-    """Output widths of the Hugging Face modules that make our ``layer``."""
-    config = model.config
+def part_widths(config: TransformerConfig, out_features: int, parts: int) -> list[int]:
+    """Output widths of the Hugging Face modules that make one of our layers."""
     if parts == 3:  # Llama's q, k, v
         kv = config.n_kv_head * config.head_dim
         return [config.n_head * config.head_dim, kv, kv]
-    return [model.blocks[0].get_submodule(layer).out_features]
+    return [out_features]
 
 
 def join_parts(
