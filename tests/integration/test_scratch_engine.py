@@ -95,6 +95,16 @@ def test_scratch_engine_runs_an_adapter_as_peft_does(bundled_model_path, tmp_pat
         assert ours.reply(ours.new_conversation(), question, GREEDY).text == expected.text
 
 
+def test_random_adapters_depend_on_their_seed_only(bundled_model_path, tmp_path):
+    """Load tests and the test below get the same adapters whatever ran before them."""
+    for run in ("first", "second"):
+        torch.manual_seed(len(run))  # a different global state each time
+        make_random_adapters(bundled_model_path, tmp_path / run, 1)
+    weights = [(tmp_path / run / "random-0" / "adapter_model.safetensors").read_bytes()
+               for run in ("first", "second")]  # fmt: skip
+    assert weights[0] == weights[1]
+
+
 def test_adapters_picked_by_name_share_the_base_weights(bundled_model_path, tmp_path):
     """The default server (int4 weights): each adapter adds its A and B, nothing else."""
     make_random_adapters(bundled_model_path, tmp_path, 2)
