@@ -3,13 +3,16 @@
 Every field of the current Chat Completions request is accepted. Those that cannot apply to
 a local text model are listed in ``IGNORED_CHAT_FIELDS`` (and the README); a field that is not
 in the API at all is a 422 naming it, so a typo never passes silently.
+
+Request models are strict: a value has the JSON type the API gives it (``true`` is not the
+number 1, ``"5"`` is not 5, ``2.0`` is not the integer 2), as OpenAI's own API checks.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 
 from src.errors import InvalidRequestError
 
@@ -39,14 +42,14 @@ IGNORED_CHAT_FIELDS = (
 class ContentPart(BaseModel):
     """One part of a message's content; only ``text`` parts can be read by this model."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow")
 
     type: str
     text: str | None = None
 
 
 class FunctionCallIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore")
 
     name: str
     arguments: str = "{}"
@@ -55,7 +58,7 @@ class FunctionCallIn(BaseModel):
 class ToolCallIn(BaseModel):
     """A call an assistant message made earlier in the conversation."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore")
 
     id: str
     type: Literal["function"] = "function"
@@ -63,7 +66,7 @@ class ToolCallIn(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients add fields of their own
+    model_config = ConfigDict(strict=True, extra="ignore")  # clients add fields of their own
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
@@ -74,13 +77,15 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # include_obfuscation: nothing to obfuscate
+    model_config = ConfigDict(
+        strict=True, extra="ignore"
+    )  # include_obfuscation: nothing to obfuscate
 
     include_usage: bool = False
 
 
 class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
 
     name: str = "reply"
     description: str | None = None
@@ -90,7 +95,7 @@ class JSONSchemaFormat(BaseModel):
 
 
 class ResponseFormatIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
@@ -108,7 +113,7 @@ class ResponseFormatIn(BaseModel):
 
 
 class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
@@ -117,25 +122,27 @@ class FunctionDefinition(BaseModel):
 
 
 class ToolIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     type: Literal["function"]
     function: FunctionDefinition
 
 
 class NamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     name: str
 
 
 class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     type: Literal["function"]
     function: NamedFunction
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str | None = None  # accepted for compatibility; the server has one model
     messages: list[ChatMessage] = Field(min_length=1)
@@ -257,11 +264,10 @@ class ModelList(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str | None = None
-    # Token ids are strict integers: JSON true is not token 1.
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for this endpoint
     temperature: float | None = None
     top_p: float | None = None

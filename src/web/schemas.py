@@ -16,6 +16,8 @@ class GenerationOverrides(BaseModel):
     """Per-request generation parameters; anything left out uses the server's defaults.
     Ranges are checked by ``GenerationParams`` and reported with the field's name."""
 
+    model_config = ConfigDict(strict=True)  # JSON types as they are: true is not 1
+
     max_new_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -43,7 +45,7 @@ class GenerationOverrides(BaseModel):
 
 
 class ChatRequest(GenerationOverrides):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     message: str = Field(description="The user's message.")
     session_id: str | None = Field(None, description="Continue this session; omit to start one.")

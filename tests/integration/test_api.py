@@ -481,6 +481,33 @@ def test_invalid_unicode_is_a_400_not_a_500(client):
     assert response.status_code == 400 and "invalid Unicode" in response.json()["error"]["message"]
 
 
+NATIVE = {"message": "hi", "max_new_tokens": 2}
+OPENAI_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+LEGACY = {"prompt": "hi", "max_tokens": 2}
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field", "value"),
+    [
+        ("/chat", NATIVE, "presence_penalty", True),
+        ("/chat", NATIVE, "max_new_tokens", "5"),
+        ("/chat", NATIVE, "do_sample", 0),
+        ("/v1/chat/completions", OPENAI_CHAT, "top_p", True),
+        ("/v1/chat/completions", OPENAI_CHAT, "n", 1.0),
+        ("/v1/chat/completions", OPENAI_CHAT, "stream", 1),
+        ("/v1/completions", LEGACY, "temperature", False),
+        ("/v1/completions", LEGACY, "prompt", [True, 2]),
+    ],
+)
+def test_values_of_the_wrong_json_type_are_refused(client, route, body, field, value):
+    """As OpenAI's API does: true is not the number 1, "5" is not 5, 1.0 is not the integer 1."""
+    response = client.post(route, json={**body, field: value})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert field in response.json()["error"]["message"]
+    assert client.post(route, json=body).status_code == 200  # the rest of the request is fine
+
+
 def test_an_unexpected_load_failure_is_reported_not_loading_forever(settings):
     def broken_factory(settings):
         raise PermissionError("cannot write data/sessions.sqlite3")

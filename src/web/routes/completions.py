@@ -11,7 +11,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from src.chat.deltas import TokenInfo
@@ -213,7 +213,7 @@ def _usage(results: list[ChatResult], n: int):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     prompt: str | None = None
@@ -231,10 +231,10 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # true is not token 1
 
     model: str | None = None
-    tokens: list[StrictInt] = Field(max_length=100_000)  # true is not token 1
+    tokens: list[int] = Field(max_length=100_000)
 
 
 class DetokenizeResponse(BaseModel):
