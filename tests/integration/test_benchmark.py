@@ -22,6 +22,7 @@ def run_benchmark(output: Path, *options: str) -> tuple[subprocess.CompletedProc
     return result, json.loads((output / "benchmark.json").read_text())
 
 
+@pytest.mark.slow  # loads every engine; `make bench` runs it
 def test_decode_section_writes_json_markdown_and_chart(converted_bundled_model, tmp_path):
     result, data = run_benchmark(
         tmp_path,
@@ -84,6 +85,7 @@ def test_training_section_runs_both_trainers_on_the_same_batches(converted_bundl
     assert "| transformers Trainer + peft (baseline) |" in table and "1.00x" in table
 
 
+@pytest.mark.slow  # starts several servers and CLIs
 def test_serving_structured_and_cold_start_sections(converted_bundled_model, tmp_path):
     """The API under concurrent clients (a real uvicorn, real streams), JSON-schema replies
     against free ones, and the cold starts of the CLI and the server, at the smallest sizes."""

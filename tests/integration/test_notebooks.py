@@ -13,8 +13,9 @@ from src.config import REPO_ROOT
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
-# 02 trains for 12 steps (about a minute): with the slow tests, to keep `make test` short.
-SLOW = {"02_lora_fine_tuning.ipynb"}
+# With the slow tests, to keep `make test` short: 02 trains for 12 steps (about a minute), 03
+# and 04 decode with several engines (30-45 s each).
+SLOW = {"02_lora_fine_tuning.ipynb", "03_decoding.ipynb", "04_structured_outputs.ipynb"}
 CASES = [
     pytest.param(path, id=path.name, marks=[pytest.mark.slow] if path.name in SLOW else [])
     for path in NOTEBOOKS

@@ -40,6 +40,7 @@ def test_logits_equal_hugging_face_on_the_bundled_model(bundled_exact_service):
     assert (actual - expected)[mask.bool()].abs().max() < 1e-4
 
 
+@pytest.mark.slow  # the engine test below compares the same replies
 def test_greedy_32_tokens_equal_hugging_face(bundled_exact_service):
     hf = bundled_exact_service.backend.engine.model
     ours = Transformer.from_hf(hf)
@@ -65,6 +66,7 @@ def test_engine_scratch_gives_the_same_replies_as_the_default_engine(
         assert scratch.text == default.text
 
 
+@pytest.mark.slow  # test_quantized_model checks the default engine
 def test_scratch_model_batches_like_one_request_at_a_time(scratch_service):
     prompts = prompts_for(scratch_service, QUESTIONS, GREEDY)
     alone, together, engine = alone_and_together(scratch_service, prompts, GREEDY)

@@ -212,6 +212,7 @@ def test_command_line_training_then_chat_with_the_adapter(tiny_llama_path, datas
     assert chat.returncode == 0, chat.stderr
 
 
+@pytest.mark.slow  # two trainer processes; the single-process tests cover the rest
 def test_distributed_data_parallel_with_two_cpu_processes(tiny_llama_path, dataset, tmp_path):
     config = write_config(
         tiny_llama_path,

@@ -146,7 +146,7 @@ def test_the_fast_labelling_path_equals_the_exact_one(bundled_model_path):
     import src.chat.prompts as prompts
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_path)
-    examples = load_examples("chitchat")[:60] + load_examples("chatterbot")[:60]
+    examples = load_examples("chitchat")[:25] + load_examples("chatterbot")[:25]
     examples.append(load_examples("chatterbot")[0])
     examples[-1].system_prompt = "Answer like a pirate 🏴‍☠️."
     fast_used = 0
@@ -179,7 +179,7 @@ def test_the_fast_labelling_path_equals_the_exact_one(bundled_model_path):
             )
             == fast
         )
-    assert fast_used > 100
+    assert fast_used > 40
 
 
 def test_parquet_files_and_saved_datasets_are_read_through_hf_datasets(tmp_path):
