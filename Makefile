@@ -23,6 +23,10 @@ setup: $(RUNTIME_STAMP)          ## install the runtime into .venv
 setup-dev: $(DEV_STAMP)          ## ... plus test and lint tools
 
 setup-llamacpp: setup            ## optional: llama-cpp-python for the benchmark's llama.cpp row (~10 min build)
+	@# This CPU's instruction sets, AMX off (see src/benchmarks/llama_cpp.py); no cached wheel,
+	@# which may have been built natively.
+	CMAKE_ARGS="$$($(PY) -m src.benchmarks.llama_cpp --cmake-args)" \
+	  $(PY) -m pip install --quiet --no-cache-dir --force-reinstall --no-deps -r requirements-llamacpp.txt
 	$(PY) -m pip install --quiet -r requirements-llamacpp.txt
 
 browser:                         ## headless Chromium + driver for the UI test (Debian packages)

@@ -31,8 +31,8 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         held_out_perplexity,
         time_engine,
         time_generate,
-        time_stream,
     )
+    from src.benchmarks.llama_cpp import RowFailed
     from src.chat.prompts import detect_prompt_format, encode_conversation
     from src.models.loader import ensure_bundled_model
     from src.models.quantize import quantize_model, use_int4_kernel
@@ -89,15 +89,17 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         model = make()
         stream = EngineStream(model, prompt, new_tokens)
         runs.append((name, partial(time_engine, stream), perplexity_of(model)))
-    runs += [
-        (name, partial(time_stream, stream), perplexity)
-        for name, stream, perplexity in llama_cpp_runs(prompt, new_tokens, held_out)
-    ]
+    runs += llama_cpp_runs(prompt, new_tokens, held_out)
     stop_ids = {tokenizer.eos_token_id, fp32.generation_config.eos_token_id}
     rows, baseline_tokens = [], None
     for name, timing, perplexity in runs:
         print(f"  decode: {name}", flush=True)
-        speed, first, tokens = timing(repetitions)
+        try:
+            speed, first, tokens = timing(repetitions)
+        except RowFailed as exc:
+            print(f"  decode: {name} failed: {exc}", flush=True)
+            rows.append({"name": name, "failed": str(exc)})
+            continue
         baseline_tokens = baseline_tokens or tokens
         # The baseline's min_new_tokens suppresses EOS while ours generates through it, so
         # compare the reply a user would see: up to our first end-of-turn token.
@@ -115,7 +117,8 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
 
 
 def llama_cpp_runs(prompt: list[int], new_tokens: int, held_out: list) -> list:
-    """The llama.cpp row on the bundled GGUF file, when llama-cpp-python is installed."""
+    """The llama.cpp row on the bundled GGUF file, when llama-cpp-python is installed,
+    measured in a process of its own (a crash there fails the row, not the benchmark)."""
     import torch
 
     from src.benchmarks import llama_cpp
@@ -125,16 +128,17 @@ def llama_cpp_runs(prompt: list[int], new_tokens: int, held_out: list) -> list:
         print("  decode: no llama.cpp row (llama-cpp-python not installed: make setup-llamacpp)")
         return []
     threads = torch.get_num_threads()
-    llm = llama_cpp.load(bundled_gguf_path(), threads)
-    return [
-        (
-            "llama.cpp Q4_1 GGUF (llama-cpp-python)",
-            llama_cpp.llama_cpp_stream(llm, prompt, new_tokens),
-            lambda: llama_cpp.llama_cpp_perplexity(
-                llama_cpp.load(bundled_gguf_path(), threads, logits_all=True), held_out
-            ),
+    measured: dict = {}
+
+    def timing(repetitions: int) -> tuple[float, float, list]:
+        measured.update(
+            llama_cpp.measure_in_subprocess(
+                bundled_gguf_path(), threads, prompt, new_tokens, repetitions, held_out
+            )
         )
-    ]
+        return measured["tokens_per_second"], measured["first_token_seconds"], measured["tokens"]
+
+    return [("llama.cpp Q4_1 GGUF (llama-cpp-python)", timing, lambda: measured["perplexity"])]
 
 
 def prepare_model_once() -> None:

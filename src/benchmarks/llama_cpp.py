@@ -5,17 +5,64 @@ llama-cpp-python is an optional extra (``make setup-llamacpp``: pip builds it fr
 about 10 minutes on 2 cores); without it the benchmark leaves the row out and says so. The
 prompt and the held-out conversations are the same token ids as every other row's (the GGUF
 file carries the same vocabulary our tokenizer was converted from).
+
+The build: ``cmake_args`` turns on each instruction set the CPU reports, instead of llama.cpp's
+default ``-march=native``, and never AMX: a native build crashed with SIGSEGV in its first
+decode on these machines, whose CPUs report AMX (README "Performance"). The row runs in a
+process of its own (``measure_in_subprocess``), so a crash there is a failed row in the
+table, not a dead benchmark.
+
+    python -m src.benchmarks.llama_cpp --cmake-args     # what make setup-llamacpp passes
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import math
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# ggml's build options for x86 and the /proc/cpuinfo flags each one needs.
+_AVX512 = ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")
+GGML_OPTIONS: dict[str, tuple[str, ...]] = {
+    "GGML_AVX": ("avx",),
+    "GGML_AVX2": ("avx2",),
+    "GGML_FMA": ("fma",),
+    "GGML_F16C": ("f16c",),
+    "GGML_BMI2": ("bmi2",),
+    "GGML_AVX_VNNI": ("avx_vnni",),
+    "GGML_AVX512": _AVX512,
+    "GGML_AVX512_VBMI": (*_AVX512, "avx512vbmi"),
+    "GGML_AVX512_VNNI": (*_AVX512, "avx512_vnni"),
+    "GGML_AVX512_BF16": (*_AVX512, "avx512_bf16"),
+}
+NEVER = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
+
+
+class RowFailed(Exception):
+    """The llama.cpp row could not be measured (its process crashed or failed)."""
+
+
+def cmake_args(flags: list[str] | None) -> str:
+    """CMAKE_ARGS for building llama-cpp-python on a CPU with ``flags`` (None: not Linux,
+    llama.cpp's own defaults)."""
+    if flags is None:
+        return ""
+    present = set(flags)
+    options = ["-DGGML_NATIVE=OFF"]
+    for name, needs in GGML_OPTIONS.items():
+        options.append(f"-D{name}={'ON' if all(flag in present for flag in needs) else 'OFF'}")
+    options += [f"-D{name}=OFF" for name in NEVER]
+    return " ".join(options)
 
 
 def available() -> bool:
@@ -68,3 +115,85 @@ def llama_cpp_perplexity(llm: Any, examples: list[dict[str, list[int]]]) -> floa
         total -= float(log_probs[np.arange(len(targets)), targets].sum())
         count += int(keep.sum())
     return math.exp(total / count)
+
+
+def measure_in_subprocess(
+    gguf: Path,
+    threads: int,
+    prompt: list[int],
+    new_tokens: int,
+    repetitions: int,
+    held_out: list[dict[str, list[int]]],
+    timeout: float = 1800,
+) -> dict[str, Any]:
+    """The row's tokens/s, first-token seconds, tokens and perplexity, measured by
+    ``python -m src.benchmarks.llama_cpp --row`` in a process of its own. Raises
+    ``RowFailed`` naming what went wrong (a signal, an exit status, a timeout)."""
+    with tempfile.TemporaryDirectory() as folder:
+        request, result = Path(folder) / "request.json", Path(folder) / "result.json"
+        request.write_text(
+            json.dumps(
+                {
+                    "gguf": str(gguf),
+                    "threads": threads,
+                    "prompt": prompt,
+                    "new_tokens": new_tokens,
+                    "repetitions": repetitions,
+                    "held_out": held_out,
+                }
+            )
+        )
+        command = [sys.executable, "-m", "src.benchmarks.llama_cpp", "--row", str(request)]
+        try:
+            done = subprocess.run(
+                [*command, str(result)],
+                cwd=Path(__file__).resolve().parents[2],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RowFailed(f"no result after {timeout:.0f} s") from exc
+        if done.returncode < 0:
+            raise RowFailed(f"llama.cpp crashed ({signal.Signals(-done.returncode).name})")
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise RowFailed(f"exit status {done.returncode}: {last}")
+        return json.loads(result.read_text())
+
+
+def _measure(request: dict[str, Any]) -> dict[str, Any]:
+    """What ``measure_in_subprocess`` asks for, in this process."""
+    from src.benchmarks.decode import time_stream
+
+    gguf, threads = Path(request["gguf"]), request["threads"]
+    stream = llama_cpp_stream(load(gguf, threads), request["prompt"], request["new_tokens"])
+    speed, first, tokens = time_stream(stream, request["repetitions"])
+    perplexity = llama_cpp_perplexity(load(gguf, threads, logits_all=True), request["held_out"])
+    return {
+        "tokens_per_second": speed,
+        "first_token_seconds": first,
+        "tokens": tokens,
+        "perplexity": perplexity,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--cmake-args", action="store_true", help="print CMAKE_ARGS for this CPU")
+    group.add_argument("--row", nargs=2, metavar=("REQUEST", "RESULT"), type=Path,
+                       help="measure the row described in REQUEST (JSON) into RESULT")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.cmake_args:
+        from src.models.cpu_info import cpu_flags
+
+        print(cmake_args(cpu_flags()))
+        return 0
+    request_file, result_file = args.row
+    result_file.write_text(json.dumps(_measure(json.loads(request_file.read_text()))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -38,17 +38,7 @@ def markdown(results: dict[str, Any]) -> str:
                     "same tokens as baseline",
                     "held-out perplexity",
                 ],
-                [
-                    [
-                        row["name"],
-                        f"{row['tokens_per_second']:.1f}",
-                        f"{row['tokens_per_second'] / baseline:.2f}x",
-                        f"{row['first_token_seconds']:.3f}",
-                        "yes" if row["same_tokens"] else "no",
-                        f"{row['perplexity']:.2f}" if row.get("perplexity") else "-",
-                    ]
-                    for row in decode["rows"]
-                ],
+                [decode_cells(row, baseline) for row in decode["rows"]],
             ),
             "",
         ]
@@ -120,6 +110,20 @@ def markdown(results: dict[str, Any]) -> str:
     if training:
         lines += training_markdown(training)
     return "\n".join(lines)
+
+
+def decode_cells(row: dict[str, Any], baseline: float) -> list[str]:
+    """One row of the decode table; a row that could not be measured says why."""
+    if "failed" in row:
+        return [row["name"], f"failed: {row['failed']}", "-", "-", "-", "-"]
+    return [
+        row["name"],
+        f"{row['tokens_per_second']:.1f}",
+        f"{row['tokens_per_second'] / baseline:.2f}x",
+        f"{row['first_token_seconds']:.3f}",
+        "yes" if row["same_tokens"] else "no",
+        f"{row['perplexity']:.2f}" if row.get("perplexity") else "-",
+    ]
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -197,7 +201,7 @@ def chart(results: dict[str, Any], path: Path) -> Path:
     axes = [axes] if len(panels) <= 1 else list(axes)
     for axis, key in zip(axes, panels, strict=False):
         if key == "decode":
-            rows = results["decode"]["rows"]
+            rows = [r for r in results["decode"]["rows"] if "failed" not in r]
             axis.barh([r["name"] for r in rows], [r["tokens_per_second"] for r in rows])
             axis.set_xlabel("tokens/s (single stream)")
             axis.invert_yaxis()
