@@ -21,6 +21,10 @@ from pathlib import Path
 
 import _bootstrap
 
+# Time to first token is also measured after a prompt of about this many tokens (issue 17:
+# no slower than llama.cpp's).
+LONG_PROMPT_TOKENS = 500
+
 
 def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> dict:
     import torch
@@ -28,7 +32,10 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
 
     from src.benchmarks.decode import (
         EngineStream,
+        engine_first_token_seconds,
+        generate_first_token_seconds,
         held_out_perplexity,
+        long_prompt_for,
         time_engine,
         time_generate,
     )
@@ -46,6 +53,7 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     prompt = encode_conversation(
         tokenizer, prompt_format, None, [{"role": "user", "content": "Tell me a long story."}]
     )
+    long_prompt = long_prompt_for(tokenizer, prompt_format, LONG_PROMPT_TOKENS)
     conversations = load_examples("chitchat")[-perplexity_examples:]
     held_out = tokenize_examples(conversations, tokenizer, prompt_format, 128, 0.0, seed=0).train
 
@@ -76,26 +84,36 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     def perplexity_of(model):
         return lambda: held_out_perplexity(model, held_out)
 
-    # (name, timing, perplexity): every row decodes the same prompt and scores the same text;
-    # timing(repetitions) gives (tokens/s, first token seconds, tokens).
+    # (name, timing, long first token, perplexity): every row decodes the same prompt and
+    # scores the same text; timing(repetitions) gives (tokens/s, first token seconds, tokens),
+    # long_first(repetitions) the first token's seconds after the long prompt.
     runs = [
         (
             "transformers generate fp32 (baseline)",
             lambda count: time_generate(fp32, prompt, new_tokens, count),
+            partial(generate_first_token_seconds, fp32, long_prompt),
             perplexity_of(fp32),
         )
     ]
     for name, make in candidates:
         model = make()
         stream = EngineStream(model, prompt, new_tokens)
-        runs.append((name, partial(time_engine, stream), perplexity_of(model)))
-    runs += llama_cpp_runs(prompt, new_tokens, held_out)
+        runs.append(
+            (
+                name,
+                partial(time_engine, stream),
+                partial(engine_first_token_seconds, model, long_prompt),
+                perplexity_of(model),
+            )
+        )
+    runs += llama_cpp_runs(prompt, long_prompt, new_tokens, held_out)
     stop_ids = {tokenizer.eos_token_id, fp32.generation_config.eos_token_id}
     rows, baseline_tokens = [], None
-    for name, timing, perplexity in runs:
+    for name, timing, long_first, perplexity in runs:
         print(f"  decode: {name}", flush=True)
         try:
             speed, first, tokens = timing(repetitions)
+            first_after_long_prompt = long_first(repetitions)
         except RowFailed as exc:
             print(f"  decode: {name} failed: {exc}", flush=True)
             rows.append({"name": name, "failed": str(exc)})
@@ -109,14 +127,22 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
                 "name": name,
                 "tokens_per_second": speed,
                 "first_token_seconds": first,
+                "long_prompt_first_token_seconds": first_after_long_prompt,
                 "same_tokens": tokens[:reply_end] == baseline_tokens[:reply_end],
                 "perplexity": perplexity(),
             }
         )
-    return {"new_tokens": new_tokens, "repetitions": repetitions, "rows": rows}
+    return {
+        "new_tokens": new_tokens,
+        "repetitions": repetitions,
+        "long_prompt_tokens": len(long_prompt),
+        "rows": rows,
+    }
 
 
-def llama_cpp_runs(prompt: list[int], new_tokens: int, held_out: list) -> list:
+def llama_cpp_runs(
+    prompt: list[int], long_prompt: list[int], new_tokens: int, held_out: list
+) -> list:
     """The llama.cpp row on the bundled GGUF file, when llama-cpp-python is installed,
     measured in a process of its own (a crash there fails the row, not the benchmark)."""
     import torch
@@ -131,14 +157,22 @@ def llama_cpp_runs(prompt: list[int], new_tokens: int, held_out: list) -> list:
     measured: dict = {}
 
     def timing(repetitions: int) -> tuple[float, float, list]:
+        gguf = bundled_gguf_path()
         measured.update(
             llama_cpp.measure_in_subprocess(
-                bundled_gguf_path(), threads, prompt, new_tokens, repetitions, held_out
+                gguf, threads, prompt, long_prompt, new_tokens, repetitions, held_out
             )
         )
         return measured["tokens_per_second"], measured["first_token_seconds"], measured["tokens"]
 
-    return [("llama.cpp Q4_1 GGUF (llama-cpp-python)", timing, lambda: measured["perplexity"])]
+    return [
+        (
+            "llama.cpp Q4_1 GGUF (llama-cpp-python)",
+            timing,
+            lambda repetitions: measured["long_prompt_first_token_seconds"],
+            lambda: measured["perplexity"],
+        )
+    ]
 
 
 def prepare_model_once() -> None:

@@ -50,21 +50,30 @@ def time_generate(
     thread around it: time to first token from calls that generate one token, and tokens/s
     from calls that generate all of them, each timed as a whole: (n - 1) / (whole - first),
     the same decoding rate ``time_stream`` measures for the other rows. Medians."""
-    ids = torch.tensor([prompt])
-
-    def run(count: int) -> tuple[float, list[int]]:
-        started = time.perf_counter()
-        output = model.generate(
-            ids, max_new_tokens=count, min_new_tokens=count, do_sample=False, pad_token_id=0
-        )
-        return time.perf_counter() - started, output[0, len(prompt) :].tolist()
-
-    first = statistics.median(run(1)[0] for _ in range(repetitions))
+    first = generate_first_token_seconds(model, prompt, repetitions)
     wholes, tokens = [], []
     for _ in range(repetitions):
-        seconds, tokens = run(new_tokens)
+        seconds, tokens = _generate(model, prompt, new_tokens)
         wholes.append(seconds)
     return (new_tokens - 1) / (statistics.median(wholes) - first), first, tokens
+
+
+def generate_first_token_seconds(model: Any, prompt: list[int], repetitions: int) -> float:
+    """Median seconds of ``model.generate`` producing one token after ``prompt``."""
+    return statistics.median(_generate(model, prompt, 1)[0] for _ in range(repetitions))
+
+
+def _generate(model: Any, prompt: list[int], count: int) -> tuple[float, list[int]]:
+    """Seconds ``model.generate`` takes to produce exactly ``count`` greedy tokens, and them."""
+    started = time.perf_counter()
+    output = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=count,
+        min_new_tokens=count,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return time.perf_counter() - started, output[0, len(prompt) :].tolist()
 
 
 class EngineStream:
@@ -94,6 +103,11 @@ def time_engine(stream: EngineStream, repetitions: int) -> tuple[float, float, l
         stream.close()
 
 
+def engine_first_token_seconds(model: Any, prompt: list[int], repetitions: int) -> float:
+    """Median seconds our engine takes to the first token after ``prompt``."""
+    return time_engine(EngineStream(model, prompt, 1), repetitions)[1]
+
+
 @torch.inference_mode()
 def held_out_perplexity(model: Any, examples: list[dict[str, list[int]]]) -> float:
     """Perplexity on assistant tokens of held-out conversations (tokenized for training)."""
@@ -107,3 +121,23 @@ def held_out_perplexity(model: Any, examples: list[dict[str, list[int]]]) -> flo
         loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
         total, count = total + float(loss), count + int(keep.sum())
     return float(torch.exp(torch.tensor(total / count)))
+
+
+def long_prompt_for(tokenizer: Any, prompt_format: Any, length: int) -> list[int]:
+    """A chat prompt of about ``length`` tokens: a request to summarise real dialog (the
+    bundled chitchat data), as a user pastes text in."""
+    from src.chat.prompts import encode_conversation
+    from src.training.data import load_examples
+
+    def prompt_with(text: str) -> list[int]:
+        message = f"Summarise this conversation:\n\n{text}"
+        return encode_conversation(
+            tokenizer, prompt_format, None, [{"role": "user", "content": message}]
+        )
+
+    dialog = "\n".join(
+        message["content"] for example in load_examples("chitchat") for message in example.messages
+    )
+    text_ids = tokenizer.encode(dialog, add_special_tokens=False)
+    room = length - len(prompt_with(""))
+    return prompt_with(tokenizer.decode(text_ids[:room]))

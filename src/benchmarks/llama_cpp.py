@@ -121,12 +121,14 @@ def measure_in_subprocess(
     gguf: Path,
     threads: int,
     prompt: list[int],
+    long_prompt: list[int],
     new_tokens: int,
     repetitions: int,
     held_out: list[dict[str, list[int]]],
     timeout: float = 1800,
 ) -> dict[str, Any]:
-    """The row's tokens/s, first-token seconds, tokens and perplexity, measured by
+    """The row's tokens/s, first-token seconds (after ``prompt`` and after ``long_prompt``),
+    tokens and perplexity, measured by
     ``python -m src.benchmarks.llama_cpp --row`` in a process of its own. Raises
     ``RowFailed`` naming what went wrong (a signal, an exit status, a timeout)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -137,6 +139,7 @@ def measure_in_subprocess(
                     "gguf": str(gguf),
                     "threads": threads,
                     "prompt": prompt,
+                    "long_prompt": long_prompt,
                     "new_tokens": new_tokens,
                     "repetitions": repetitions,
                     "held_out": held_out,
@@ -166,13 +169,16 @@ def _measure(request: dict[str, Any]) -> dict[str, Any]:
     """What ``measure_in_subprocess`` asks for, in this process."""
     from src.benchmarks.decode import time_stream
 
-    gguf, threads = Path(request["gguf"]), request["threads"]
-    stream = llama_cpp_stream(load(gguf, threads), request["prompt"], request["new_tokens"])
-    speed, first, tokens = time_stream(stream, request["repetitions"])
+    gguf, threads, repetitions = Path(request["gguf"]), request["threads"], request["repetitions"]
+    llm = load(gguf, threads)
+    stream = llama_cpp_stream(llm, request["prompt"], request["new_tokens"])
+    speed, first, tokens = time_stream(stream, repetitions)
+    long_first = time_stream(llama_cpp_stream(llm, request["long_prompt"], 1), repetitions)[1]
     perplexity = llama_cpp_perplexity(load(gguf, threads, logits_all=True), request["held_out"])
     return {
         "tokens_per_second": speed,
         "first_token_seconds": first,
+        "long_prompt_first_token_seconds": long_first,
         "tokens": tokens,
         "perplexity": perplexity,
     }

@@ -35,6 +35,7 @@ def markdown(results: dict[str, Any]) -> str:
                     "tokens/s",
                     "vs baseline",
                     "first token (s)",
+                    f"first token, {decode.get('long_prompt_tokens', '-')}-token prompt (s)",
                     "same tokens as baseline",
                     "held-out perplexity",
                 ],
@@ -115,12 +116,13 @@ def markdown(results: dict[str, Any]) -> str:
 def decode_cells(row: dict[str, Any], baseline: float) -> list[str]:
     """One row of the decode table; a row that could not be measured says why."""
     if "failed" in row:
-        return [row["name"], f"failed: {row['failed']}", "-", "-", "-", "-"]
+        return [row["name"], f"failed: {row['failed']}", "-", "-", "-", "-", "-"]
     return [
         row["name"],
         f"{row['tokens_per_second']:.1f}",
         f"{row['tokens_per_second'] / baseline:.2f}x",
         f"{row['first_token_seconds']:.3f}",
+        number(row.get("long_prompt_first_token_seconds"), ".3f"),
         "yes" if row["same_tokens"] else "no",
         f"{row['perplexity']:.2f}" if row.get("perplexity") else "-",
     ]

@@ -42,6 +42,8 @@ def test_decode_section_writes_json_markdown_and_chart(converted_bundled_model, 
     fp32_rows = [row for row in rows if "fp32" in row["name"]]
     assert all(row["same_tokens"] for row in fp32_rows)  # fp32 engines: identical greedy tokens
     assert all(row["tokens_per_second"] > 0 and row["perplexity"] > 1 for row in rows)
+    assert 450 <= data["decode"]["long_prompt_tokens"] <= 550
+    assert all(row["long_prompt_first_token_seconds"] > 0 for row in rows)
     # bf16 and the int4 default: held-out perplexity within the 2% of fp32. int8 (per
     # output row, coarser than the bundled file's 4-bit groups) is an option, and looser; so
     # is llama.cpp, which also rounds the activations to 8 bits inside its matrix products.
@@ -51,6 +53,7 @@ def test_decode_section_writes_json_markdown_and_chart(converted_bundled_model, 
         assert abs(row["perplexity"] - exact) / exact < bound, row
     table = (tmp_path / "benchmark.md").read_text()
     assert "| transformers generate fp32 (baseline) |" in table and "1.00x" in table
+    assert f"first token, {data['decode']['long_prompt_tokens']}-token prompt (s)" in table
     with Image.open(tmp_path / "benchmark.png") as chart:
         assert chart.format == "PNG"
 

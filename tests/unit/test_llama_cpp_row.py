@@ -60,14 +60,16 @@ def stand_in(tmp_path, monkeypatch, crash: bool) -> None:
 
 def measure(tmp_path):
     held_out = [{"input_ids": [1, 2, 1], "labels": [-100, 2, 1]}]
-    return llama_cpp.measure_in_subprocess(tmp_path / "m.gguf", 1, [1, 2], 5, 2, held_out)
+    return llama_cpp.measure_in_subprocess(
+        tmp_path / "m.gguf", 1, [1, 2], [1, 2, 1, 2], 5, 2, held_out
+    )
 
 
 def test_the_row_is_measured_in_a_process_of_its_own(tmp_path, monkeypatch):
     stand_in(tmp_path, monkeypatch, crash=False)
     result = measure(tmp_path)
     assert result["tokens"] == [2] * 5 and result["tokens_per_second"] > 0
-    assert result["perplexity"] > 1.0
+    assert result["perplexity"] > 1.0 and result["long_prompt_first_token_seconds"] > 0
 
 
 def test_a_crash_fails_the_row_by_name_and_the_table_says_so(tmp_path, monkeypatch):
@@ -79,4 +81,6 @@ def test_a_crash_fails_the_row_by_name_and_the_table_says_so(tmp_path, monkeypat
     failed = {"name": "llama.cpp", "failed": str(failure.value)}
     results = {"machine": "test", "decode": {"new_tokens": 5, "repetitions": 2,
                                               "rows": [baseline, failed]}}  # fmt: skip
-    assert "| llama.cpp | failed: llama.cpp crashed (SIGSEGV) | - |" in markdown(results)
+    table = markdown(results)
+    assert "| llama.cpp | failed: llama.cpp crashed (SIGSEGV) | - | - | - | - | - |" in table
+    assert "| baseline | 10.0 | 1.00x | 0.100 | - | yes | 9.00 |" in table
