@@ -23,6 +23,7 @@ from src.config import Settings, load_settings
 from src.errors import MiniClaudeError
 from src.stack import ChatStack, build_chat_stack
 from src.web.errors import RequestLimits, install_error_handlers
+from src.web.lazy_ui import UI_PATH, LazyWebUI
 from src.web.lifecycle import GracefulShutdown, ShutdownGate
 from src.web.routes import chat, completions, health, openai
 from src.web.security import APIKeyGuard, ClientSlots
@@ -74,6 +75,8 @@ def create_app(
         finally:
             # uvicorn runs this once every response has ended (a signal's drain bounded that).
             shutdown.uninstall()
+            if app.state.ui is not None:
+                await app.state.ui.close()
             if loaded.is_set() and app.state.stack is not None:
                 await asyncio.to_thread(app.state.stack.close)  # joins the engine threads
 
@@ -114,25 +117,24 @@ def create_app(
     app.include_router(chat.router)
     app.include_router(openai.router)
     app.include_router(completions.router)
-    if mount_ui:
-        mount_web_ui(app, settings)
+    app.state.ui = mount_web_ui(app, settings) if mount_ui else None
     return app
 
 
-def mount_web_ui(app: FastAPI, settings: Settings) -> None:
-    """The Gradio UI at /ui. With API_KEY set, APIKeyGuard keeps every path under /ui behind
-    the key: the browser asks for it (HTTP Basic: any user name, the key as the password) and
-    sends it with each of the page's requests, so no part of Gradio is reachable without it."""
-    import gradio as gr
-    from starlette.routing import Mount
+def mount_web_ui(app: FastAPI, settings: Settings) -> LazyWebUI:
+    """The Gradio UI at /ui, built on its first request (``src/web/lazy_ui.py``). With API_KEY
+    set, APIKeyGuard keeps every path under /ui behind the key: the browser asks for it (HTTP
+    Basic: any user name, the key as the password) and sends it with each of the page's
+    requests, so no part of Gradio is reachable without it."""
 
-    from src.web.errors import QuietClientErrors
-    from src.web.ui import build_chat_page
+    def build_page():
+        from src.web.ui import build_chat_page
 
-    gr.mount_gradio_app(app, build_chat_page(lambda: app.state.adapters, settings), path="/ui")
-    for route in app.routes:
-        if isinstance(route, Mount) and route.path == "/ui":
-            route.app = QuietClientErrors(route.app)
+        return build_chat_page(lambda: app.state.adapters, settings)
+
+    ui = LazyWebUI(app, build_page)
+    app.mount(UI_PATH, ui)
+    return ui
 
 
 app = create_app()

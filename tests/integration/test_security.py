@@ -211,7 +211,10 @@ def test_every_route_and_the_ui_need_the_key_except_health(tmp_path, tiny_llama_
                 ("GET", "/redoc"),
             }
             # The UI: every one of Gradio's routes under /ui refuses a missing or wrong key.
+            # It is built on its first request (with the key), and not by a refused one.
             assert [path for path, _ in mounts] == ["/ui"]
+            assert http.get("/ui/").status_code == 401 and not app.state.ui.built
+            assert http.get("/ui/", headers=RIGHT_CREDENTIALS[0]).status_code == 200
             ui_routes = all_routes(mounts[0][1].routes)
             assert len(ui_routes) > 20
             for path, methods, _route in ui_routes:
@@ -609,6 +612,29 @@ def test_a_bad_request_to_the_uis_event_stream_is_quiet(tmp_path, tiny_llama_pat
                 body = response.read().decode()
             assert response.status_code == 200 and '"session_not_found":true' in body
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_the_ui_is_built_once_by_its_first_requests(tmp_path, tiny_llama_path, monkeypatch):
+    """Gradio is loaded when a browser first asks for /ui (src/web/lazy_ui.py): concurrent
+    first requests build the page once, and every one of them gets it."""
+    import src.web.ui
+
+    built = []
+    original = src.web.ui.build_chat_page
+    monkeypatch.setattr(src.web.ui, "build_chat_page", lambda *a: built.append(1) or original(*a))
+    with serve(tmp_path, tiny_llama_path, mount_ui=True) as live, live.client() as http:
+        assert not live.app.state.ui.built and http.get("/health").status_code == 200
+        statuses = []
+        threads = [
+            threading.Thread(target=lambda: statuses.append(http.get("/ui/").status_code))
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert statuses == [200] * 4 and built == [1] and live.app.state.ui.built
+        assert http.get("/ui/config").json()["title"] == "Mini-Claude"
 
 
 def test_a_full_queue_answers_503_with_retry_after_at_once(tmp_path, tiny_llama_path):
