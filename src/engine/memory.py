@@ -13,9 +13,9 @@ when the server went idle. MALLOC_ARENA_MAX does not help: one arena fragments t
 Two remedies, glibc only (elsewhere nothing happens):
 
 - ``return_large_blocks_at_once``: the mmap threshold is fixed at ``LARGE_BLOCK_BYTES``, so
-  every tensor from 1 MB up gets pages of its own that go back to the system the moment it is
-  freed, instead of a hole in a heap. Under 16 clients with two LoRA adapters loaded this took
-  the server's peak from 1.5-2.0 GB to about 1.1 GB (docs/RELIABILITY.md). The price is a page
+  every block from 128 KB up (glibc's own starting threshold, which it would otherwise raise)
+  gets pages of its own that go back to the system the moment it is freed, instead of a hole
+  in a heap. Figures in docs/RELIABILITY.md. The price is a page
   fault per 4 KB the first time such a tensor is written, small beside the work on it. An
   operator who sets glibc's own MALLOC_MMAP_THRESHOLD_ keeps that value.
 - ``malloc_trim(0)`` for what still collects in the heaps: the engine calls it when its batch
@@ -38,7 +38,7 @@ from collections.abc import Callable
 logger = logging.getLogger(__name__)
 
 
-LARGE_BLOCK_BYTES = 1 << 20  # from this size up, malloc maps pages of their own
+LARGE_BLOCK_BYTES = 128 << 10  # from this size up, malloc maps pages of their own
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
 
 
