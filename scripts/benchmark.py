@@ -24,6 +24,9 @@ import _bootstrap
 # Time to first token is also measured after a prompt of about this many tokens (issue 17:
 # no slower than llama.cpp's).
 LONG_PROMPT_TOKENS = 500
+# Prompt lookup: a text of about this many tokens to copy out, and drafts of this many tokens.
+COPY_PROMPT_TOKENS = 300
+LOOKUP_TOKENS = 5
 
 
 def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> dict:
@@ -36,6 +39,7 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         generate_first_token_seconds,
         held_out_perplexity,
         long_prompt_for,
+        prompt_lookup_row,
         time_engine,
         time_generate,
     )
@@ -132,11 +136,26 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
                 "perplexity": perplexity(),
             }
         )
+    # Speculative decoding by prompt lookup on the default engine: a reply that repeats its
+    # input (a text to copy out) and one that does not (the story above).
+    default_model = scratch(torch.bfloat16, "int4", "auto")
+    copy_prompt = long_prompt_for(
+        tokenizer, prompt_format, COPY_PROMPT_TOKENS, "Repeat this conversation word for word:"
+    )
+    lookup_rows = []
+    for label, lookup_prompt in (("repeats its input", copy_prompt), ("a story", prompt)):
+        print(f"  decode: prompt lookup, {label}", flush=True)
+        lookup_rows.append(
+            prompt_lookup_row(
+                default_model, label, lookup_prompt, new_tokens, repetitions, LOOKUP_TOKENS
+            )
+        )
     return {
         "new_tokens": new_tokens,
         "repetitions": repetitions,
         "long_prompt_tokens": len(long_prompt),
         "rows": rows,
+        "prompt_lookup": lookup_rows,
     }
 
 

@@ -133,8 +133,11 @@ class Settings(BaseSettings):
     kv_cache_mb: int = Field(256, ge=1, le=1_000_000)
     # Prompt tokens (padding included) prefilled together in one pass; one prompt may be longer.
     max_prefill_tokens: int = Field(2048, ge=16, le=1_000_000)
-    # LoRA adapters kept loaded (each with its own copy of the model); the least recently used
-    # idle one is closed to make room.
+    # A single stream drafts up to this many tokens a step from earlier text (speculative
+    # decoding by prompt lookup: src/engine/prompt_lookup.py); replies are unchanged. 0: off.
+    prompt_lookup_tokens: int = Field(0, ge=0, le=64)
+    # LoRA adapters kept loaded (each adds its LoRA matrices; the base weights are shared);
+    # the least recently used idle one is closed to make room.
     max_loaded_adapters: int = Field(2, ge=1, le=64)
     prefix_cache_mb: int = Field(64, ge=0, le=1_000_000)  # reused keys/values; 0 disables
     # On SIGTERM, replies in flight may finish for this long before they are interrupted;

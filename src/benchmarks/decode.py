@@ -81,8 +81,15 @@ class EngineStream:
     its loop run by the caller as in the CLI (``background=False``). No end-of-sequence ids:
     it always generates exactly ``new_tokens``, like the baseline."""
 
-    def __init__(self, model: Any, prompt: list[int], new_tokens: int) -> None:
-        self.engine = BatchingEngine(model, eos_token_ids=frozenset(), background=False)
+    def __init__(
+        self, model: Any, prompt: list[int], new_tokens: int, prompt_lookup_tokens: int = 0
+    ) -> None:
+        self.engine = BatchingEngine(
+            model,
+            eos_token_ids=frozenset(),
+            background=False,
+            prompt_lookup_tokens=prompt_lookup_tokens,
+        )
         self.prompt = prompt
         self.params = GenerationParams(
             do_sample=False, max_new_tokens=new_tokens, repetition_penalty=1.0
@@ -108,6 +115,28 @@ def engine_first_token_seconds(model: Any, prompt: list[int], repetitions: int) 
     return time_engine(EngineStream(model, prompt, 1), repetitions)[1]
 
 
+def prompt_lookup_row(
+    model: Any, label: str, prompt: list[int], new_tokens: int, repetitions: int, drafts: int
+) -> dict[str, Any]:
+    """Our engine on one prompt without and with prompt-lookup drafts (PROMPT_LOOKUP_TOKENS
+    ``drafts``), side by side: tokens/s of each, whether the tokens are the same, and how
+    many tokens each forward pass gave on average."""
+    plain_speed, _, plain_tokens = time_engine(EngineStream(model, prompt, new_tokens), repetitions)
+    drafting = EngineStream(model, prompt, new_tokens, prompt_lookup_tokens=drafts)
+    stats = drafting.engine.stats
+    speed, _, tokens = time_engine(drafting, repetitions)
+    return {
+        "prompt": label,
+        "prompt_lookup_tokens": drafts,
+        "plain_tokens_per_second": plain_speed,
+        "tokens_per_second": speed,
+        "same_tokens": tokens == plain_tokens,
+        # The prefill gives each reply its first token; every step after it one or more.
+        "tokens_per_pass": (len(tokens) - 1) * repetitions / max(stats.steps, 1),
+        "drafts_accepted": stats.accepted / stats.drafted if stats.drafted else 0.0,
+    }
+
+
 @torch.inference_mode()
 def held_out_perplexity(model: Any, examples: list[dict[str, list[int]]]) -> float:
     """Perplexity on assistant tokens of held-out conversations (tokenized for training)."""
@@ -123,14 +152,16 @@ def held_out_perplexity(model: Any, examples: list[dict[str, list[int]]]) -> flo
     return float(torch.exp(torch.tensor(total / count)))
 
 
-def long_prompt_for(tokenizer: Any, prompt_format: Any, length: int) -> list[int]:
-    """A chat prompt of about ``length`` tokens: a request to summarise real dialog (the
-    bundled chitchat data), as a user pastes text in."""
+def long_prompt_for(
+    tokenizer: Any, prompt_format: Any, length: int, request: str = "Summarise this conversation:"
+) -> list[int]:
+    """A chat prompt of about ``length`` tokens: ``request`` about real dialog (the bundled
+    chitchat data), as a user pastes text in."""
     from src.chat.prompts import encode_conversation
     from src.training.data import load_examples
 
     def prompt_with(text: str) -> list[int]:
-        message = f"Summarise this conversation:\n\n{text}"
+        message = f"{request}\n\n{text}"
         return encode_conversation(
             tokenizer, prompt_format, None, [{"role": "user", "content": message}]
         )

@@ -43,6 +43,8 @@ def markdown(results: dict[str, Any]) -> str:
             ),
             "",
         ]
+        if decode.get("prompt_lookup"):
+            lines += prompt_lookup_markdown(decode["prompt_lookup"])
     serving = results.get("serving")
     if serving:
         one = serving["rows"][0]["aggregate_tokens_per_second"]
@@ -111,6 +113,40 @@ def markdown(results: dict[str, Any]) -> str:
     if training:
         lines += training_markdown(training)
     return "\n".join(lines)
+
+
+def prompt_lookup_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The prompt-lookup table: the default engine with and without drafts, per prompt."""
+    return [
+        f"**Prompt lookup** (speculative decoding, `PROMPT_LOOKUP_TOKENS="
+        f"{rows[0]['prompt_lookup_tokens']}`), the default engine, same prompt with and "
+        "without drafts:",
+        "",
+        *table(
+            [
+                "prompt",
+                "tokens/s without",
+                "tokens/s with",
+                "speed-up",
+                "tokens per pass",
+                "drafts accepted",
+                "same tokens",
+            ],
+            [
+                [
+                    row["prompt"],
+                    f"{row['plain_tokens_per_second']:.1f}",
+                    f"{row['tokens_per_second']:.1f}",
+                    f"{row['tokens_per_second'] / row['plain_tokens_per_second']:.2f}x",
+                    f"{row['tokens_per_pass']:.2f}",
+                    f"{row['drafts_accepted']:.0%}",
+                    "yes" if row["same_tokens"] else "no",
+                ]
+                for row in rows
+            ],
+        ),
+        "",
+    ]
 
 
 def decode_cells(row: dict[str, Any], baseline: float) -> list[str]:

@@ -43,6 +43,7 @@ from src.engine.logits import (
 )
 from src.engine.memory import MemoryReleaser, return_large_blocks_at_once
 from src.engine.prefix_cache import PrefixCache
+from src.engine.prompt_lookup import draft_tokens
 from src.errors import EngineClosedError, ServerBusyError
 from src.models.caches import LayerKV, cache_from_layers, row_layers
 from src.models.model_info import kv_bytes_per_token, uses_sliding_window
@@ -141,6 +142,7 @@ class BatchingEngine:
         memory_release_seconds: float = 5.0,
         kv_budget: KVBudget | None = None,
         max_prefill_tokens: int | None = None,
+        prompt_lookup_tokens: int = 0,
     ) -> None:
         """``memory_release_seconds``: while requests are being decoded, memory freed by the
         engine goes back to the system at most this often (0: only when the batch empties,
@@ -150,7 +152,9 @@ class BatchingEngine:
         ``max_prefill_tokens``: prompts prefilled together in one pass hold at most this many
         tokens, padding included (one prompt alone may be longer): a pass's attention scores
         take memory in proportion to rows x length squared, so a burst of long prompts is
-        prefilled a few rows at a time instead of all at once."""
+        prefilled a few rows at a time instead of all at once. ``prompt_lookup_tokens``: a
+        single stream checks up to this many drafted tokens per step (0: none), see
+        ``src/engine/prompt_lookup.py``."""
         self.model = model
         self.eos_token_ids = frozenset(eos_token_ids)
         # Our left-padded shared cache assumes every layer attends to all earlier positions.
@@ -169,6 +173,9 @@ class BatchingEngine:
         self.memory = MemoryReleaser(memory_release_seconds)
         self.kv_budget = kv_budget
         self.max_prefill_tokens = max_prefill_tokens
+        # Sliding-window caches cannot take back positions, so such a model never drafts.
+        self.prompt_lookup_tokens = 0 if sliding else prompt_lookup_tokens
+        self._eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long)
         self._kv_per_token = kv_bytes_per_token(model) if kv_budget is not None else 0
         self._deferred: deque[_Request] = deque()  # taken from the queue, waiting for room
         self._waiting: queue.Queue[Any] = queue.Queue()
@@ -500,6 +507,9 @@ class BatchingEngine:
 
     @torch.inference_mode()
     def _step(self, batch: _Batch) -> _Batch | None:
+        draft = self._draft(batch)
+        if len(draft):
+            return self._lookup_step(batch, draft)
         attention_mask = torch.cat(
             [batch.attention_mask, torch.ones(len(batch.requests), 1, dtype=torch.long)], dim=1
         )
@@ -520,6 +530,53 @@ class BatchingEngine:
         batch.attention_mask = attention_mask
         batch.positions = batch.positions + 1
         keep = self._emit(batch, output.logits[:, -1])
+        return _select(batch, keep)
+
+    def _draft(self, batch: _Batch) -> torch.Tensor:
+        """Tokens to check in this step: only a single stream drafts (rows of a batch would
+        accept different numbers of tokens), never past the reply's last possible token."""
+        if not self.prompt_lookup_tokens or len(batch.requests) != 1:
+            return batch.last_tokens[:0]
+        request = batch.requests[0]
+        room = request.params.max_new_tokens - request.generated - 1
+        # request.seen ends with the token this step feeds the model (batch.last_tokens).
+        return draft_tokens(request.seen, min(self.prompt_lookup_tokens, room), self._eos_tensor)
+
+    def _lookup_step(self, batch: _Batch, draft: torch.Tensor) -> _Batch | None:
+        """One pass over the last token and the draft, then the row's tokens chosen one
+        position at a time exactly as ``_step`` would (same pipeline, same random draws,
+        grammar advanced token by token) for as long as each choice equals the draft's next
+        token; the keys and values past the last accepted token are dropped."""
+        inputs = torch.cat([batch.last_tokens, draft]).unsqueeze(0)  # (1, 1 + drafted)
+        count = inputs.shape[1]
+        past = batch.attention_mask.shape[1]
+        attention_mask = torch.cat(
+            [batch.attention_mask, torch.ones(1, count, dtype=torch.long)], dim=1
+        )
+        padded = not bool(batch.attention_mask.all())
+        output = self.model(
+            input_ids=inputs,
+            attention_mask=attention_mask if padded else None,
+            position_ids=batch.positions.unsqueeze(1) + torch.arange(count),
+            cache=batch.cache,
+            use_cache=True,
+        )
+        self.stats.steps += 1
+        self.stats.rows_decoded += 1
+        self.stats.drafted += len(draft)
+        batch.cache = output.cache
+        for position in range(count):
+            # The cache is the row's up to this position (what _remember keeps of a row
+            # that ends here), and the next token's position follows it.
+            batch.attention_mask = attention_mask[:, : past + position + 1]
+            batch.positions = batch.positions + 1
+            keep = self._emit(batch, output.logits[:, position])
+            if not keep:
+                return None
+            if position == len(draft) or int(batch.last_tokens[0]) != int(draft[position]):
+                break
+            self.stats.accepted += 1
+        batch.cache.crop(-(count - position - 1))
         return _select(batch, keep)
 
     def _emit(self, batch: _Batch, logits: torch.Tensor) -> list[int]:
@@ -659,6 +716,8 @@ class EngineStats:
     rows_decoded: int = 0  # sum of batch sizes over those steps
     prefill_passes: int = 0
     rows_prefilled: int = 0
+    drafted: int = 0  # prompt-lookup tokens checked
+    accepted: int = 0  # ... and kept: each saved a decoding step
 
 
 def _stack(found: list[tuple[int, list[LayerKV]]], length: int) -> list[LayerKV]:

@@ -293,6 +293,14 @@ class KVCache:
     def get_seq_length(self) -> int:
         return self.layers[0].length
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` positions (a negative count, as transformers'
+        ``DynamicCache.crop`` takes it): a draft's rejected tokens."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of positions, not {tokens_to_remove}")
+        for entry in self.layers:
+            entry._key_length = entry._value_length = entry.length + tokens_to_remove
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for entry in self.layers:
             entry.keys, entry.values = entry.keys[indices], entry.values[indices]

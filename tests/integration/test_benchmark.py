@@ -51,8 +51,13 @@ def test_decode_section_writes_json_markdown_and_chart(converted_bundled_model, 
     for row in rows:
         bound = 0.05 if "int8" in row["name"] or "llama.cpp" in row["name"] else 0.02
         assert abs(row["perplexity"] - exact) / exact < bound, row
+    # Prompt lookup on the default engine: with and without drafts, the same tokens.
+    lookup = data["decode"]["prompt_lookup"]
+    assert [row["prompt"] for row in lookup] == ["repeats its input", "a story"]
+    assert all(row["same_tokens"] and row["tokens_per_pass"] >= 1 for row in lookup)
     table = (tmp_path / "benchmark.md").read_text()
     assert "| transformers generate fp32 (baseline) |" in table and "1.00x" in table
+    assert "**Prompt lookup**" in table and "| repeats its input |" in table
     assert f"first token, {data['decode']['long_prompt_tokens']}-token prompt (s)" in table
     with Image.open(tmp_path / "benchmark.png") as chart:
         assert chart.format == "PNG"
