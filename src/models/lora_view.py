@@ -7,9 +7,9 @@ embeddings, the norms and every base weight, int4 or not) is the very same tenso
 base model's: an adapter costs its own A and B matrices (about 10 MB for SmolLM2-135M at
 rank 8, kept in fp32: see ``LoRALinear``), and the base keeps its exact weights.
 
-Llama's q, k and v projections are one ``qkv`` layer in our model: their adapters are joined
-into one update, A stacked along the rank and B block-diagonal, which gives the same
-q, k and v as peft's three separate updates.
+Llama's q, k and v projections are one ``qkv`` layer in our model, and its gate and up
+projections one ``gate_up``: their adapters are joined into one update, A stacked along the
+rank and B block-diagonal, which gives the same outputs as peft's separate updates.
 
 ``read_adapter`` accepts what this path computes exactly (peft's plain LoRA on the linear
 layers of the blocks) and raises ``UnsupportedAdapter`` naming anything else (DoRA, adapted
@@ -164,7 +164,7 @@ def part_widths(config: TransformerConfig, out_features: int, parts: int) -> lis
     if parts == 3:  # Llama's q, k, v
         kv = config.n_kv_head * config.head_dim
         return [config.n_head * config.head_dim, kv, kv]
-    return [out_features]
+    return [out_features // parts] * parts  # Llama's gate and up: halves
 
 
 def join_parts(

@@ -23,7 +23,7 @@ from src.models.transformer import Transformer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the saved tensors' layout changes
+FORMAT_VERSION = 2  # bump when the saved tensors' layout changes (2: gate and up joined)
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 

@@ -402,13 +402,17 @@ class MLP(nn.Module):
         hidden = config.intermediate_size
         if self.kind == "swiglu":
             # SwiGLU (Shazeer, 2020): a SiLU-gated linear unit, down(silu(gate(x)) * up(x)).
-            self.gate = nn.Linear(config.n_embd, hidden, bias=config.mlp_bias)
-        self.up = nn.Linear(config.n_embd, hidden, bias=config.mlp_bias)
+            # The gate and up matrices are one (as qkv): one multiplication per layer instead
+            # of two, the same numbers.
+            self.gate_up = nn.Linear(config.n_embd, 2 * hidden, bias=config.mlp_bias)
+        else:
+            self.up = nn.Linear(config.n_embd, hidden, bias=config.mlp_bias)
         self.down = nn.Linear(hidden, config.n_embd, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
-            return self.down(F.silu(self.gate(x)) * self.up(x))
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
         # GPT-2 uses the tanh approximation of GELU ("gelu_new").
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
@@ -666,7 +670,8 @@ def attention_bias(attention_mask: torch.Tensor, T: int, dtype: torch.dtype) -> 
 
 
 # Which Hugging Face linear layers make each of ours, per family: several are concatenated
-# along the output in this order (Llama's q, k and v become our one qkv). LoRA adapters, which
+# along the output in this order (Llama's q, k and v become our one qkv, gate and up our
+# gate_up). LoRA adapters, which
 # name Hugging Face's layers, are mapped onto ours with the same table (src/models/lora_view.py).
 HF_BLOCK_PREFIX = {"gpt2": "transformer.h.{}.", "llama": "model.layers.{}."}
 HF_LINEAR_NAMES: dict[str, dict[str, list[str]]] = {
@@ -679,8 +684,7 @@ HF_LINEAR_NAMES: dict[str, dict[str, list[str]]] = {
     "llama": {
         "attention.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         "attention.proj": ["self_attn.o_proj"],
-        "mlp.gate": ["mlp.gate_proj"],
-        "mlp.up": ["mlp.up_proj"],
+        "mlp.gate_up": ["mlp.gate_proj", "mlp.up_proj"],
         "mlp.down": ["mlp.down_proj"],
     },
 }

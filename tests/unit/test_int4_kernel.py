@@ -70,7 +70,7 @@ def test_int4_kernel_setting_picks_the_kernel_of_each_layer(tmp_path):
     assert use_int4_kernel(model, "auto", tmp_path)
     assert {layer.kernel is not None for layer in layers} == {True}
     x = torch.randn(6, 64).bfloat16()
-    mlp_up = model.blocks[0].mlp.up  # 64 -> 128
+    mlp_up = model.blocks[0].mlp.gate_up  # 64 -> 256
     ours = mlp_up(x)
     assert not use_int4_kernel(model, "pytorch", tmp_path)
     assert {layer.kernel is None for layer in layers} == {True}
@@ -93,7 +93,7 @@ def test_a_failed_build_falls_back_to_pytorchs_kernel(tmp_path, monkeypatch, cap
     model = tiny_int4_model()
     assert not use_int4_kernel(model, "auto", tmp_path)
     x = torch.randn(8, 64).bfloat16()
-    assert model.blocks[0].mlp.up(x).shape == (8, 128)  # PyTorch's kernel still serves
+    assert model.blocks[0].mlp.gate_up(x).shape == (8, 256)  # PyTorch's kernel still serves
     load_int4_kernel.cache_clear()
 
 
