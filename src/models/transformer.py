@@ -144,10 +144,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Computed in fp32 whatever the input dtype, as in Llama.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # x / sqrt(mean(x^2) + eps), computed in fp32 whatever the input dtype, as in Llama.
+        # PyTorch's fused rms_norm gives the same numbers as writing it out in five operations,
+        # in one: this runs twice per layer for every token.
+        normalised = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * normalised.to(x.dtype)
 
 
 def make_norm(config: TransformerConfig) -> nn.Module:
