@@ -43,10 +43,11 @@ from src.engine.logits import (
 )
 from src.engine.memory import MemoryReleaser, return_large_blocks_at_once
 from src.engine.prefix_cache import PrefixCache
-from src.engine.prompt_lookup import draft_tokens
+from src.engine.prompt_lookup import draft_tokens, prepare_prompt_lookup
 from src.errors import EngineClosedError, ServerBusyError
 from src.models.caches import LayerKV, cache_from_layers, row_layers
 from src.models.model_info import kv_bytes_per_token, uses_sliding_window
+from src.models.single_steps import single_steps
 from src.params import GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,8 @@ class BatchingEngine:
         self.max_prefill_tokens = max_prefill_tokens
         # Sliding-window caches cannot take back positions, so such a model never drafts.
         self.prompt_lookup_tokens = 0 if sliding else prompt_lookup_tokens
+        if self.prompt_lookup_tokens:
+            prepare_prompt_lookup()  # its import now, not in the middle of a reply
         self._eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long)
         self._kv_per_token = kv_bytes_per_token(model) if kv_budget is not None else 0
         self._deferred: deque[_Request] = deque()  # taken from the queue, waiting for room
@@ -554,13 +557,14 @@ class BatchingEngine:
             [batch.attention_mask, torch.ones(1, count, dtype=torch.long)], dim=1
         )
         padded = not bool(batch.attention_mask.all())
-        output = self.model(
-            input_ids=inputs,
-            attention_mask=attention_mask if padded else None,
-            position_ids=batch.positions.unsqueeze(1) + torch.arange(count),
-            cache=batch.cache,
-            use_cache=True,
-        )
+        with single_steps():
+            output = self.model(
+                input_ids=inputs,
+                attention_mask=attention_mask if padded else None,
+                position_ids=batch.positions.unsqueeze(1) + torch.arange(count),
+                cache=batch.cache,
+                use_cache=True,
+            )
         self.stats.steps += 1
         self.stats.rows_decoded += 1
         self.stats.drafted += len(draft)

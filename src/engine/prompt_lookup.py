@@ -11,10 +11,21 @@ draft, only sooner when the guess is right. The n-gram search is transformers' o
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
-from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
 MATCHING_NGRAM = 2  # the longest n-gram matched (transformers' default), then shorter ones
+
+
+@functools.cache
+def prepare_prompt_lookup() -> Any:
+    """transformers' candidate generator class, imported on first use: the default engine
+    does not import transformers otherwise (it costs a second of start-up)."""
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    return PromptLookupCandidateGenerator
 
 
 def draft_tokens(seen: torch.Tensor, count: int, eos_token_ids: torch.Tensor) -> torch.Tensor:
@@ -23,7 +34,7 @@ def draft_tokens(seen: torch.Tensor, count: int, eos_token_ids: torch.Tensor) ->
     if nothing matches."""
     if count <= 0 or len(seen) < 2:
         return seen[:0]
-    lookup = PromptLookupCandidateGenerator(
+    lookup = prepare_prompt_lookup()(
         eos_token_id=eos_token_ids if len(eos_token_ids) else None,
         num_output_tokens=count,
         max_matching_ngram_size=MATCHING_NGRAM,

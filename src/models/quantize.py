@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from src.models.single_steps import in_single_steps
+
 if TYPE_CHECKING:
     from src.models.int4_kernel import Int4Kernel
 
@@ -124,7 +126,7 @@ class Int8DynamicLinear(Int8Linear):
     flattens)."""
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] < INT8_ACTIVATION_MIN_ROWS:
+        if x.shape[0] < INT8_ACTIVATION_MIN_ROWS or in_single_steps():
             return super().matmul(x)
         return self.int8_product(x)
 

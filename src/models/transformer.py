@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.models.single_steps import in_single_steps
+
 # ------------------------------------------------------------------------------------------
 # Configuration
 # ------------------------------------------------------------------------------------------
@@ -365,26 +367,49 @@ class Attention(nn.Module):
                 k = k.repeat_interleave(group, dim=1)  # (B, nh, S, hs)
                 v = v.repeat_interleave(group, dim=1)
             y, weights = self.written_out_attention(q, k, v, mask)
+        elif T == 1:
+            y, weights = self.attend_one_token(q, k, v, mask), None
+        elif in_single_steps():
+            # Each new token as a one-token step would attend (src/models/single_steps.py):
+            # to the keys up to its own position, through the same kernel.
+            S = k.shape[2]
+            y = torch.cat(
+                [
+                    self.attend_one_token(
+                        q[:, :, i : i + 1],
+                        k[:, :, : S - T + i + 1],
+                        v[:, :, : S - T + i + 1],
+                        None if mask is None else mask[:, :, i : i + 1, : S - T + i + 1],
+                    )
+                    for i in range(T)
+                ],
+                dim=2,
+            )
+            weights = None
         else:
             # The fused kernel computes the same softmax(q k^T / sqrt(hs) + mask) v. mask=None
-            # means causal (a prompt with no cache) or nothing to hide (one new token, no
-            # padding).
-            if T == 1 and group > 1:
-                # One new token: the `group` query heads that share a key/value head are
-                # attended as `group` queries of that one head, (B, nkv, group, hs). Same
-                # numbers, no copies of k and v, and ten times faster here than enable_gqa.
-                # A padding mask (B, 1, 1, S) broadcasts over those queries unchanged.
-                y = F.scaled_dot_product_attention(
-                    q.reshape(B, self.n_kv_head, group, self.head_dim), k, v, attn_mask=mask
-                ).reshape(B, self.n_head, 1, self.head_dim)
-            else:
-                y = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                    enable_gqa=group > 1,
-                )  # fmt: skip
+            # means causal (a prompt with no cache).
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=group > 1
+            )
             weights = None
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hs)
         return self.proj(y), weights
+
+    def attend_one_token(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One new token's attention through the fused kernel, q (B, nh, 1, hs); ``mask`` None
+        when nothing is hidden, else (B, 1, 1, S) for padding."""
+        B, group = q.shape[0], self.n_head // self.n_kv_head
+        if group == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # The `group` query heads that share a key/value head are attended as `group` queries
+        # of that one head, (B, nkv, group, hs). Same numbers, no copies of k and v, and ten
+        # times faster here than enable_gqa. A padding mask broadcasts over those queries.
+        return F.scaled_dot_product_attention(
+            q.reshape(B, self.n_kv_head, group, self.head_dim), k, v, attn_mask=mask
+        ).reshape(B, self.n_head, 1, self.head_dim)
 
     def written_out_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
@@ -490,9 +515,11 @@ class Transformer(nn.Module):
                              f"{self.config.max_position_embeddings}")  # fmt: skip
         written_out = output_attentions or not sdpa
         # Without padding, the fused kernel needs no mask when the causal rule alone applies
-        # (a prompt with no cache) or hides nothing (one new token): skipping it saves building
-        # a (B, 1, T, S) tensor for every generated token.
-        no_mask_needed = attention_mask is None and (past == 0 or T == 1) and not written_out
+        # (a prompt with no cache) or hides nothing (one new token, or each token of a pass in
+        # single steps, see Attention): skipping it saves building a (B, 1, T, S) tensor for
+        # every generated token.
+        one_at_a_time = T == 1 or in_single_steps()
+        no_mask_needed = attention_mask is None and (past == 0 or one_at_a_time) and not written_out
         if attention_mask is None:
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         if position_ids is None:

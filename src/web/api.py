@@ -75,10 +75,12 @@ def create_app(
         finally:
             # uvicorn runs this once every response has ended (a signal's drain bounded that).
             shutdown.uninstall()
-            if app.state.ui is not None:
-                await app.state.ui.close()
-            if loaded.is_set() and app.state.stack is not None:
-                await asyncio.to_thread(app.state.stack.close)  # joins the engine threads
+            try:
+                if app.state.ui is not None:
+                    await app.state.ui.close()  # never raises: see LazyWebUI.close
+            finally:
+                if loaded.is_set() and app.state.stack is not None:
+                    await asyncio.to_thread(app.state.stack.close)  # joins the engine threads
 
     app = FastAPI(
         title="Mini-Claude API",
