@@ -91,7 +91,14 @@ def test_health_is_503_while_loading_then_200_with_the_model(settings, tiny_llam
             "backend": "local",
             "context_window": 256,  # the tiny model's max_position_embeddings
             "kv_cache_mb": round(256 * 2 * 2 * 2 * 8 * 4 / 2**20, 1),
-            "decoding": {"steps": 0, "rows_decoded": 0, "prefill_passes": 0, "rows_prefilled": 0},
+            "decoding": {
+                "steps": 0,
+                "rows_decoded": 0,
+                "prefill_passes": 0,
+                "rows_prefilled": 0,
+                "drafted": 0,  # prompt lookup is off by default
+                "accepted": 0,
+            },
             "detail": None,
         }
         reply = http.post("/chat", json={"message": "hi", "max_new_tokens": 5}).json()
