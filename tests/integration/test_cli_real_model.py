@@ -2,6 +2,8 @@
 
 import signal
 import sys
+import time
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -98,6 +100,19 @@ def test_real_model_streams_a_multibyte_reply_cleanly(bundled_service):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX terminal")
+def wait_until_reading_the_terminal(pid: int, timeout: float = 10) -> None:
+    """Until the process sleeps in select/poll on the terminal: readline prints its prompt just
+    before that, and a SIGINT that lands between the two is only seen at the next keystroke
+    (CPython's readline loop), which a person never meets but a test sending it at once can."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "S" and "poll" in Path(f"/proc/{pid}/wchan").read_text():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the CLI (pid {pid}) is not waiting for input after {timeout} s")
+
+
 def test_interactive_ctrl_c_stops_the_reply_and_keeps_the_session(converted_bundled_model):
     child = pexpect.spawn(
         sys.executable,
@@ -136,6 +151,7 @@ def test_interactive_ctrl_c_while_the_prompt_is_built_keeps_the_session(converte
     )
     try:
         child.expect("> ")
+        wait_until_reading_the_terminal(child.pid)
         child.kill(signal.SIGINT)  # at the input prompt
         child.expect_exact("(Ctrl-D or /quit to leave)")
         child.sendline("/quit")
