@@ -99,11 +99,9 @@ def test_real_model_streams_a_multibyte_reply_cleanly(bundled_service):
     assert all("\ufffd" not in delta for delta in deltas)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX terminal")
 def wait_until_reading_the_terminal(pid: int, timeout: float = 10) -> None:
-    """Until the process sleeps in select/poll on the terminal: readline prints its prompt just
-    before that, and a SIGINT that lands between the two is only seen at the next keystroke
-    (CPython's readline loop), which a person never meets but a test sending it at once can."""
+    """Until the process sleeps in select/poll on the terminal, as it does at readline's
+    prompt: a Ctrl-C sent then is one "at the input prompt", not one during start-up."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -113,6 +111,7 @@ def wait_until_reading_the_terminal(pid: int, timeout: float = 10) -> None:
     raise AssertionError(f"the CLI (pid {pid}) is not waiting for input after {timeout} s")
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX terminal")
 def test_interactive_ctrl_c_stops_the_reply_and_keeps_the_session(converted_bundled_model):
     child = pexpect.spawn(
         sys.executable,
