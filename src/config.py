@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     memory_release_seconds: float = Field(5.0, ge=0.0, le=3600.0)
     # Keys and values all decoding batches may hold (the base model's and each adapter's,
     # rows grown to their longest reply); a request that does not fit waits for rows to end.
-    kv_cache_mb: int = Field(256, ge=1, le=1_000_000)
+    kv_cache_mb: int = Field(192, ge=1, le=1_000_000)
     # Prompt tokens (padding included) prefilled together in one pass; one prompt may be longer.
     max_prefill_tokens: int = Field(2048, ge=16, le=1_000_000)
     # A single stream drafts up to this many tokens a step from earlier text (speculative
@@ -139,7 +139,7 @@ class Settings(BaseSettings):
     # LoRA adapters kept loaded (each adds its LoRA matrices; the base weights are shared);
     # the least recently used idle one is closed to make room.
     max_loaded_adapters: int = Field(2, ge=1, le=64)
-    prefix_cache_mb: int = Field(64, ge=0, le=1_000_000)  # reused keys/values; 0 disables
+    prefix_cache_mb: int = Field(48, ge=0, le=1_000_000)  # reused keys/values; 0 disables
     # On SIGTERM, replies in flight may finish for this long before they are interrupted;
     # under `docker stop` (SIGKILL 10 s after SIGTERM) the interruption still gets out.
     shutdown_grace_seconds: float = Field(8.0, ge=0.0, le=3600.0)
