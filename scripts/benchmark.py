@@ -4,7 +4,8 @@ the same run, on the bundled SmolLM2-135M.
     python scripts/benchmark.py                       # everything (a few minutes), or: make bench
     python scripts/benchmark.py --sections decode --new-tokens 32 --repetitions 1   # quick
 
-Sections: decode (our engines and precisions vs plain transformers generate), serving (the
+Sections: decode (our engines and precisions vs plain transformers generate), shape (the same
+on a random-weight model with Llama 3.2 1B's shape, for users of bigger models), serving (the
 API with 1/4/8/16 concurrent streaming clients, vs one client), cold (process start to first
 token), structured (JSON-schema replies vs free text, same prompt and model), training (LoRA
 tokens/s and peak memory: our trainer vs a plain transformers Trainer +
@@ -18,6 +19,7 @@ import sys
 import tempfile
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import _bootstrap
 
@@ -29,9 +31,33 @@ COPY_PROMPT_TOKENS = 300
 LOOKUP_TOKENS = 5
 
 
+def bundled_prompts() -> tuple[Path, Any, Any, list[int], list[int]]:
+    """The bundled model's folder, tokenizer and prompt format, and the two prompts every
+    decode row runs: a short request for a story, and one of about LONG_PROMPT_TOKENS."""
+    from transformers import AutoTokenizer
+
+    from src.benchmarks.decode import long_prompt_for
+    from src.chat.prompts import detect_prompt_format, encode_conversation
+    from src.models.loader import ensure_bundled_model
+
+    folder = ensure_bundled_model(Path(_bootstrap.REPO_ROOT) / "models")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt_format = detect_prompt_format(tokenizer)
+    prompt = encode_conversation(
+        tokenizer, prompt_format, None, [{"role": "user", "content": "Tell me a long story."}]
+    )
+    return (
+        folder,
+        tokenizer,
+        prompt_format,
+        prompt,
+        long_prompt_for(tokenizer, prompt_format, LONG_PROMPT_TOKENS),
+    )
+
+
 def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from src.benchmarks.decode import (
         EngineStream,
@@ -44,20 +70,12 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         time_generate,
     )
     from src.benchmarks.llama_cpp import RowFailed
-    from src.chat.prompts import detect_prompt_format, encode_conversation
-    from src.models.loader import ensure_bundled_model
     from src.models.quantize import quantize_model, use_int4_kernel
     from src.models.transformer import Transformer
     from src.training.data import load_examples, tokenize_examples
 
-    folder = ensure_bundled_model(Path(_bootstrap.REPO_ROOT) / "models")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    folder, tokenizer, prompt_format, prompt, long_prompt = bundled_prompts()
     fp32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prompt_format = detect_prompt_format(tokenizer)
-    prompt = encode_conversation(
-        tokenizer, prompt_format, None, [{"role": "user", "content": "Tell me a long story."}]
-    )
-    long_prompt = long_prompt_for(tokenizer, prompt_format, LONG_PROMPT_TOKENS)
     conversations = load_examples("chitchat")[-perplexity_examples:]
     held_out = tokenize_examples(conversations, tokenizer, prompt_format, 128, 0.0, seed=0).train
 
@@ -157,6 +175,16 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         "rows": rows,
         "prompt_lookup": lookup_rows,
     }
+
+
+def run_model_shape(new_tokens: int, repetitions: int) -> dict:
+    from src.benchmarks.model_shape import measure_model_shape
+
+    # The bundled model's prompts, as token ids (they are valid ids of the bigger vocabulary).
+    folder, _, _, prompt, long_prompt = bundled_prompts()
+    return measure_model_shape(
+        prompt, long_prompt, new_tokens, repetitions, kernel_cache_dir=folder.parent
+    )
 
 
 def llama_cpp_runs(
@@ -268,7 +296,7 @@ def run_training(steps: int, repetitions: int, examples: int, max_length: int | 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default="decode,serving,structured,cold,training")
+    parser.add_argument("--sections", default="decode,shape,serving,structured,cold,training")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--clients", default="1,4,8,16")
@@ -309,11 +337,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(torch.get_num_threads())
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"decode", "serving", "cold", "training", "structured"}
+    unknown = sections - {"decode", "shape", "serving", "cold", "training", "structured"}
     if unknown:
         print(
-            f"Error: unknown sections {sorted(unknown)}; use decode, serving, cold, training, "
-            "structured",
+            f"Error: unknown sections {sorted(unknown)}; use decode, shape, serving, cold, "
+            "training, structured",
             file=sys.stderr,
         )
         return 2
@@ -327,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": machine_description()}
     if "decode" in sections:
         results["decode"] = run_decode(args.new_tokens, args.repetitions, args.perplexity_examples)
+    if "shape" in sections:
+        # A token of the bigger model takes about ten of the bundled one's: fewer of them.
+        results["model_shape"] = run_model_shape(min(args.new_tokens, 32), args.repetitions)
     if "serving" in sections:
         clients = [int(c) for c in args.clients.split(",")]
         results["serving"] = run_serving(min(args.new_tokens, 64), clients, args.repetitions)

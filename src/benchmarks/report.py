@@ -45,6 +45,8 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         if decode.get("prompt_lookup"):
             lines += prompt_lookup_markdown(decode["prompt_lookup"])
+    if results.get("model_shape"):
+        lines += model_shape_markdown(results["model_shape"])
     serving = results.get("serving")
     if serving:
         one = serving["rows"][0]["aggregate_tokens_per_second"]
@@ -143,6 +145,43 @@ def prompt_lookup_markdown(rows: list[dict[str, Any]]) -> list[str]:
                     "yes" if row["same_tokens"] else "no",
                 ]
                 for row in rows
+            ],
+        ),
+        "",
+    ]
+
+
+def model_shape_markdown(shape: dict[str, Any]) -> list[str]:
+    """The bigger-model table: the same columns as the decode table, with weight memory."""
+    config = shape["shape"]
+    baseline = shape["rows"][0]["tokens_per_second"]
+    return [
+        f"**A bigger model shape**: Llama 3.2 1B's ({shape['parameters'] / 1e9:.2f} B "
+        f"parameters: {config['num_hidden_layers']} layers, width {config['hidden_size']}, "
+        f"{config['num_attention_heads']} heads and {config['num_key_value_heads']} for keys "
+        f"and values, vocabulary {config['vocab_size']:,}) with random weights (speed "
+        f"depends on the shape, not the values), {shape['new_tokens']} new tokens, greedy, "
+        f"median of {shape['repetitions']}:",
+        "",
+        *table(
+            [
+                "engine",
+                "tokens/s",
+                "vs baseline",
+                "first token (s)",
+                f"first token, {shape['long_prompt_tokens']}-token prompt (s)",
+                "weights (MB)",
+            ],
+            [
+                [
+                    row["name"],
+                    f"{row['tokens_per_second']:.1f}",
+                    f"{row['tokens_per_second'] / baseline:.2f}x",
+                    f"{row['first_token_seconds']:.3f}",
+                    f"{row['long_prompt_first_token_seconds']:.3f}",
+                    f"{row['weights_mb']:,.0f}",
+                ]
+                for row in shape["rows"]
             ],
         ),
         "",

@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from src.benchmarks import llama_cpp
+from src.benchmarks.model_shape import LLAMA_3_2_1B_SHAPE, measure_model_shape
+from src.benchmarks.report import markdown
 from tests.integration.conftest import run_python
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -61,6 +63,35 @@ def test_decode_section_writes_json_markdown_and_chart(converted_bundled_model, 
     assert f"first token, {data['decode']['long_prompt_tokens']}-token prompt (s)" in table
     with Image.open(tmp_path / "benchmark.png") as chart:
         assert chart.format == "PNG"
+
+
+def test_model_shape_rows_go_from_fp32_to_int4_and_into_the_report(tmp_path):
+    # The section's code on a tiny shape (the script's own shape is Llama 3.2 1B's).
+    tiny = {**LLAMA_3_2_1B_SHAPE, "hidden_size": 64, "intermediate_size": 128}
+    tiny |= {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    tiny |= {"vocab_size": 512, "tie_word_embeddings": True}
+    shape = measure_model_shape(
+        [1, 2, 3], list(range(40)), 4, 1, kernel_cache_dir=tmp_path, shape=tiny, progress=str
+    )
+    rows = shape["rows"]
+    assert [row["name"] for row in rows] == [
+        "transformers generate fp32 (baseline)",
+        "scratch engine fp32",
+        "scratch engine bf16",
+        "scratch engine bf16 + int4",
+    ]
+    assert all(
+        row["tokens_per_second"] > 0 and row["long_prompt_first_token_seconds"] > 0 for row in rows
+    )
+    weights = [row["weights_mb"] for row in rows]
+    assert weights[0] == pytest.approx(weights[1], rel=0.01)  # the same fp32 weights
+    assert weights[2] == pytest.approx(weights[1] / 2, rel=0.01) and weights[3] < weights[2]
+    # Tied embeddings; per layer q and o (64 x 64), k and v (64 x 32), the MLP, two norms.
+    layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64
+    assert shape["parameters"] == 512 * 64 + 2 * layer + 64
+    table = markdown({"machine": "test", "model_shape": shape})
+    assert "**A bigger model shape**" in table and "| scratch engine bf16 + int4 |" in table
+    assert "first token, 40-token prompt (s)" in table
 
 
 def test_unknown_sections_are_refused(tmp_path):
