@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     kv_cache_mb: int = Field(192, ge=1, le=1_000_000)
     # Prompt tokens (padding included) prefilled together in one pass; one prompt may be longer.
     max_prefill_tokens: int = Field(2048, ge=16, le=1_000_000)
+    # While other replies decode, a longer prompt is prefilled this many tokens at a time,
+    # a decoding step between two chunks, so they do not stall for all of it; 0: in one pass.
+    prefill_chunk_tokens: int = Field(256, ge=0, le=1_000_000)
     # A single stream drafts up to this many tokens a step from earlier text (speculative
     # decoding by prompt lookup: src/engine/prompt_lookup.py); replies are unchanged. 0: off.
     prompt_lookup_tokens: int = Field(0, ge=0, le=64)

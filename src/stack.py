@@ -222,6 +222,7 @@ def local_backend(
         memory_release_seconds=settings.memory_release_seconds,
         kv_budget=shared.kv_budget,
         max_prefill_tokens=settings.max_prefill_tokens,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
         prompt_lookup_tokens=settings.prompt_lookup_tokens,
     )
     window = context_window(model, engine.max_batch_size)

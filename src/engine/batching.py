@@ -16,6 +16,11 @@ RoPE and learned positions need.
 
 With a ``PrefixCache``, a prompt that starts like an earlier sequence (the previous turn of the
 conversation, the shared system prompt) only runs its new tokens through the model.
+
+A long prompt that arrives while other replies are being decoded is prefilled a chunk at a
+time (``prefill_chunk_tokens``), one chunk between two decoding steps, so the running replies
+pause for a chunk at a time instead of for the whole prompt; the last chunk joins the batch
+like any prompt whose beginning was cached.
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ class _Request:
     # instead of copying the whole history (torch.cat) for every token of every row.
     history: torch.Tensor = field(init=False, repr=False)
     generated: int = 0
+    # Keys and values of the prompt's first tokens, computed so far by chunked prefill:
+    # (how many tokens, per layer (1, kv_heads, n, head_dim)).
+    partial: tuple[int, list[LayerKV]] | None = None
 
     def __post_init__(self) -> None:
         room = len(self.prompt_ids) + self.params.max_new_tokens
@@ -144,6 +152,7 @@ class BatchingEngine:
         kv_budget: KVBudget | None = None,
         max_prefill_tokens: int | None = None,
         prompt_lookup_tokens: int = 0,
+        prefill_chunk_tokens: int = 0,
     ) -> None:
         """``memory_release_seconds``: while requests are being decoded, memory freed by the
         engine goes back to the system at most this often (0: only when the batch empties,
@@ -155,7 +164,8 @@ class BatchingEngine:
         take memory in proportion to rows x length squared, so a burst of long prompts is
         prefilled a few rows at a time instead of all at once. ``prompt_lookup_tokens``: a
         single stream checks up to this many drafted tokens per step (0: none), see
-        ``src/engine/prompt_lookup.py``."""
+        ``src/engine/prompt_lookup.py``. ``prefill_chunk_tokens``: while other rows decode, a
+        prompt longer than this is prefilled this many tokens per round (0: in one pass)."""
         self.model = model
         self.eos_token_ids = frozenset(eos_token_ids)
         # Our left-padded shared cache assumes every layer attends to all earlier positions.
@@ -174,6 +184,8 @@ class BatchingEngine:
         self.memory = MemoryReleaser(memory_release_seconds)
         self.kv_budget = kv_budget
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self._prefilling: _Request | None = None  # a long prompt, a chunk per round
         # Sliding-window caches cannot take back positions, so such a model never drafts.
         self.prompt_lookup_tokens = 0 if sliding else prompt_lookup_tokens
         if self.prompt_lookup_tokens:
@@ -309,12 +321,13 @@ class BatchingEngine:
             # consumer waits forever on its queue.
             for request in list(self._requests.values()):
                 self._finish(request, exc)
-            batch = None
+            batch, self._prefilling = None, None
         # Give back what this round's tensors left free in malloc: when the batch has just
         # emptied (the server goes idle), and every few seconds while it runs.
         self.memory.after_round(busy=batch is not None)
         if self.kv_budget is not None:
-            self.kv_budget.hold(self, self._kv_bytes(batch.requests if batch else []))
+            holding = [*(batch.requests if batch else []), *filter(None, [self._prefilling])]
+            self.kv_budget.hold(self, self._kv_bytes(holding))
         return batch
 
     def _kv_bytes(self, requests: list[_Request]) -> int:
@@ -345,6 +358,7 @@ class BatchingEngine:
         """Fail the admitted requests and those still waiting (the engine is closed)."""
         for request in list(self._requests.values()):
             self._finish(request, error)
+        self._prefilling = None
         while self._deferred:
             self._deferred.popleft().tokens.put(error)
         if self.kv_budget is not None:
@@ -369,6 +383,15 @@ class BatchingEngine:
         room = self.max_batch_size - (len(batch.requests) if batch is not None else 0)
         running = batch.requests if batch is not None else []
         arrivals: list[_Request] = []
+        if self._prefilling is not None:  # first in line: its next chunk, or its last one now
+            request, self._prefilling = self._prefilling, None
+            if request.abandoned or request.should_stop():
+                self._finish(request)
+            elif batch is not None and self._prefill_chunk(request):
+                self._prefilling = request
+                return batch
+            else:
+                arrivals.append(request)
         while len(arrivals) < room:
             if self._deferred:  # first in line: it was waiting for room
                 request = self._deferred.popleft()
@@ -385,11 +408,17 @@ class BatchingEngine:
             if request.abandoned or request.should_stop():  # its client left while it waited
                 self._finish(request)
                 continue
+            if arrivals and self._chunks(request, batch):
+                self._deferred.appendleft(request)  # next round, a chunk at a time
+                break
             if not self._may_join(running, arrivals, request):
                 self._deferred.appendleft(request)  # waits, first in line, for rows to end
                 break
             self._requests[id(request)] = request
             if self._start(request):
+                if self._chunks(request, batch) and self._prefill_chunk(request):
+                    self._prefilling = request  # (arrivals is empty: see above)
+                    break
                 arrivals.append(request)
         if not arrivals:
             return batch
@@ -397,6 +426,40 @@ class BatchingEngine:
         if joined is None:
             return batch
         return joined if batch is None else _merge(batch, joined)
+
+    def _chunks(self, request: _Request, batch: _Batch | None) -> bool:
+        """Whether ``request``'s prompt is prefilled a chunk per round: it is long, and other
+        rows are decoding (alone, one pass is faster). Scored prompts need every position's
+        logits from one pass."""
+        return (
+            bool(self.prefill_chunk_tokens)
+            and batch is not None
+            and not request.params.prompt_logprobs
+            and len(request.prompt_ids) > self.prefill_chunk_tokens
+        )
+
+    @torch.inference_mode()
+    def _prefill_chunk(self, request: _Request) -> bool:
+        """Run the next ``prefill_chunk_tokens`` of ``request``'s prompt (after what is cached
+        or already done) through the model, keeping their keys and values in
+        ``request.partial``. False, doing nothing but the lookup, when at most a chunk is left:
+        ``_prefill`` runs that part and gives the first token."""
+        done, layers = self._cached_prefix(request)
+        if len(request.prompt_ids) - done <= self.prefill_chunk_tokens:
+            request.partial = (done, layers) if done else None
+            return False
+        end = done + self.prefill_chunk_tokens
+        output = self.model(
+            input_ids=request.seen[done:end].unsqueeze(0),
+            attention_mask=torch.ones(1, end, dtype=torch.long),
+            position_ids=torch.arange(done, end).unsqueeze(0),
+            cache=cache_from_layers(self.model, layers) if done else None,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        request.partial = (end, row_layers(output.cache, 0, torch.arange(end)))
+        self.stats.prefill_chunks += 1
+        return True
 
     def _start(self, request: _Request) -> bool:
         """Set up a request's sampling state; False if it was cancelled while waiting."""
@@ -495,6 +558,11 @@ class BatchingEngine:
                 request.tokens.put(token)
 
     def _cached_prefix(self, request: _Request) -> tuple[int, list[LayerKV]]:
+        """The keys and values ``request``'s prompt starts with: those chunked prefill has
+        computed (taken: used once), or else the prefix cache's longest match."""
+        if request.partial is not None:
+            found, request.partial = request.partial, None
+            return found
         if self.prefix_cache is None:
             return 0, []
         return self.prefix_cache.longest_prefix(request.prompt_ids, owner=self._cache_owner)
@@ -720,6 +788,7 @@ class EngineStats:
     rows_decoded: int = 0  # sum of batch sizes over those steps
     prefill_passes: int = 0
     rows_prefilled: int = 0
+    prefill_chunks: int = 0  # passes over a chunk of a long prompt while others decoded
     drafted: int = 0  # prompt-lookup tokens checked
     accepted: int = 0  # ... and kept: each saved a decoding step
 

@@ -96,6 +96,7 @@ def test_health_is_503_while_loading_then_200_with_the_model(settings, tiny_llam
                 "rows_decoded": 0,
                 "prefill_passes": 0,
                 "rows_prefilled": 0,
+                "prefill_chunks": 0,
                 "drafted": 0,  # prompt lookup is off by default
                 "accepted": 0,
             },

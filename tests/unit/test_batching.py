@@ -286,3 +286,92 @@ def test_a_request_given_up_while_it_waits_for_room_is_dropped_at_once(tiny_llam
     assert running._request.generated < 600  # the long reply was still running
     running.close()
     engine.close()
+
+
+def long_prompt(service, words: int) -> list[int]:
+    return prompt(service, " ".join(f"word{i}" for i in range(words)))
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_between_steps_and_changes_no_reply(
+    tiny_llama_service,
+):
+    """PREFILL_CHUNK_TOKENS: a long prompt arriving while another reply decodes goes through
+    the model a chunk per round, a decoding step of the running reply between two chunks;
+    both replies are the ones they get alone."""
+    service = tiny_llama_service
+    model = service.backend.engine.model
+    running_prompt, long = prompt(service, "hello"), long_prompt(service, 30)
+    chunk = 8
+    params = [GREEDY.updated(max_new_tokens=150), GREEDY.updated(max_new_tokens=30)]
+    alone_engine = BatchingEngine(model, frozenset())
+    alone = [
+        list(alone_engine.generate_token_ids(p, each))
+        for p, each in zip((running_prompt, long), params, strict=True)
+    ]
+    alone_engine.close()
+    engine = BatchingEngine(model, frozenset(), prefill_chunk_tokens=chunk)
+    events: list[str] = []
+    step, prefill_chunk = engine._step, engine._prefill_chunk
+
+    def logged_step(batch):
+        events.append(f"step{len(batch.requests)}")
+        return step(batch)
+
+    def logged_chunk(request):
+        more = prefill_chunk(request)
+        events.append("chunk" if more else "last")
+        return more
+
+    engine._step, engine._prefill_chunk = logged_step, logged_chunk
+    running = engine.generate_token_ids(running_prompt, params[0])
+    first = [next(running)]  # the batch is decoding
+    newcomer = engine.generate_token_ids(long, params[1])
+    assert list(newcomer) == alone[1]
+    assert first + list(running) == alone[0]
+    chunks = (len(long) - 1) // chunk  # while more than one chunk is left
+    assert engine.stats.prefill_chunks == chunks
+    chunked = [e for e in events if e in ("chunk", "last")]
+    assert chunked == ["chunk"] * chunks + ["last"]
+    # Between two chunks (and after the last), the running reply took a step alone.
+    between = events[events.index("chunk") : events.index("last")]
+    assert between == ["chunk", "step1"] * chunks
+    engine.close()
+
+
+def test_chunked_prefill_starts_after_a_cached_prefix_and_skips_lone_prompts(tiny_llama_service):
+    service = tiny_llama_service
+    model = service.backend.engine.model
+    long = long_prompt(service, 30)
+    params = GREEDY.updated(max_new_tokens=40)
+    plain = BatchingEngine(model, frozenset())
+    expected = list(plain.generate_token_ids(long + [5, 6, 7], params))
+    plain.close()
+    cache = PrefixCache(2**30)
+    engine = BatchingEngine(model, frozenset(), prefix_cache=cache, prefill_chunk_tokens=8)
+    list(engine.generate_token_ids(long, params.updated(max_new_tokens=1)))  # alone: one pass
+    assert engine.stats.prefill_chunks == 0
+    running = engine.generate_token_ids(prompt(service, "hello"), params)
+    next(running)
+    # The same long prompt and 3 tokens more: everything but those comes from the cache.
+    assert list(engine.generate_token_ids(long + [5, 6, 7], params)) == expected
+    assert engine.stats.prefill_chunks == 0 and cache.tokens_reused >= len(long)
+    running.close()
+    engine.close()
+
+
+def test_a_request_given_up_during_chunked_prefill_is_dropped_and_frees_its_room(
+    tiny_llama_service,
+):
+    model = tiny_llama_service.backend.engine.model
+    budget = KVBudget(2**30)
+    engine = BatchingEngine(model, frozenset(), kv_budget=budget, prefill_chunk_tokens=4)
+    running = engine.generate([1, 2, 3, 4], GREEDY.updated(max_new_tokens=2000))
+    next(running)
+    newcomer = engine.generate(list(range(5, 400)), GREEDY)
+    wait_until(lambda: engine.stats.prefill_chunks >= 2)
+    newcomer.close()
+    assert engine._prefilling is None and engine.stats.prefill_chunks < 99
+    running_bytes = engine._kv_bytes([running._request])
+    wait_until(lambda: budget.used() == running_bytes)
+    running.close()
+    engine.close()
