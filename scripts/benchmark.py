@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ LONG_PROMPT_TOKENS = 500
 # Prompt lookup: a text of about this many tokens to copy out, and drafts of this many tokens.
 COPY_PROMPT_TOKENS = 300
 LOOKUP_TOKENS = 5
+# The long prompt that arrives among short chats in the serving section's mixed load.
+MIXED_LOAD_PROMPT_TOKENS = 1000
 
 
 def bundled_prompts() -> tuple[Path, Any, Any, list[int], list[int]]:
@@ -232,25 +236,68 @@ def prepare_model_once() -> None:
 
 
 def run_serving(new_tokens: int, clients: list[int], repetitions: int) -> dict:
-    from src.benchmarks.processes import peak_memory_mb, start_server, stop, wait_until_ready
+    from src.benchmarks.processes import peak_memory_mb
     from src.benchmarks.serving import measure_concurrency
 
     prepare_model_once()
-    with tempfile.TemporaryDirectory() as data_dir:
-        process, url = start_server(Path(data_dir), RESPONSE_CACHE_SIZE="0")
-        try:
-            wait_until_ready(url, process)
-            rows = measure_concurrency(
-                url, clients, new_tokens, repetitions, progress=lambda m: print(m, flush=True)
-            )
-            memory = peak_memory_mb(process.pid)
-        finally:
-            stop(process)
+    rows, memory, mixed = [], 0.0, []
+    # The default server, then one that prefills every prompt in one pass, for the mixed load.
+    for chunking in ("default", "0"):
+        env = {"RESPONSE_CACHE_SIZE": "0"}
+        if chunking != "default":
+            env["PREFILL_CHUNK_TOKENS"] = chunking
+        with served(env) as (process, url):
+            if chunking == "default":
+                rows = measure_concurrency(
+                    url, clients, new_tokens, repetitions, progress=lambda m: print(m, flush=True)
+                )
+                memory = peak_memory_mb(process.pid)
+            mixed.append(mixed_load_row(url, chunking, repetitions))
     return {
         "new_tokens": new_tokens,
         "repetitions": repetitions,
         "rows": rows,
         "peak_memory_mb": memory,
+        "mixed_load": mixed,
+    }
+
+
+@contextmanager
+def served(env: dict[str, str]) -> Iterator[tuple[Any, str]]:
+    """A real server (uvicorn, the bundled model, a fresh data folder) with ``env``: its
+    process and URL once it is ready; stopped afterwards."""
+    from src.benchmarks.processes import start_server, stop, wait_until_ready
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        process, url = start_server(Path(data_dir), **env)
+        try:
+            wait_until_ready(url, process)
+            yield process, url
+        finally:
+            stop(process)
+
+
+def mixed_load_row(url: str, chunking: str, repetitions: int) -> dict:
+    """Short chats arriving one after another with a long pasted text among them (medians
+    over ``repetitions`` rounds, each with another text, so no round reuses a cached one)."""
+    import asyncio
+    import statistics
+
+    from src.benchmarks.decode import dialog_text
+    from src.benchmarks.serving import measure_mixed_load
+    from src.config import Settings
+
+    _, tokenizer, _, _, _ = bundled_prompts()
+    text = dialog_text(tokenizer, MIXED_LOAD_PROMPT_TOKENS)
+    default = Settings.model_fields["prefill_chunk_tokens"].default
+    label = f"{default} (default)" if chunking == "default" else chunking
+    print(f"  serving: mixed load, PREFILL_CHUNK_TOKENS={label}", flush=True)
+    rounds = [
+        asyncio.run(measure_mixed_load(url, f"Text {index}: summarise it.\n\n{text}"))
+        for index in range(repetitions)
+    ]
+    return {"prefill_chunk_tokens": label} | {
+        key: statistics.median(r[key] for r in rounds) for key in rounds[0]
     }
 
 

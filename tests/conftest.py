@@ -89,6 +89,78 @@ def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, bundled_model_path
     return folder
 
 
+# Tiny random models of the other families src/models/transformer.py builds, each from
+# transformers' own config class, with extra settings that make the family's difference
+# count (Llama 3's rope scaling acts on wavelengths around a short "original" context).
+TINY_FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
+    "qwen2": ("Qwen2", {}),
+    "qwen3": ("Qwen3", {"head_dim": 16}),  # Qwen3 sets head_dim apart from the width
+    "mistral": ("Mistral", {}),
+    "llama3": (
+        "Llama",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10_000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
+}
+
+
+def tiny_family_model(tmp_path_factory: pytest.TempPathFactory, kind: str, tokenizer: Path) -> Path:
+    """A 2-layer model of ``kind`` (GQA, SmolLM2's tokenizer and chat template) whose biases
+    and norm weights are random too (transformers starts them at 0 and 1, which would hide a
+    bias or a norm applied in the wrong place)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    prefix, extra = TINY_FAMILIES[kind]
+    config_class = getattr(transformers, f"{prefix}Config")
+    model_class = getattr(transformers, f"{prefix}ForCausalLM")
+    folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+    torch.manual_seed(0)
+    config = config_class(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        **extra,
+    )
+    model = model_class(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, 0.3)
+            elif "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_family_paths(
+    tmp_path_factory: pytest.TempPathFactory, bundled_model_path: Path
+) -> dict[str, Path]:
+    """Each of TINY_FAMILIES' tiny models, by family."""
+    return {
+        kind: tiny_family_model(tmp_path_factory, kind, bundled_model_path)
+        for kind in TINY_FAMILIES
+    }
+
+
 def make_service(folder: Path, context_window: int | None = None, **kwargs: object) -> ChatService:
     """A service on the model in ``folder``, its context window the model's own limit unless
     given. The engine and tokenizer are reachable as ``service.backend.engine`` and

@@ -158,7 +158,6 @@ def long_prompt_for(
     """A chat prompt of about ``length`` tokens: ``request`` about real dialog (the bundled
     chitchat data), as a user pastes text in."""
     from src.chat.prompts import encode_conversation
-    from src.training.data import load_examples
 
     def prompt_with(text: str) -> list[int]:
         message = f"{request}\n\n{text}"
@@ -166,9 +165,14 @@ def long_prompt_for(
             tokenizer, prompt_format, None, [{"role": "user", "content": message}]
         )
 
+    return prompt_with(dialog_text(tokenizer, length - len(prompt_with(""))))
+
+
+def dialog_text(tokenizer: Any, length: int) -> str:
+    """About ``length`` tokens of real dialog (the bundled chitchat data) as one text."""
+    from src.training.data import load_examples
+
     dialog = "\n".join(
         message["content"] for example in load_examples("chitchat") for message in example.messages
     )
-    text_ids = tokenizer.encode(dialog, add_special_tokens=False)
-    room = length - len(prompt_with(""))
-    return prompt_with(tokenizer.decode(text_ids[:room]))
+    return tokenizer.decode(tokenizer.encode(dialog, add_special_tokens=False)[:length])

@@ -79,6 +79,8 @@ def markdown(results: dict[str, Any]) -> str:
             ),
             "",
         ]
+        if serving.get("mixed_load"):
+            lines += mixed_load_markdown(serving["mixed_load"])
     structured = results.get("structured")
     if structured:
         free = structured["rows"][0]["tokens_per_second"]
@@ -182,6 +184,35 @@ def model_shape_markdown(shape: dict[str, Any]) -> list[str]:
                     f"{row['weights_mb']:,.0f}",
                 ]
                 for row in shape["rows"]
+            ],
+        ),
+        "",
+    ]
+
+
+def mixed_load_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """Short chats arriving one by one with a long prompt among them, per PREFILL_CHUNK_TOKENS."""
+    return [
+        f"**Mixed load**: {rows[0]['clients']} short chats arriving 0.25 s apart, and a pasted "
+        "text of about 1,000 tokens arriving among them (medians of the rounds):",
+        "",
+        *table(
+            [
+                "`PREFILL_CHUNK_TOKENS`",
+                "short chats: first token p50 / p95 (s)",
+                "longest pause of a short reply p50 / max (s)",
+                "long prompt: first token (s)",
+                "aggregate tokens/s",
+            ],
+            [
+                [
+                    str(row["prefill_chunk_tokens"]),
+                    f"{row['first_token_p50']:.2f} / {row['first_token_p95']:.2f}",
+                    f"{row['longest_pause_p50']:.2f} / {row['longest_pause_max']:.2f}",
+                    f"{row['long_prompt_first_token']:.2f}",
+                    f"{row['aggregate_tokens_per_second']:.1f}",
+                ]
+                for row in rows
             ],
         ),
         "",

@@ -1,5 +1,6 @@
 """The API under concurrent streaming clients: aggregate tokens/s, time to first token and
-total latency (p50, p95), with 1, 4, 8 and 16 clients at once."""
+total latency (p50, p95), with 1, 4, 8 and 16 clients at once; and a mixed load, short chats
+arriving one after another while a long prompt comes in among them."""
 
 from __future__ import annotations
 
@@ -30,16 +31,25 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 async def stream_one(url: str, prompt: str, new_tokens: int) -> dict:
+    """One streamed reply: seconds to its first text, in all, and the longest pause between
+    two pieces of text (how long the reply stood still), and its token count."""
     started = time.perf_counter()
-    first = None
+    first = last = None
+    longest_pause = 0.0
     tokens = 0
     body = {"message": prompt, "max_new_tokens": new_tokens, "do_sample": False}
     async for event, data in post_sse(url, "/chat/stream", body):
-        if event == "delta" and first is None:
-            first = time.perf_counter() - started
+        if event == "delta":
+            now = time.perf_counter()
+            if first is None:
+                first = now - started
+            else:
+                longest_pause = max(longest_pause, now - last)
+            last = now
         if event == "done":
             tokens = json.loads(data)["usage"]["completion_tokens"]
-    return {"first": first or 0.0, "total": time.perf_counter() - started, "tokens": tokens}
+    total = time.perf_counter() - started
+    return {"first": first or 0.0, "total": total, "pause": longest_pause, "tokens": tokens}
 
 
 async def post_sse(url: str, path: str, body: dict):
@@ -119,4 +129,36 @@ async def measure_round(url: str, clients: int, new_tokens: int) -> dict:
         "latency_p50": statistics.median(totals),
         "latency_p95": percentile(totals, 0.95),
         "client_cpu_ms_per_token": 1000 * client_cpu / max(tokens, 1),
+    }
+
+
+async def measure_mixed_load(
+    url: str, long_message: str, clients: int = 16, every: float = 0.25, new_tokens: int = 64
+) -> dict:
+    """``clients`` short chats, one every ``every`` seconds, and ``long_message`` (a pasted
+    text of about a thousand tokens) arriving after the fourth: time to first token of the
+    short chats (p50, p95), the longest pause of a short reply once it has started (p50,
+    max: how long the long prompt froze them), and the long prompt's own first token."""
+
+    async def short(index: int) -> dict:
+        await asyncio.sleep(index * every)
+        return await stream_one(url, PROMPTS[index % len(PROMPTS)] + f" (#{index})", new_tokens)
+
+    async def long() -> dict:
+        await asyncio.sleep(3.5 * every)
+        return await stream_one(url, long_message, new_tokens)
+
+    started = time.perf_counter()
+    *shorts, pasted = await asyncio.gather(*(short(i) for i in range(clients)), long())
+    wall = time.perf_counter() - started
+    firsts = [r["first"] for r in shorts]
+    pauses = [r["pause"] for r in shorts]
+    return {
+        "clients": clients,
+        "aggregate_tokens_per_second": sum(r["tokens"] for r in (*shorts, pasted)) / wall,
+        "first_token_p50": statistics.median(firsts),
+        "first_token_p95": percentile(firsts, 0.95),
+        "longest_pause_p50": statistics.median(pauses),
+        "longest_pause_max": max(pauses),
+        "long_prompt_first_token": pasted["first"],
     }

@@ -27,10 +27,10 @@ from typing import Any
 
 from src.config import Settings
 from src.errors import ModelLoadingError
+from src.models.transformer import SUPPORTED_FAMILIES
 
 logger = logging.getLogger(__name__)
 
-SCRATCH_FAMILIES = ("gpt2", "llama")  # the model_type values src/models/transformer.py builds
 
 
 @dataclass
@@ -72,7 +72,7 @@ def load_for_inference(
     dtype = inference_dtype(settings.precision, source)
     quantization = resolve_quantization(settings.quantize, source)
     loaded = None
-    if requested == "scratch" or (requested == "auto" and model_type(folder) in SCRATCH_FAMILIES):
+    if requested == "scratch" or (requested == "auto" and model_type(folder) in SUPPORTED_FAMILIES):
         try:
             loaded = load_scratch_fast(folder, source, name, dtype, quantization, settings)
         except ValueError as exc:  # a folder the direct path cannot read: use transformers

@@ -22,15 +22,17 @@ import torch
 from torch import nn
 
 from src.errors import ModelLoadingError
+from src.models.transformer import LLAMA_LIKE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 
 # Which layers get LoRA by default, per architecture (the linear layers of attention and MLP).
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_TARGET_MODULES = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    **{kind: LLAMA_LINEARS for kind in LLAMA_LIKE},  # Llama's layer names in every such family
 }
 
 

@@ -1,12 +1,18 @@
 """A decoder-only transformer from scratch, in one file, read top to bottom.
 
-It covers the two families users meet, as configuration switches rather than subclasses:
+It covers the families users meet, as configuration switches rather than subclasses:
 
 - GPT-2 / DialoGPT (Radford et al., 2019): learned position embeddings, LayerNorm, a GELU MLP,
   one fused QKV projection with biases, input and output embeddings tied.
 - Llama / SmolLM2 (Touvron et al., 2023): RMSNorm (Zhang & Sennrich, 2019), rotary position
   embeddings (RoFormer, Su et al., 2021), a SwiGLU MLP (Shazeer, 2020), and grouped-query
   attention (GQA, Ainslie et al., 2023) where several query heads share one key/value head.
+  Llama 3.1-3.3 stretch the rotary frequencies for long contexts (``rope_scaling`` "llama3").
+- Mistral: Llama's architecture (without sliding-window attention here: a config that asks
+  for a window shorter than its context is refused, and runs on transformers' engine).
+- Qwen2 / Qwen2.5: Llama's, with biases on the q, k and v projections (not the output's).
+- Qwen3: Llama's, with an RMSNorm on every query and key head before the rotation
+  (``qk_norm``).
 
 Both are the architecture of "Attention Is All You Need" (Vaswani et al., 2017) with only the
 decoder kept and the normalisation moved before each sub-layer (pre-norm, as in GPT-2).
@@ -56,7 +62,12 @@ class TransformerConfig:
     positions: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10_000.0
     mlp: Literal["gelu", "swiglu"] = "gelu"
-    attention_bias: bool = True  # biases on the q, k, v and output projections
+    attention_bias: bool = True  # biases on the q, k and v projections
+    attention_output_bias: bool | None = None  # on the output projection; None: as q, k, v
+    qk_norm: bool = False  # RMSNorm (over head_dim) on each query and key head: Qwen3
+    # Llama 3's long-context rotary frequencies: {"factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"}; None: plain rotary.
+    rope_scaling: dict[str, float] | None = None
     mlp_bias: bool = True  # biases on the MLP projections
     tie_embeddings: bool = True
 
@@ -82,6 +93,8 @@ class TransformerConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.n_embd
+        if self.attention_output_bias is None:
+            self.attention_output_bias = self.attention_bias
         choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"),
                    "mlp": ("gelu", "swiglu")}  # fmt: skip
         for name, allowed in choices.items():
@@ -106,29 +119,76 @@ class TransformerConfig:
                 norm_eps=hf_config.layer_norm_epsilon,
                 tie_embeddings=True,
             )
-        if hf_config.model_type == "llama":
-            rope = getattr(hf_config, "rope_parameters", None) or {}
-            if rope.get("rope_type", "default") != "default":
-                raise ValueError(f"unsupported rope scaling {rope.get('rope_type')!r}")
-            return cls(
-                vocab_size=hf_config.vocab_size,
-                n_layer=hf_config.num_hidden_layers,
-                n_head=hf_config.num_attention_heads,
-                n_kv_head=hf_config.num_key_value_heads,
-                n_embd=hf_config.hidden_size,
-                head_dim=getattr(hf_config, "head_dim", None),
-                intermediate_size=hf_config.intermediate_size,
-                max_position_embeddings=hf_config.max_position_embeddings,
-                norm="rmsnorm",
-                norm_eps=hf_config.rms_norm_eps,
-                positions="rope",
-                rope_theta=rope.get("rope_theta", getattr(hf_config, "rope_theta", 10_000.0)),
-                mlp="swiglu",
-                attention_bias=hf_config.attention_bias,
-                mlp_bias=hf_config.mlp_bias,
-                tie_embeddings=hf_config.tie_word_embeddings,
-            )
-        raise ValueError(f"model_type {hf_config.model_type!r}: only gpt2 and llama are supported")
+        if hf_config.model_type in LLAMA_LIKE:
+            return cls.from_llama_like(hf_config)
+        raise ValueError(
+            f"model_type {hf_config.model_type!r}: supported are {', '.join(SUPPORTED_FAMILIES)}"
+        )
+
+    @classmethod
+    def from_llama_like(cls, hf_config: Any) -> TransformerConfig:
+        """Llama and the families built like it (Mistral, Qwen2, Qwen3): see the module doc."""
+        kind = hf_config.model_type
+        activation = getattr(hf_config, "hidden_act", "silu")
+        if activation != "silu":
+            raise ValueError(f"{kind} with hidden_act {activation!r}: only silu is supported")
+        window = getattr(hf_config, "sliding_window", None)
+        windowed = (
+            getattr(hf_config, "use_sliding_window", False)  # Qwen2/3 turn the window on here
+            if kind in ("qwen2", "qwen3")
+            else window is not None and window < hf_config.max_position_embeddings
+        )
+        if windowed:
+            raise ValueError(f"{kind} with sliding-window attention (sliding_window={window})")
+        theta, scaling = rope_settings(hf_config)
+        qkv_bias = kind == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+        return cls(
+            vocab_size=hf_config.vocab_size,
+            n_layer=hf_config.num_hidden_layers,
+            n_head=hf_config.num_attention_heads,
+            n_kv_head=getattr(hf_config, "num_key_value_heads", None),
+            n_embd=hf_config.hidden_size,
+            head_dim=getattr(hf_config, "head_dim", None),
+            intermediate_size=hf_config.intermediate_size,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            norm="rmsnorm",
+            norm_eps=hf_config.rms_norm_eps,
+            positions="rope",
+            rope_theta=theta,
+            rope_scaling=scaling,
+            mlp="swiglu",
+            attention_bias=qkv_bias,
+            attention_output_bias=qkv_bias and kind != "qwen2",  # Qwen2's o_proj has none
+            qk_norm=kind == "qwen3",
+            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+            tie_embeddings=getattr(hf_config, "tie_word_embeddings", False),
+        )
+
+
+# model_type values built like Llama (RMSNorm, rotary, SwiGLU, GQA); with GPT-2, every family
+# this file builds.
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = ("gpt2", *LLAMA_LIKE)
+LLAMA3_SCALING_KEYS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
+
+
+def rope_settings(hf_config: Any) -> tuple[float, dict[str, float] | None]:
+    """(rope_theta, Llama 3 scaling or None) from a config as transformers 5 writes it
+    (``rope_parameters``) or as older files have it (``rope_theta`` and ``rope_scaling``)."""
+    parameters = dict(getattr(hf_config, "rope_parameters", None) or {})
+    scaling = parameters or dict(getattr(hf_config, "rope_scaling", None) or {})
+    theta = parameters.get("rope_theta", getattr(hf_config, "rope_theta", 10_000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope scaling {kind!r}")
+    return theta, {key: scaling[key] for key in LLAMA3_SCALING_KEYS}
 
 
 # ------------------------------------------------------------------------------------------
@@ -163,9 +223,9 @@ class RotaryEmbedding(nn.Module):
     """RoFormer: rotate each (x_i, x_{i+hs/2}) pair of q and k by an angle proportional to the
     position, so that q·k depends only on the distance between the two tokens."""
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, float] | None = None):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # One frequency per pair of dimensions: theta^(-2i/hs), i = 0 .. hs/2 - 1. Computed
@@ -173,9 +233,27 @@ class RotaryEmbedding(nn.Module):
         # would round: bf16 frequencies shift every angle and cost accuracy.
         exponents = torch.arange(0, self.head_dim, 2, device=positions.device).float()
         inverse_frequency = 1.0 / self.theta ** (exponents / self.head_dim)
+        if self.scaling is not None:
+            inverse_frequency = llama3_frequencies(inverse_frequency, self.scaling)
         angles = positions.float()[..., None] * inverse_frequency  # (B, T, hs/2)
         angles = torch.cat([angles, angles], dim=-1)  # (B, T, hs): halves share frequencies
         return angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, T, hs) each
+
+
+def llama3_frequencies(inverse_frequency: torch.Tensor, scaling: dict[str, float]) -> torch.Tensor:
+    """Llama 3.1's long-context rotary: wavelengths longer than the original context's (over
+    ``low_freq_factor``) are stretched by ``factor``, those shorter than it over
+    ``high_freq_factor`` kept, and the ones between blended smoothly (the operations of
+    transformers' ``_compute_llama3_parameters``, in its order, for the same numbers)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inverse_frequency
+    stretched = torch.where(wavelength > original / low, inverse_frequency / factor,
+                            inverse_frequency)  # fmt: skip
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    between = ~(wavelength < original / high) * ~(wavelength > original / low)
+    return torch.where(between, blended, stretched)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -338,7 +416,11 @@ class Attention(nn.Module):
         qkv_width = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.qkv = nn.Linear(config.n_embd, qkv_width, bias=config.attention_bias)
         self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd,
-                              bias=config.attention_bias)  # fmt: skip
+                              bias=config.attention_output_bias)  # fmt: skip
+        if config.qk_norm:  # Qwen3: each query and key head normalised before the rotation
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(
         self,
@@ -352,7 +434,10 @@ class Attention(nn.Module):
         q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         qkv = self.qkv(x)
         heads = self.n_head + self.n_kv_head
-        q_and_k = qkv[..., : q_width + kv_width].view(B, T, heads, self.head_dim).transpose(1, 2)
+        q_and_k = qkv[..., : q_width + kv_width].view(B, T, heads, self.head_dim)
+        if self.qk_norm:
+            q_and_k = self.normalise_heads(q_and_k)
+        q_and_k = q_and_k.transpose(1, 2)
         if rotary is not None:  # (cos, signed sin): see apply_rotary_rolled
             q_and_k = apply_rotary_rolled(q_and_k, *rotary)  # all heads of q and k at once
         q, k = q_and_k.split([self.n_head, self.n_kv_head], dim=1)  # (B, nh|nkv, T, hs)
@@ -395,6 +480,14 @@ class Attention(nn.Module):
             weights = None
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hs)
         return self.proj(y), weights
+
+    def normalise_heads(self, q_and_k: torch.Tensor) -> torch.Tensor:
+        """q_norm on the query heads and k_norm on the key heads of (B, T, nh + nkv, hs), in
+        one pass: each head's weight row, as RMSNorm would apply it."""
+        weight = torch.cat([self.q_norm.weight.expand(self.n_head, -1),
+                            self.k_norm.weight.expand(self.n_kv_head, -1)])  # fmt: skip
+        normalised = F.rms_norm(q_and_k.float(), (self.head_dim,), eps=self.q_norm.eps)
+        return weight * normalised.to(q_and_k.dtype)
 
     def attend_one_token(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
@@ -481,7 +574,7 @@ class Transformer(nn.Module):
         if config.positions == "learned":
             self.position_embedding = nn.Embedding(config.max_position_embeddings, config.n_embd)
         else:
-            self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+            self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -745,6 +838,9 @@ def hf_weight_map(config: TransformerConfig, hf: dict[str, torch.Tensor]) -> dic
             ours[f"{mine}{new}.weight"] = hf[f"{theirs}{old}.weight"]
             if kind == "gpt2":
                 ours[f"{mine}{new}.bias"] = hf[f"{theirs}{old}.bias"]
+        if config.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                ours[f"{mine}attention.{norm}.weight"] = hf[f"{theirs}self_attn.{norm}.weight"]
         for new, parts in HF_LINEAR_NAMES[kind].items():
             # GPT-2 stores Conv1D weights as (in, out); nn.Linear wants (out, in).
             weights = [hf[f"{theirs}{part}.weight"] for part in parts]
@@ -758,4 +854,6 @@ def hf_weight_map(config: TransformerConfig, hf: dict[str, torch.Tensor]) -> dic
 
 def has_bias(config: TransformerConfig, layer: str) -> bool:
     """Whether our ``layer`` ("attention.qkv", "mlp.up", ...) has a bias in this config."""
+    if layer == "attention.proj":
+        return bool(config.attention_output_bias)
     return config.attention_bias if layer.startswith("attention.") else config.mlp_bias

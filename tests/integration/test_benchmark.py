@@ -146,8 +146,16 @@ def test_serving_structured_and_cold_start_sections(converted_bundled_model, tmp
     for row in serving["rows"]:
         assert row["aggregate_tokens_per_second"] > 0
         assert 0 < row["first_token_p50"] <= row["latency_p50"] <= row["latency_p95"]
+    # The mixed load, on the default server (chunked prefill) and on one without it.
+    mixed = serving["mixed_load"]
+    assert [row["prefill_chunk_tokens"] for row in mixed] == ["256 (default)", "0"]
+    for row in mixed:
+        assert 0 < row["first_token_p50"] <= row["first_token_p95"]
+        assert 0 < row["longest_pause_p50"] <= row["longest_pause_max"]
+        assert row["long_prompt_first_token"] > 0 and row["aggregate_tokens_per_second"] > 0
     assert cold["cli_first_token_seconds"] > 0 and cold["repetitions"] == 2
     assert 0 < cold["server_ready_seconds"] <= cold["server_first_token_seconds"]
     table = (tmp_path / "benchmark.md").read_text()
     assert "medians of 2 rounds" in table and "**Cold start**" in table
+    assert "**Mixed load**" in table and "| 256 (default) |" in table
     assert "**Structured outputs**" in table and "| JSON schema (grammar mask) |" in table

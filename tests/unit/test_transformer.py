@@ -13,6 +13,7 @@ from src.models.transformer import (
     apply_rotary_rolled,
     signed_sin,
 )
+from tests.conftest import TINY_FAMILIES
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(180)]
 
@@ -31,10 +32,13 @@ def padded_batch(tokenizer, texts, pad_id):
     return ids, mask
 
 
-@pytest.fixture(params=["tiny_gpt2_path", "tiny_llama_path"])
+@pytest.fixture(params=["tiny_gpt2_path", "tiny_llama_path", *sorted(TINY_FAMILIES)])
 def pair(request):
-    """(Hugging Face model, our model on the same weights, tokenizer)."""
-    folder = request.getfixturevalue(request.param)
+    """(Hugging Face model, our model on the same weights, tokenizer), for every family."""
+    if request.param in TINY_FAMILIES:
+        folder = request.getfixturevalue("tiny_family_paths")[request.param]
+    else:
+        folder = request.getfixturevalue(request.param)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return hf, Transformer.from_hf(hf), AutoTokenizer.from_pretrained(folder)
 
@@ -158,8 +162,35 @@ def test_bad_configs_name_the_values(values, message):
 def test_unsupported_architectures_are_refused():
     from transformers import BertConfig
 
-    with pytest.raises(ValueError, match="only gpt2 and llama"):
+    with pytest.raises(ValueError, match="'bert': supported are gpt2, llama, mistral, qwen2"):
         TransformerConfig.from_hf(BertConfig())
+
+
+def test_sliding_windows_and_other_rope_scalings_are_refused_by_name():
+    """Never a model that is silently different: these stay on transformers' engine."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    window = MistralConfig(sliding_window=64, max_position_embeddings=256)
+    with pytest.raises(ValueError, match="mistral with sliding-window attention"):
+        TransformerConfig.from_hf(window)
+    assert TransformerConfig.from_hf(MistralConfig(sliding_window=None)).n_layer > 0
+    with pytest.raises(ValueError, match=r"qwen2 with sliding-window attention \(sliding_wi"):
+        TransformerConfig.from_hf(Qwen2Config(use_sliding_window=True, sliding_window=64))
+    yarn = {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0}
+    with pytest.raises(ValueError, match="unsupported rope scaling 'yarn'"):
+        TransformerConfig.from_hf(LlamaConfig(rope_parameters=yarn))
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_FAMILIES))
+def test_every_family_loads_from_its_folder_without_transformers(tiny_family_paths, kind):
+    """The fast start-up path (config.json and safetensors read directly) builds the same
+    model as going through transformers: the same logits."""
+    folder = tiny_family_paths[kind]
+    direct, through_hf = Transformer.from_folder(folder), Transformer.from_hf(folder)
+    assert direct.config == through_hf.config
+    ids = torch.tensor([[5, 17, 300, 42, 7, 99]])
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, through_hf(ids).logits)
 
 
 def test_sequences_longer_than_the_positions_are_refused(tiny_gpt2_path):
