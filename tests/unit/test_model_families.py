@@ -1,0 +1,69 @@
+"""The families the from-scratch transformer builds (Qwen2, Qwen3, Mistral, Llama 3 rope
+scaling; GPT-2 and Llama have their own tests), through the code users run: ENGINE=auto picks
+our engine for them, batches decode as alone, and the inspection script reports parity."""
+
+import pytest
+
+from src.config import load_settings
+from src.engine.batching import BatchingEngine
+from src.models.inference import load_for_inference
+from src.models.model_info import eos_token_ids
+from src.models.transformer import Transformer
+from tests.batching_helpers import arrive_together
+from tests.conftest import GREEDY, TINY_FAMILIES
+from tests.integration.conftest import run_python
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(300)]
+
+
+def settings_for(folder, **overrides):
+    values = {"model_name": str(folder), "precision": "fp32", "quantize": "none"}
+    return load_settings(_env_file=None, **values | overrides)
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_FAMILIES))
+def test_engine_auto_takes_the_scratch_engine_for_every_family(tiny_family_paths, kind):
+    loaded = load_for_inference(settings_for(tiny_family_paths[kind]))
+    assert loaded.engine == "scratch" and isinstance(loaded.model, Transformer)
+    assert loaded.description.startswith("scratch engine")
+
+
+def test_a_mistral_with_a_sliding_window_stays_on_transformers(tmp_path, tiny_family_paths):
+    """Our engine would attend past the window: ENGINE=auto keeps transformers' model."""
+    import json
+    import shutil
+
+    folder = tmp_path / "windowed-mistral"
+    shutil.copytree(tiny_family_paths["mistral"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"sliding_window": 16}))
+    loaded = load_for_inference(settings_for(folder))
+    assert loaded.engine == "hf"
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_FAMILIES))
+def test_each_family_batches_as_alone(tiny_family_paths, kind):
+    """Left-padded batches with rotary positions counted per row (and Qwen3's per-head norms,
+    Qwen2's biases) give every request the reply it gets alone."""
+    loaded = load_for_inference(settings_for(tiny_family_paths[kind]))
+    eos = eos_token_ids(loaded.model, loaded.tokenizer)
+    prompts = [loaded.tokenizer.encode(text) for text in ("hi", "a longer question, padded", "3")]
+    alone_engine = BatchingEngine(loaded.model, eos)
+    alone = [list(alone_engine.generate_token_ids(p, GREEDY)) for p in prompts]
+    alone_engine.close()
+    engine = BatchingEngine(loaded.model, eos)
+    assert arrive_together(engine, prompts, GREEDY) == alone
+    assert engine.stats.prefill_passes == 1
+    engine.close()
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_FAMILIES))
+def test_the_inspection_script_reports_parity(tiny_family_paths, kind, tmp_path):
+    result = run_python(
+        [
+            "scripts/inspect_model.py",
+            *("--model", str(tiny_family_paths[kind]), "--output", str(tmp_path / "map.png")),
+        ]
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "map.png").is_file()
