@@ -96,6 +96,12 @@ TINY_FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "qwen2": ("Qwen2", {}),
     "qwen3": ("Qwen3", {"head_dim": 16}),  # Qwen3 sets head_dim apart from the width
     "mistral": ("Mistral", {}),
+    # A window shorter than the test prompts and replies: every layer, and Qwen2's from layer 1.
+    "mistral-window": ("Mistral", {"sliding_window": 8}),
+    "qwen2-window": (
+        "Qwen2",
+        {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+    ),
     "llama3": (
         "Llama",
         {

@@ -8,11 +8,16 @@ It covers the families users meet, as configuration switches rather than subclas
   embeddings (RoFormer, Su et al., 2021), a SwiGLU MLP (Shazeer, 2020), and grouped-query
   attention (GQA, Ainslie et al., 2023) where several query heads share one key/value head.
   Llama 3.1-3.3 stretch the rotary frequencies for long contexts (``rope_scaling`` "llama3").
-- Mistral: Llama's architecture (without sliding-window attention here: a config that asks
-  for a window shorter than its context is refused, and runs on transformers' engine).
-- Qwen2 / Qwen2.5: Llama's, with biases on the q, k and v projections (not the output's).
+- Mistral: Llama's architecture, where each query sees only the latest ``sliding_window``
+  positions (``attention_window``; Mistral 7B v0.1).
+- Qwen2 / Qwen2.5: Llama's, with biases on the q, k and v projections (not the output's), and
+  a sliding window on some layers if the config turns it on (``windowed_layers``).
 - Qwen3: Llama's, with an RMSNorm on every query and key head before the rotation
   (``qk_norm``).
+
+A sliding window is a mask here: the cache keeps every key, and a windowed layer hides those
+more than the window behind each query, counted in the row's real tokens. So padded batches,
+reused prefixes and dropped draft tokens work as for any other model.
 
 Both are the architecture of "Attention Is All You Need" (Vaswani et al., 2017) with only the
 decoder kept and the normalisation moved before each sub-layer (pre-norm, as in GPT-2).
@@ -68,6 +73,8 @@ class TransformerConfig:
     # Llama 3's long-context rotary frequencies: {"factor", "low_freq_factor",
     # "high_freq_factor", "original_max_position_embeddings"}; None: plain rotary.
     rope_scaling: dict[str, float] | None = None
+    attention_window: int | None = None  # a query sees only this many latest positions ...
+    windowed_layers: tuple[int, ...] | None = None  # ... in these layers (None: all of them)
     mlp_bias: bool = True  # biases on the MLP projections
     tie_embeddings: bool = True
 
@@ -95,6 +102,13 @@ class TransformerConfig:
             self.intermediate_size = 4 * self.n_embd
         if self.attention_output_bias is None:
             self.attention_output_bias = self.attention_bias
+        if self.attention_window is None:
+            self.windowed_layers = ()
+        elif self.attention_window < 1:
+            raise ValueError(f"attention_window must be positive, got {self.attention_window}")
+        elif self.windowed_layers is None:
+            self.windowed_layers = tuple(range(self.n_layer))
+        self.windowed_layers = tuple(self.windowed_layers)
         choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"),
                    "mlp": ("gelu", "swiglu")}  # fmt: skip
         for name, allowed in choices.items():
@@ -132,14 +146,7 @@ class TransformerConfig:
         activation = getattr(hf_config, "hidden_act", "silu")
         if activation != "silu":
             raise ValueError(f"{kind} with hidden_act {activation!r}: only silu is supported")
-        window = getattr(hf_config, "sliding_window", None)
-        windowed = (
-            getattr(hf_config, "use_sliding_window", False)  # Qwen2/3 turn the window on here
-            if kind in ("qwen2", "qwen3")
-            else window is not None and window < hf_config.max_position_embeddings
-        )
-        if windowed:
-            raise ValueError(f"{kind} with sliding-window attention (sliding_window={window})")
+        window, windowed_layers = sliding_window_settings(hf_config)
         theta, scaling = rope_settings(hf_config)
         qkv_bias = kind == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
         return cls(
@@ -156,6 +163,8 @@ class TransformerConfig:
             positions="rope",
             rope_theta=theta,
             rope_scaling=scaling,
+            attention_window=window,
+            windowed_layers=windowed_layers,
             mlp="swiglu",
             attention_bias=qkv_bias,
             attention_output_bias=qkv_bias and kind != "qwen2",  # Qwen2's o_proj has none
@@ -175,6 +184,26 @@ LLAMA3_SCALING_KEYS = (
     "high_freq_factor",
     "original_max_position_embeddings",
 )
+
+
+def sliding_window_settings(hf_config: Any) -> tuple[int | None, tuple[int, ...] | None]:
+    """(window, windowed layers) as transformers applies them: Mistral's window on every
+    layer; Qwen2/3's only with ``use_sliding_window``, on the layers ``layer_types`` marks
+    (from ``max_window_layers`` on, when a config file has no ``layer_types``)."""
+    window = getattr(hf_config, "sliding_window", None)
+    if hf_config.model_type in ("qwen2", "qwen3") and not getattr(
+        hf_config, "use_sliding_window", False
+    ):
+        window = None
+    if window is None:
+        return None, None
+    layers = getattr(hf_config, "layer_types", None)
+    if layers is None and hf_config.model_type in ("qwen2", "qwen3"):
+        first = getattr(hf_config, "max_window_layers", 0)
+        return window, tuple(range(first, hf_config.num_hidden_layers))
+    if layers is None:
+        return window, None
+    return window, tuple(i for i, kind in enumerate(layers) if kind == "sliding_attention")
 
 
 def rope_settings(hf_config: Any) -> tuple[float, dict[str, float] | None]:
@@ -613,6 +642,9 @@ class Transformer(nn.Module):
         # every generated token.
         one_at_a_time = T == 1 or in_single_steps()
         no_mask_needed = attention_mask is None and (past == 0 or one_at_a_time) and not written_out
+        # Windowed layers need their own mask once the sequence is longer than the window.
+        window = self.config.attention_window
+        windowed = self.config.windowed_layers if window is not None and window < S else ()
         if attention_mask is None:
             attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
         if position_ids is None:
@@ -628,11 +660,13 @@ class Transformer(nn.Module):
             cos, sin = (part.to(x.dtype) for part in self.rotary(position_ids))
             rotary = (cos, signed_sin(sin))
         mask = None if no_mask_needed else attention_bias(attention_mask, T, x.dtype)  # (B,1,T,S)
+        window_mask = attention_bias(attention_mask, T, x.dtype, window) if windowed else None
         output = TransformerOutput(logits=x, cache=cache if use_cache else None)
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
             if output_hidden_states:
                 output.hidden_states.append(x)
-            x, weights = block(x, mask, rotary, cache, written_out)
+            layer_mask = window_mask if index in windowed else mask
+            x, weights = block(x, layer_mask, rotary, cache, written_out)
             if output_attentions:
                 output.attentions.append(weights)
         x = self.final_norm(x)
@@ -774,10 +808,14 @@ def without_initialisation() -> Iterator[None]:
             cls.reset_parameters = reset
 
 
-def attention_bias(attention_mask: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+def attention_bias(
+    attention_mask: torch.Tensor, T: int, dtype: torch.dtype, window: int | None = None
+) -> torch.Tensor:
     """Additive mask (B, 1, T, S): 0 where a query may look, the dtype's minimum where not.
 
-    A query may look at a key if the key is not padding and not in the future (causal). We
+    A query may look at a key if the key is not padding and not in the future (causal), and,
+    with a ``window``, if it is one of the query's ``window`` latest real tokens (its own
+    included; padding inside a row does not count). We
     use the minimum rather than -inf so a fully masked row (a padding query) softmaxes to a
     harmless uniform row instead of NaN, which would leak into every row through ``@ v``.
     """
@@ -786,6 +824,9 @@ def attention_bias(attention_mask: torch.Tensor, T: int, dtype: torch.dtype) -> 
     key_positions = torch.arange(S, device=attention_mask.device)[None, :]  # (1, S)
     causal = key_positions <= query_positions  # (T, S)
     allowed = causal[None] & attention_mask[:, None, :].bool()  # (B, T, S)
+    if window is not None:
+        real = attention_mask.cumsum(-1)  # (B, S): a row's real tokens up to each position
+        allowed &= (real[:, -T:, None] - real[:, None, :]) < window
     bias = torch.zeros(B, 1, T, S, dtype=dtype, device=attention_mask.device)
     return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 

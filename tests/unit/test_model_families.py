@@ -28,19 +28,6 @@ def test_engine_auto_takes_the_scratch_engine_for_every_family(tiny_family_paths
     assert loaded.description.startswith("scratch engine")
 
 
-def test_a_mistral_with_a_sliding_window_stays_on_transformers(tmp_path, tiny_family_paths):
-    """Our engine would attend past the window: ENGINE=auto keeps transformers' model."""
-    import json
-    import shutil
-
-    folder = tmp_path / "windowed-mistral"
-    shutil.copytree(tiny_family_paths["mistral"], folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(config | {"sliding_window": 16}))
-    loaded = load_for_inference(settings_for(folder))
-    assert loaded.engine == "hf"
-
-
 @pytest.mark.parametrize("kind", sorted(TINY_FAMILIES))
 def test_each_family_batches_as_alone(tiny_family_paths, kind):
     """Left-padded batches with rotary positions counted per row (and Qwen3's per-head norms,

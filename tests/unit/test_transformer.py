@@ -11,6 +11,7 @@ from src.models.transformer import (
     TransformerConfig,
     apply_rotary,
     apply_rotary_rolled,
+    attention_bias,
     signed_sin,
 )
 from tests.conftest import TINY_FAMILIES
@@ -166,19 +167,37 @@ def test_unsupported_architectures_are_refused():
         TransformerConfig.from_hf(BertConfig())
 
 
-def test_sliding_windows_and_other_rope_scalings_are_refused_by_name():
-    """Never a model that is silently different: these stay on transformers' engine."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+def test_other_rope_scalings_are_refused_by_name():
+    """Never a model that is silently different: such a model stays on transformers' engine."""
+    from transformers import LlamaConfig
 
-    window = MistralConfig(sliding_window=64, max_position_embeddings=256)
-    with pytest.raises(ValueError, match="mistral with sliding-window attention"):
-        TransformerConfig.from_hf(window)
-    assert TransformerConfig.from_hf(MistralConfig(sliding_window=None)).n_layer > 0
-    with pytest.raises(ValueError, match=r"qwen2 with sliding-window attention \(sliding_wi"):
-        TransformerConfig.from_hf(Qwen2Config(use_sliding_window=True, sliding_window=64))
     yarn = {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0}
     with pytest.raises(ValueError, match="unsupported rope scaling 'yarn'"):
         TransformerConfig.from_hf(LlamaConfig(rope_parameters=yarn))
+
+
+def test_sliding_windows_are_read_as_transformers_applies_them():
+    from transformers import MistralConfig, Qwen2Config
+
+    mistral = TransformerConfig.from_hf(MistralConfig(sliding_window=64, num_hidden_layers=3))
+    assert (mistral.attention_window, mistral.windowed_layers) == (64, (0, 1, 2))
+    assert TransformerConfig.from_hf(MistralConfig(sliding_window=None)).windowed_layers == ()
+    qwen = Qwen2Config(sliding_window=64, num_hidden_layers=4, max_window_layers=2)
+    assert TransformerConfig.from_hf(qwen).windowed_layers == ()  # use_sliding_window is off
+    qwen = Qwen2Config(
+        use_sliding_window=True, sliding_window=64, num_hidden_layers=4, max_window_layers=2
+    )
+    assert TransformerConfig.from_hf(qwen).windowed_layers == (2, 3)
+
+
+def test_a_window_hides_keys_counted_in_real_tokens():
+    # Row 0: two padding positions then 4 tokens; row 1: a token, padding inside, 3 tokens.
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 0, 0, 1, 1, 1]])
+    allowed = attention_bias(attention_mask, 2, torch.float32, window=2)[:, 0] == 0
+    assert allowed[0].tolist() == [[False] * 3 + [True, True, False], [False] * 4 + [True] * 2]
+    assert allowed[1].tolist() == [[False] * 3 + [True, True, False], [False] * 4 + [True] * 2]
+    with pytest.raises(ValueError, match="attention_window must be positive"):
+        TransformerConfig(vocab_size=8, n_layer=1, n_head=1, n_embd=8, attention_window=0)
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_FAMILIES))
