@@ -96,6 +96,8 @@ TINY_FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "qwen2": ("Qwen2", {}),
     "qwen3": ("Qwen3", {"head_dim": 16}),  # Qwen3 sets head_dim apart from the width
     "mistral": ("Mistral", {}),
+    "phi3": ("Phi3", {"sliding_window": 8}),  # as Phi-3-mini-4k, a window (shortened here)
+    "phi3-partial": ("Phi3", {"partial_rotary_factor": 0.5}),  # Phi-4-mini rotates 3/4
     # A window shorter than the test prompts and replies: every layer, and Qwen2's from layer 1.
     "mistral-window": ("Mistral", {"sliding_window": 8}),
     "qwen2-window": (

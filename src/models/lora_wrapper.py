@@ -33,6 +33,7 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 DEFAULT_TARGET_MODULES = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     **{kind: LLAMA_LINEARS for kind in LLAMA_LIKE},  # Llama's layer names in every such family
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],  # stored fused
 }
 
 

@@ -14,6 +14,9 @@ It covers the families users meet, as configuration switches rather than subclas
   a sliding window on some layers if the config turns it on (``windowed_layers``).
 - Qwen3: Llama's, with an RMSNorm on every query and key head before the rotation
   (``qk_norm``).
+- Phi-3: Llama's, its q, k, v and gate, up weights stored fused as ours are, with a sliding
+  window in Phi-3-mini-4k; rotary on the first ``rotary_dim`` dimensions of each head where
+  a config sets ``partial_rotary_factor``.
 
 A sliding window is a mask here: the cache keeps every key, and a windowed layer hides those
 more than the window behind each query, counted in the row's real tokens. So padded batches,
@@ -73,6 +76,8 @@ class TransformerConfig:
     # Llama 3's long-context rotary frequencies: {"factor", "low_freq_factor",
     # "high_freq_factor", "original_max_position_embeddings"}; None: plain rotary.
     rope_scaling: dict[str, float] | None = None
+    rotary_dim: int | None = None  # rotary on this many leading dimensions of a head (None: all)
+    weight_names: Literal["gpt2", "llama", "phi3"] | None = None  # None: by positions
     attention_window: int | None = None  # a query sees only this many latest positions ...
     windowed_layers: tuple[int, ...] | None = None  # ... in these layers (None: all of them)
     mlp_bias: bool = True  # biases on the MLP projections
@@ -96,8 +101,14 @@ class TransformerConfig:
                 f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: "
                 "in grouped-query attention each key/value head serves a whole group of heads"
             )
-        if self.positions == "rope" and self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim
+        if self.positions == "rope" and (self.rotary_dim % 2 or self.rotary_dim > self.head_dim):
+            raise ValueError(
+                f"rotary_dim={self.rotary_dim} must be even and at most head_dim={self.head_dim}"
+            )
+        if self.weight_names is None:
+            self.weight_names = "gpt2" if self.positions == "learned" else "llama"
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.n_embd
         if self.attention_output_bias is None:
@@ -148,6 +159,13 @@ class TransformerConfig:
             raise ValueError(f"{kind} with hidden_act {activation!r}: only silu is supported")
         window, windowed_layers = sliding_window_settings(hf_config)
         theta, scaling = rope_settings(hf_config)
+        parameters = getattr(hf_config, "rope_parameters", None) or {}
+        partial = parameters.get("partial_rotary_factor", None) or getattr(
+            hf_config, "partial_rotary_factor", 1.0
+        )
+        head_dim = getattr(hf_config, "head_dim", None) or (
+            hf_config.hidden_size // hf_config.num_attention_heads
+        )
         qkv_bias = kind == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
         return cls(
             vocab_size=hf_config.vocab_size,
@@ -163,6 +181,8 @@ class TransformerConfig:
             positions="rope",
             rope_theta=theta,
             rope_scaling=scaling,
+            rotary_dim=int(head_dim * partial),
+            weight_names="phi3" if kind == "phi3" else "llama",
             attention_window=window,
             windowed_layers=windowed_layers,
             mlp="swiglu",
@@ -176,7 +196,7 @@ class TransformerConfig:
 
 # model_type values built like Llama (RMSNorm, rotary, SwiGLU, GQA); with GPT-2, every family
 # this file builds.
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 SUPPORTED_FAMILIES = ("gpt2", *LLAMA_LIKE)
 LLAMA3_SCALING_KEYS = (
     "factor",
@@ -450,6 +470,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.qk_norm = config.qk_norm
+        self.rotary_dim = config.rotary_dim
 
     def forward(
         self,
@@ -467,8 +488,12 @@ class Attention(nn.Module):
         if self.qk_norm:
             q_and_k = self.normalise_heads(q_and_k)
         q_and_k = q_and_k.transpose(1, 2)
-        if rotary is not None:  # (cos, signed sin): see apply_rotary_rolled
-            q_and_k = apply_rotary_rolled(q_and_k, *rotary)  # all heads of q and k at once
+        if rotary is not None and self.rotary_dim == self.head_dim:
+            # (cos, signed sin): see apply_rotary_rolled. All heads of q and k at once.
+            q_and_k = apply_rotary_rolled(q_and_k, *rotary)
+        elif rotary is not None:  # partial rotary: the other dimensions pass through
+            rotated = apply_rotary_rolled(q_and_k[..., : self.rotary_dim], *rotary)
+            q_and_k = torch.cat([rotated, q_and_k[..., self.rotary_dim :]], dim=-1)
         q, k = q_and_k.split([self.n_head, self.n_kv_head], dim=1)  # (B, nh|nkv, T, hs)
         v = qkv[..., q_width + kv_width :].view(B, T, self.n_kv_head, self.head_dim)
         v = v.transpose(1, 2)  # (B, nkv, T, hs)
@@ -603,7 +628,7 @@ class Transformer(nn.Module):
         if config.positions == "learned":
             self.position_embedding = nn.Embedding(config.max_position_embeddings, config.n_embd)
         else:
-            self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+            self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.rope_scaling)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -835,7 +860,11 @@ def attention_bias(
 # along the output in this order (Llama's q, k and v become our one qkv, gate and up our
 # gate_up). LoRA adapters, which
 # name Hugging Face's layers, are mapped onto ours with the same table (src/models/lora_view.py).
-HF_BLOCK_PREFIX = {"gpt2": "transformer.h.{}.", "llama": "model.layers.{}."}
+HF_BLOCK_PREFIX = {
+    "gpt2": "transformer.h.{}.",
+    "llama": "model.layers.{}.",
+    "phi3": "model.layers.{}.",
+}
 HF_LINEAR_NAMES: dict[str, dict[str, list[str]]] = {
     "gpt2": {
         "attention.qkv": ["attn.c_attn"],
@@ -849,12 +878,18 @@ HF_LINEAR_NAMES: dict[str, dict[str, list[str]]] = {
         "mlp.gate_up": ["mlp.gate_proj", "mlp.up_proj"],
         "mlp.down": ["mlp.down_proj"],
     },
+    "phi3": {
+        "attention.qkv": ["self_attn.qkv_proj"],
+        "attention.proj": ["self_attn.o_proj"],
+        "mlp.gate_up": ["mlp.gate_up_proj"],
+        "mlp.down": ["mlp.down_proj"],
+    },
 }
 
 
 def family(config: TransformerConfig) -> str:
-    """ "gpt2" or "llama": whose Hugging Face names the weights have."""
-    return "gpt2" if config.positions == "learned" else "llama"
+    """ "gpt2", "llama" or "phi3": whose Hugging Face names the weights have."""
+    return str(config.weight_names)
 
 
 def hf_weight_map(config: TransformerConfig, hf: dict[str, torch.Tensor]) -> dict:

@@ -150,7 +150,8 @@ def test_generate_streams_and_seeded_sampling_is_reproducible(tiny_llama_path):
         ({"n_head": 4, "n_kv_head": 0}, "n_kv_head=0"),
         ({"n_layer": 0}, "n_layer must be a positive integer, got 0"),
         ({"norm": "batchnorm"}, "norm='batchnorm'; allowed: layernorm, rmsnorm"),
-        ({"positions": "rope", "head_dim": 5}, "head_dim=5 must be even"),
+        ({"positions": "rope", "head_dim": 5}, "rotary_dim=5 must be even and at most head_dim"),
+        ({"positions": "rope", "rotary_dim": 10}, "rotary_dim=10 must be even and at most head_di"),
         ({"norm_eps": 0.0}, "norm_eps must be positive"),
     ],
 )
