@@ -96,6 +96,17 @@ TINY_FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
     "qwen2": ("Qwen2", {}),
     "qwen3": ("Qwen3", {"head_dim": 16}),  # Qwen3 sets head_dim apart from the width
     "mistral": ("Mistral", {}),
+    # Gemma 2: every other layer windowed (shortened), soft caps low enough to bite.
+    "gemma2": (
+        "Gemma2",
+        {
+            "sliding_window": 8,
+            "head_dim": 8,
+            "query_pre_attn_scalar": 6,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+        },
+    ),
     "phi3": ("Phi3", {"sliding_window": 8}),  # as Phi-3-mini-4k, a window (shortened here)
     "phi3-partial": ("Phi3", {"partial_rotary_factor": 0.5}),  # Phi-4-mini rotates 3/4
     # A window shorter than the test prompts and replies: every layer, and Qwen2's from layer 1.

@@ -14,6 +14,10 @@ It covers the families users meet, as configuration switches rather than subclas
   a sliding window on some layers if the config turns it on (``windowed_layers``).
 - Qwen3: Llama's, with an RMSNorm on every query and key head before the rotation
   (``qk_norm``).
+- Gemma 2 (Gemma Team, 2024): Llama's, with norms on both sides of each sub-layer
+  (``sandwich_norms``) whose weights count from 1 (``norm_style`` "gemma"), a GELU-gated
+  MLP, embeddings scaled by sqrt(width), its own attention scale, tanh soft-capping of the
+  attention scores and of the logits, and a sliding window on every other layer.
 - Phi-3: Llama's, its q, k, v and gate, up weights stored fused as ours are, with a sliding
   window in Phi-3-mini-4k; rotary on the first ``rotary_dim`` dimensions of each head where
   a config sets ``partial_rotary_factor``.
@@ -37,6 +41,7 @@ nh query heads, nkv key/value heads, hs head size, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,10 +71,17 @@ class TransformerConfig:
     intermediate_size: int | None = None  # None: 4 * n_embd, as in GPT-2
     max_position_embeddings: int = 1024
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    # "gemma": an RMSNorm's weight w scales by (1 + w), in fp32 before the cast back.
+    norm_style: Literal["llama", "gemma"] = "llama"
+    sandwich_norms: bool = False  # also a norm on each sub-layer's output (Gemma 2/3)
+    scale_embeddings: bool = False  # embeddings times sqrt(n_embd) (Gemma)
+    attention_scale: float | None = None  # scores times this; None: 1 / sqrt(head_dim)
+    attention_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    logits_softcap: float | None = None  # the same on the logits (Gemma 2)
     norm_eps: float = 1e-5
     positions: Literal["learned", "rope"] = "learned"
     rope_theta: float = 10_000.0
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "swiglu", "geglu"] = "gelu"
     attention_bias: bool = True  # biases on the q, k and v projections
     attention_output_bias: bool | None = None  # on the output projection; None: as q, k, v
     qk_norm: bool = False  # RMSNorm (over head_dim) on each query and key head: Qwen3
@@ -120,8 +132,12 @@ class TransformerConfig:
         elif self.windowed_layers is None:
             self.windowed_layers = tuple(range(self.n_layer))
         self.windowed_layers = tuple(self.windowed_layers)
-        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rope"),
-                   "mlp": ("gelu", "swiglu")}  # fmt: skip
+        choices = {
+            "norm": ("layernorm", "rmsnorm"),
+            "positions": ("learned", "rope"),
+            "mlp": ("gelu", "swiglu", "geglu"),
+            "norm_style": ("llama", "gemma"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; allowed: {', '.join(allowed)}")
@@ -146,16 +162,19 @@ class TransformerConfig:
             )
         if hf_config.model_type in LLAMA_LIKE:
             return cls.from_llama_like(hf_config)
+        if hf_config.model_type == "gemma2":
+            return cls.from_gemma2(hf_config)
         raise ValueError(
             f"model_type {hf_config.model_type!r}: supported are {', '.join(SUPPORTED_FAMILIES)}"
         )
 
     @classmethod
-    def from_llama_like(cls, hf_config: Any) -> TransformerConfig:
-        """Llama and the families built like it (Mistral, Qwen2, Qwen3): see the module doc."""
+    def from_llama_like(cls, hf_config: Any, check_activation: bool = True) -> TransformerConfig:
+        """Llama and the families built like it (Mistral, Qwen2, Qwen3, Phi-3): see the module
+        doc. Gemma starts from it too."""
         kind = hf_config.model_type
         activation = getattr(hf_config, "hidden_act", "silu")
-        if activation != "silu":
+        if check_activation and activation != "silu":
             raise ValueError(f"{kind} with hidden_act {activation!r}: only silu is supported")
         window, windowed_layers = sliding_window_settings(hf_config)
         theta, scaling = rope_settings(hf_config)
@@ -193,11 +212,31 @@ class TransformerConfig:
             tie_embeddings=getattr(hf_config, "tie_word_embeddings", False),
         )
 
+    @classmethod
+    def from_gemma2(cls, hf_config: Any) -> TransformerConfig:
+        activation = getattr(hf_config, "hidden_activation", "gelu_pytorch_tanh")
+        if activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(
+                f"gemma2 with hidden_activation {activation!r}: only gelu_pytorch_tanh"
+            )
+        llama_like = cls.from_llama_like(hf_config, check_activation=False)
+        return dataclasses.replace(
+            llama_like,
+            norm_style="gemma",
+            sandwich_norms=True,
+            scale_embeddings=True,
+            attention_scale=hf_config.query_pre_attn_scalar**-0.5,
+            attention_softcap=getattr(hf_config, "attn_logit_softcapping", None),
+            logits_softcap=getattr(hf_config, "final_logit_softcapping", None),
+            mlp="geglu",
+            tie_embeddings=getattr(hf_config, "tie_word_embeddings", True),
+        )
+
 
 # model_type values built like Llama (RMSNorm, rotary, SwiGLU, GQA); with GPT-2, every family
 # this file builds.
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-SUPPORTED_FAMILIES = ("gpt2", *LLAMA_LIKE)
+SUPPORTED_FAMILIES = ("gpt2", *LLAMA_LIKE, "gemma2")
 LLAMA3_SCALING_KEYS = (
     "factor",
     "low_freq_factor",
@@ -249,22 +288,24 @@ class RMSNorm(nn.Module):
     """Scale by the root mean square (no mean subtraction, no bias): cheaper than LayerNorm
     and as good in practice (Zhang & Sennrich, 2019)."""
 
-    def __init__(self, width: int, eps: float) -> None:
+    def __init__(self, width: int, eps: float, style: str = "llama") -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(width))
+        self.eps, self.style = eps, style
+        self.weight = nn.Parameter(torch.ones(width) if style == "llama" else torch.zeros(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x / sqrt(mean(x^2) + eps), computed in fp32 whatever the input dtype, as in Llama.
         # PyTorch's fused rms_norm gives the same numbers as writing it out in five operations,
         # in one: this runs twice per layer for every token.
         normalised = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        if self.style == "gemma":  # (1 + w), applied in fp32 before the cast (Gemma's order)
+            return (normalised * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * normalised.to(x.dtype)
 
 
 def make_norm(config: TransformerConfig) -> nn.Module:
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, config.norm_eps)
+        return RMSNorm(config.n_embd, config.norm_eps, config.norm_style)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
 
 
@@ -467,9 +508,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_head * config.head_dim, config.n_embd,
                               bias=config.attention_output_bias)  # fmt: skip
         if config.qk_norm:  # Qwen3: each query and key head normalised before the rotation
-            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
-            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_style)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_style)
         self.qk_norm = config.qk_norm
+        self.scale, self.softcap = config.attention_scale, config.attention_softcap
         self.rotary_dim = config.rotary_dim
 
     def forward(
@@ -529,7 +571,13 @@ class Attention(nn.Module):
             # The fused kernel computes the same softmax(q k^T / sqrt(hs) + mask) v. mask=None
             # means causal (a prompt with no cache).
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=group > 1
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                enable_gqa=group > 1,
+                scale=self.scale,
             )
             weights = None
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hs)
@@ -550,19 +598,29 @@ class Attention(nn.Module):
         when nothing is hidden, else (B, 1, 1, S) for padding."""
         B, group = q.shape[0], self.n_head // self.n_kv_head
         if group == 1:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         # The `group` query heads that share a key/value head are attended as `group` queries
         # of that one head, (B, nkv, group, hs). Same numbers, no copies of k and v, and ten
         # times faster here than enable_gqa. A padding mask broadcasts over those queries.
         return F.scaled_dot_product_attention(
-            q.reshape(B, self.n_kv_head, group, self.head_dim), k, v, attn_mask=mask
+            q.reshape(B, self.n_kv_head, group, self.head_dim),
+            k,
+            v,
+            attn_mask=mask,
+            scale=self.scale,
         ).reshape(B, self.n_head, 1, self.head_dim)
 
     def written_out_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled dot-product attention step by step (Vaswani et al., 2017, eq. 1)."""
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, nh, T, S)
+        """Scaled dot-product attention step by step (Vaswani et al., 2017, eq. 1); with
+        Gemma 2's soft-capping of the scores, the only way this model attends."""
+        if self.scale is None:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, nh, T, S)
+        else:
+            scores = (q @ k.transpose(-2, -1)) * self.scale
+        if self.softcap is not None:
+            scores = soft_cap(scores, self.softcap)
         scores = scores + mask  # 0 where allowed, a huge negative number where not
         weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # rows sum to 1
         return weights @ v, weights  # (B, nh, T, hs), (B, nh, T, S)
@@ -573,7 +631,7 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = config.mlp
         hidden = config.intermediate_size
-        if self.kind == "swiglu":
+        if self.kind in ("swiglu", "geglu"):
             # SwiGLU (Shazeer, 2020): a SiLU-gated linear unit, down(silu(gate(x)) * up(x)).
             # The gate and up matrices are one (as qkv): one multiplication per layer instead
             # of two, the same numbers.
@@ -586,6 +644,9 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, up = self.gate_up(x).chunk(2, dim=-1)
             return self.down(F.silu(gate) * up)
+        if self.kind == "geglu":  # Gemma: the gate through GELU (tanh approximation)
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(F.gelu(gate, approximate="tanh") * up)
         # GPT-2 uses the tanh approximation of GELU ("gelu_new").
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
@@ -599,12 +660,20 @@ class Block(nn.Module):
         self.attention = Attention(config, layer_index)
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:  # Gemma: each sub-layer's output is normalised before the residual
+            self.attention_out_norm = make_norm(config)
+            self.mlp_out_norm = make_norm(config)
 
     def forward(self, x, mask, rotary, cache, written_out):
         attended, weights = self.attention(self.norm1(x), mask, rotary, cache, written_out)
+        if self.sandwich:
+            attended = self.attention_out_norm(attended)
         x = x + attended
-        x = x + self.mlp(self.norm2(x))
-        return x, weights
+        transformed = self.mlp(self.norm2(x))
+        if self.sandwich:
+            transformed = self.mlp_out_norm(transformed)
+        return x + transformed, weights
 
 
 # ------------------------------------------------------------------------------------------
@@ -660,7 +729,8 @@ class Transformer(nn.Module):
         if self.config.max_position_embeddings < S:
             raise ValueError(f"sequence of {S} tokens is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}")  # fmt: skip
-        written_out = output_attentions or not sdpa
+        # Soft-capped scores (Gemma 2) are not something the fused kernel can do.
+        written_out = output_attentions or not sdpa or self.config.attention_softcap is not None
         # Without padding, the fused kernel needs no mask when the causal rule alone applies
         # (a prompt with no cache) or hides nothing (one new token, or each token of a pass in
         # single steps, see Attention): skipping it saves building a (B, 1, T, S) tensor for
@@ -677,6 +747,8 @@ class Transformer(nn.Module):
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
 
         x = self.token_embedding(input_ids)  # (B, T, C)
+        if self.config.scale_embeddings:  # Gemma, with sqrt(C) rounded to the model's dtype
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
         rotary = None
         if self.config.positions == "learned":
             x = x + self.position_embedding(position_ids)
@@ -700,6 +772,8 @@ class Transformer(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]  # only the last positions are needed when generating
         output.logits = self.lm_head(x)  # (B, T, V)
+        if self.config.logits_softcap is not None:
+            output.logits = soft_cap(output.logits, self.config.logits_softcap)
         return output
 
     # ---- generation ----------------------------------------------------------------------
@@ -833,6 +907,11 @@ def without_initialisation() -> Iterator[None]:
             cls.reset_parameters = reset
 
 
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap): about x when small, never beyond +-cap (Gemma 2)."""
+    return torch.tanh(x / cap) * cap
+
+
 def attention_bias(
     attention_mask: torch.Tensor, T: int, dtype: torch.dtype, window: int | None = None
 ) -> torch.Tensor:
@@ -908,6 +987,13 @@ def hf_weight_map(config: TransformerConfig, hf: dict[str, torch.Tensor]) -> dic
         if not config.tie_embeddings:
             ours["lm_head.weight"] = hf["lm_head.weight"]
         norms = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm"}
+        if config.sandwich_norms:  # Gemma's names: its post_attention_layernorm is an output's
+            norms = {
+                "norm1": "input_layernorm",
+                "attention_out_norm": "post_attention_layernorm",
+                "norm2": "pre_feedforward_layernorm",
+                "mlp_out_norm": "post_feedforward_layernorm",
+            }
     for i in range(config.n_layer):
         theirs, mine = HF_BLOCK_PREFIX[kind].format(i), f"blocks.{i}."
         for new, old in norms.items():
