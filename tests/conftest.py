@@ -92,13 +92,15 @@ def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory, bundled_model_path
 # Tiny random models of the other families src/models/transformer.py builds, each from
 # transformers' own config class, with extra settings that make the family's difference
 # count (Llama 3's rope scaling acts on wavelengths around a short "original" context).
-TINY_FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
-    "qwen2": ("Qwen2", {}),
-    "qwen3": ("Qwen3", {"head_dim": 16}),  # Qwen3 sets head_dim apart from the width
-    "mistral": ("Mistral", {}),
+TINY_FAMILIES: dict[str, tuple[str, str, dict[str, object]]] = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    # Qwen3 sets head_dim apart from the width.
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     # Gemma 2: every other layer windowed (shortened), soft caps low enough to bite.
     "gemma2": (
-        "Gemma2",
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
         {
             "sliding_window": 8,
             "head_dim": 8,
@@ -107,16 +109,36 @@ TINY_FAMILIES: dict[str, tuple[str, dict[str, object]]] = {
             "final_logit_softcapping": 3.0,
         },
     ),
-    "phi3": ("Phi3", {"sliding_window": 8}),  # as Phi-3-mini-4k, a window (shortened here)
-    "phi3-partial": ("Phi3", {"partial_rotary_factor": 0.5}),  # Phi-4-mini rotates 3/4
+    # Gemma 3 (text): two windowed layers then a full one, each with its own rotary base;
+    # Llama 3-style "linear" scaling on the full layers.
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "num_hidden_layers": 3,
+            "sliding_window": 8,
+            "head_dim": 8,
+            "query_pre_attn_scalar": 6,
+            "sliding_window_pattern": 3,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+        },
+    ),
+    # As Phi-3-mini-4k, a window (shortened here); Phi-4-mini rotates 3/4 of each head.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 8}),
+    "phi3-partial": ("Phi3Config", "Phi3ForCausalLM", {"partial_rotary_factor": 0.5}),
     # A window shorter than the test prompts and replies: every layer, and Qwen2's from layer 1.
-    "mistral-window": ("Mistral", {"sliding_window": 8}),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
     "qwen2-window": (
-        "Qwen2",
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
         {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
     ),
     "llama3": (
-        "Llama",
+        "LlamaConfig",
+        "LlamaForCausalLM",
         {
             "rope_parameters": {
                 "rope_type": "llama3",
@@ -138,25 +160,27 @@ def tiny_family_model(tmp_path_factory: pytest.TempPathFactory, kind: str, token
     import transformers
     from transformers import AutoTokenizer
 
-    prefix, extra = TINY_FAMILIES[kind]
-    config_class = getattr(transformers, f"{prefix}Config")
-    model_class = getattr(transformers, f"{prefix}ForCausalLM")
+    config_name, model_name, extra = TINY_FAMILIES[kind]
+    config_class, model_class = (
+        getattr(transformers, config_name),
+        getattr(transformers, model_name),
+    )
     folder = tmp_path_factory.mktemp(f"tiny-{kind}")
     torch.manual_seed(0)
-    config = config_class(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-        **extra,
-    )
+    shape = {
+        "vocab_size": 49152,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": True,
+        "initializer_range": 0.3,
+    }
+    config = config_class(**shape | extra)
     model = model_class(config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

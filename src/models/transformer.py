@@ -18,6 +18,8 @@ It covers the families users meet, as configuration switches rather than subclas
   (``sandwich_norms``) whose weights count from 1 (``norm_style`` "gemma"), a GELU-gated
   MLP, embeddings scaled by sqrt(width), its own attention scale, tanh soft-capping of the
   attention scores and of the logits, and a sliding window on every other layer.
+- Gemma 3 (text: ``gemma3_text``, Gemma Team, 2025): Gemma 2's, with Qwen3's per-head norms
+  instead of soft-capping, and a rotary base of its own on the windowed layers (five in six).
 - Phi-3: Llama's, its q, k, v and gate, up weights stored fused as ours are, with a sliding
   window in Phi-3-mini-4k; rotary on the first ``rotary_dim`` dimensions of each head where
   a config sets ``partial_rotary_factor``.
@@ -85,9 +87,10 @@ class TransformerConfig:
     attention_bias: bool = True  # biases on the q, k and v projections
     attention_output_bias: bool | None = None  # on the output projection; None: as q, k, v
     qk_norm: bool = False  # RMSNorm (over head_dim) on each query and key head: Qwen3
-    # Llama 3's long-context rotary frequencies: {"factor", "low_freq_factor",
-    # "high_freq_factor", "original_max_position_embeddings"}; None: plain rotary.
-    rope_scaling: dict[str, float] | None = None
+    # Rotary frequencies for long contexts: {"rope_type": "llama3" or "linear", and the
+    # numbers ROPE_SCALING_KEYS names}; None: plain rotary.
+    rope_scaling: dict[str, Any] | None = None
+    window_rope_theta: float | None = None  # windowed layers' own rotary base (Gemma 3)
     rotary_dim: int | None = None  # rotary on this many leading dimensions of a head (None: all)
     weight_names: Literal["gpt2", "llama", "phi3"] | None = None  # None: by positions
     attention_window: int | None = None  # a query sees only this many latest positions ...
@@ -162,8 +165,8 @@ class TransformerConfig:
             )
         if hf_config.model_type in LLAMA_LIKE:
             return cls.from_llama_like(hf_config)
-        if hf_config.model_type == "gemma2":
-            return cls.from_gemma2(hf_config)
+        if hf_config.model_type in ("gemma2", "gemma3_text"):
+            return cls.from_gemma(hf_config)
         raise ValueError(
             f"model_type {hf_config.model_type!r}: supported are {', '.join(SUPPORTED_FAMILIES)}"
         )
@@ -213,15 +216,20 @@ class TransformerConfig:
         )
 
     @classmethod
-    def from_gemma2(cls, hf_config: Any) -> TransformerConfig:
+    def from_gemma(cls, hf_config: Any) -> TransformerConfig:
+        """Gemma 2 and Gemma 3 (text): see the module doc."""
+        kind = hf_config.model_type
         activation = getattr(hf_config, "hidden_activation", "gelu_pytorch_tanh")
         if activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise ValueError(
-                f"gemma2 with hidden_activation {activation!r}: only gelu_pytorch_tanh"
-            )
+            raise ValueError(f"{kind} with hidden_activation {activation!r}: not supported")
+        if getattr(hf_config, "use_bidirectional_attention", False):
+            raise ValueError(f"{kind} with bidirectional attention (an embedding model)")
         llama_like = cls.from_llama_like(hf_config, check_activation=False)
+        gemma3 = kind == "gemma3_text"
         return dataclasses.replace(
             llama_like,
+            qk_norm=gemma3,
+            window_rope_theta=rope_settings(hf_config, "sliding_attention")[0] if gemma3 else None,
             norm_style="gemma",
             sandwich_norms=True,
             scale_embeddings=True,
@@ -236,19 +244,19 @@ class TransformerConfig:
 # model_type values built like Llama (RMSNorm, rotary, SwiGLU, GQA); with GPT-2, every family
 # this file builds.
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-SUPPORTED_FAMILIES = ("gpt2", *LLAMA_LIKE, "gemma2")
-LLAMA3_SCALING_KEYS = (
-    "factor",
-    "low_freq_factor",
-    "high_freq_factor",
-    "original_max_position_embeddings",
-)
+SUPPORTED_FAMILIES = ("gpt2", *LLAMA_LIKE, "gemma2", "gemma3_text")
+# The rope scalings this file computes, and the numbers each reads.
+ROPE_SCALING_KEYS = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "linear": ("factor",),  # every frequency divided by the factor (Gemma 3's global layers)
+}
 
 
 def sliding_window_settings(hf_config: Any) -> tuple[int | None, tuple[int, ...] | None]:
-    """(window, windowed layers) as transformers applies them: Mistral's window on every
-    layer; Qwen2/3's only with ``use_sliding_window``, on the layers ``layer_types`` marks
-    (from ``max_window_layers`` on, when a config file has no ``layer_types``)."""
+    """(window, windowed layers) as transformers applies them: on the layers ``layer_types``
+    marks, or where a config file has none, Mistral's window on every layer, Qwen2/3's (only
+    with ``use_sliding_window``) from ``max_window_layers`` on, Gemma's on all but every
+    ``sliding_window_pattern``-th."""
     window = getattr(hf_config, "sliding_window", None)
     if hf_config.model_type in ("qwen2", "qwen3") and not getattr(
         hf_config, "use_sliding_window", False
@@ -260,23 +268,37 @@ def sliding_window_settings(hf_config: Any) -> tuple[int | None, tuple[int, ...]
     if layers is None and hf_config.model_type in ("qwen2", "qwen3"):
         first = getattr(hf_config, "max_window_layers", 0)
         return window, tuple(range(first, hf_config.num_hidden_layers))
+    if layers is None and hf_config.model_type in ("gemma2", "gemma3_text"):
+        # Gemma: windowed but every ``pattern``-th layer (2 for Gemma 2, 6 for Gemma 3).
+        pattern = getattr(hf_config, "sliding_window_pattern", None) or (
+            2 if hf_config.model_type == "gemma2" else 6
+        )
+        count = hf_config.num_hidden_layers
+        return window, tuple(i for i in range(count) if (i + 1) % pattern)
     if layers is None:
         return window, None
     return window, tuple(i for i, kind in enumerate(layers) if kind == "sliding_attention")
 
 
-def rope_settings(hf_config: Any) -> tuple[float, dict[str, float] | None]:
-    """(rope_theta, Llama 3 scaling or None) from a config as transformers 5 writes it
-    (``rope_parameters``) or as older files have it (``rope_theta`` and ``rope_scaling``)."""
+def rope_settings(
+    hf_config: Any, layer_type: str = "full_attention"
+) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling or None) from a config as transformers 5 writes it
+    (``rope_parameters``, per layer type for Gemma 3) or as older files have it
+    (``rope_theta`` and ``rope_scaling``; Gemma 3's ``rope_local_base_freq``)."""
     parameters = dict(getattr(hf_config, "rope_parameters", None) or {})
+    if layer_type in parameters:
+        parameters = dict(parameters[layer_type])
+    elif layer_type == "sliding_attention":  # an older Gemma 3 file: a theta, no scaling
+        return getattr(hf_config, "rope_local_base_freq", 10_000.0), None
     scaling = parameters or dict(getattr(hf_config, "rope_scaling", None) or {})
     theta = parameters.get("rope_theta", getattr(hf_config, "rope_theta", 10_000.0))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, None
-    if kind != "llama3":
+    if kind not in ROPE_SCALING_KEYS:
         raise ValueError(f"unsupported rope scaling {kind!r}")
-    return theta, {key: scaling[key] for key in LLAMA3_SCALING_KEYS}
+    return theta, {"rope_type": kind} | {key: scaling[key] for key in ROPE_SCALING_KEYS[kind]}
 
 
 # ------------------------------------------------------------------------------------------
@@ -298,9 +320,17 @@ class RMSNorm(nn.Module):
         # PyTorch's fused rms_norm gives the same numbers as writing it out in five operations,
         # in one: this runs twice per layer for every token.
         normalised = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
-        if self.style == "gemma":  # (1 + w), applied in fp32 before the cast (Gemma's order)
-            return (normalised * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * normalised.to(x.dtype)
+        return norm_weighted(normalised, self.weight, self.style, x.dtype)
+
+
+def norm_weighted(
+    normalised: torch.Tensor, weight: torch.Tensor, style: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """An RMSNorm's fp32 output scaled by its weight and cast to ``dtype``: Llama casts then
+    multiplies by w; Gemma multiplies by (1 + w) in fp32, then casts."""
+    if style == "gemma":
+        return (normalised * (1.0 + weight.float())).to(dtype)
+    return weight * normalised.to(dtype)
 
 
 def make_norm(config: TransformerConfig) -> nn.Module:
@@ -323,11 +353,21 @@ class RotaryEmbedding(nn.Module):
         # would round: bf16 frequencies shift every angle and cost accuracy.
         exponents = torch.arange(0, self.head_dim, 2, device=positions.device).float()
         inverse_frequency = 1.0 / self.theta ** (exponents / self.head_dim)
-        if self.scaling is not None:
+        if self.scaling is not None and self.scaling["rope_type"] == "llama3":
             inverse_frequency = llama3_frequencies(inverse_frequency, self.scaling)
+        elif self.scaling is not None:  # "linear"
+            inverse_frequency = inverse_frequency / self.scaling["factor"]
         angles = positions.float()[..., None] * inverse_frequency  # (B, T, hs/2)
         angles = torch.cat([angles, angles], dim=-1)  # (B, T, hs): halves share frequencies
         return angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, T, hs) each
+
+
+def rotary_for(
+    rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin) of ``positions`` in ``dtype``, as every layer's attention takes them."""
+    cos, sin = (part.to(dtype) for part in rotary(positions))
+    return cos, signed_sin(sin)
 
 
 def llama3_frequencies(inverse_frequency: torch.Tensor, scaling: dict[str, float]) -> torch.Tensor:
@@ -589,7 +629,7 @@ class Attention(nn.Module):
         weight = torch.cat([self.q_norm.weight.expand(self.n_head, -1),
                             self.k_norm.weight.expand(self.n_kv_head, -1)])  # fmt: skip
         normalised = F.rms_norm(q_and_k.float(), (self.head_dim,), eps=self.q_norm.eps)
-        return weight * normalised.to(q_and_k.dtype)
+        return norm_weighted(normalised, weight, self.q_norm.style, q_and_k.dtype)
 
     def attend_one_token(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
@@ -698,6 +738,8 @@ class Transformer(nn.Module):
             self.position_embedding = nn.Embedding(config.max_position_embeddings, config.n_embd)
         else:
             self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta, config.rope_scaling)
+            if config.window_rope_theta is not None:
+                self.window_rotary = RotaryEmbedding(config.rotary_dim, config.window_rope_theta)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -754,8 +796,9 @@ class Transformer(nn.Module):
             x = x + self.position_embedding(position_ids)
         else:
             # Angles in fp32; cos and sin then cast once to the model's dtype for all layers.
-            cos, sin = (part.to(x.dtype) for part in self.rotary(position_ids))
-            rotary = (cos, signed_sin(sin))
+            rotary = rotary_for(self.rotary, position_ids, x.dtype)
+            if self.config.window_rope_theta is not None:
+                window_rotary = rotary_for(self.window_rotary, position_ids, x.dtype)
         mask = None if no_mask_needed else attention_bias(attention_mask, T, x.dtype)  # (B,1,T,S)
         window_mask = attention_bias(attention_mask, T, x.dtype, window) if windowed else None
         output = TransformerOutput(logits=x, cache=cache if use_cache else None)
@@ -763,7 +806,10 @@ class Transformer(nn.Module):
             if output_hidden_states:
                 output.hidden_states.append(x)
             layer_mask = window_mask if index in windowed else mask
-            x, weights = block(x, layer_mask, rotary, cache, written_out)
+            layer_rotary = rotary
+            if self.config.window_rope_theta is not None and index in self.config.windowed_layers:
+                layer_rotary = window_rotary
+            x, weights = block(x, layer_mask, layer_rotary, cache, written_out)
             if output_attentions:
                 output.attentions.append(weights)
         x = self.final_norm(x)
