@@ -71,16 +71,20 @@ def load_for_inference(
     folder, source = resolve_model(name, settings)
     dtype = inference_dtype(settings.precision, source)
     quantization = resolve_quantization(settings.quantize, source)
-    loaded = None
-    if requested == "scratch" or (requested == "auto" and model_type(folder) in SUPPORTED_FAMILIES):
+    loaded, kind, why_not = None, model_type(folder), None
+    if requested == "scratch" or (requested == "auto" and kind in SUPPORTED_FAMILIES):
         try:
             loaded = load_scratch_fast(folder, source, name, dtype, quantization, settings)
         except ValueError as exc:  # a folder the direct path cannot read: use transformers
             logger.info("Loading %s through transformers: %s", folder, exc)
+            why_not = str(exc)
     if loaded is None:
         loaded = load_through_transformers(
             settings, name, folder, source, adapter, requested, dtype, quantization
         )
+    loaded.description += "; " + choices_explained(
+        settings, requested, kind, loaded.engine, why_not, source
+    )
     if quantization == "int4" and use_int4_kernel(
         loaded.model, settings.int4_kernel, Path(settings.model_cache_dir)
     ):
@@ -132,6 +136,35 @@ def shown_name(name: str, source: str) -> str:
     from src.models.bundled import BUNDLED_MODEL_NAME
 
     return BUNDLED_MODEL_NAME if source.startswith("bundled") else name
+
+
+def choices_explained(
+    settings: Settings,
+    requested: str,
+    kind: str | None,
+    engine: str,
+    why_not: str | None,
+    source: str,
+) -> str:
+    """Why this engine, precision and quantisation: for the start-up line."""
+    if requested != "auto":
+        engine_reason = f"ENGINE={requested}"
+    elif engine == "scratch":
+        engine_reason = f"ENGINE=auto: our transformer builds {kind}"
+    elif kind in SUPPORTED_FAMILIES:
+        engine_reason = f"ENGINE=auto: transformers, as our transformer cannot read it ({why_not})"
+    else:
+        engine_reason = f"ENGINE=auto: transformers, as our transformer does not build {kind}"
+    bundled = source.startswith("bundled")
+    precision_reason = f"PRECISION={settings.precision}"
+    if settings.precision == "auto":
+        precision_reason += ": bf16 for the bundled model" if bundled else ": fp32, exact"
+    quantize_reason = f"QUANTIZE={settings.quantize}"
+    if settings.quantize == "auto":
+        quantize_reason += (
+            ": int4 holds the bundled Q4_1 weights exactly" if bundled else ": none, exact"
+        )
+    return f"{engine_reason}; {precision_reason}; {quantize_reason}"
 
 
 def describe(engine: str, dtype: Any, quantization: str) -> str:

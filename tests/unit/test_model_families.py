@@ -2,6 +2,8 @@
 scaling; GPT-2 and Llama have their own tests), through the code users run: ENGINE=auto picks
 our engine for them, batches decode as alone, and the inspection script reports parity."""
 
+import json
+
 import pytest
 
 from src.config import load_settings
@@ -23,9 +25,26 @@ def settings_for(folder, **overrides):
 
 @pytest.mark.parametrize("kind", sorted(TINY_FAMILIES))
 def test_engine_auto_takes_the_scratch_engine_for_every_family(tiny_family_paths, kind):
-    loaded = load_for_inference(settings_for(tiny_family_paths[kind]))
+    folder = tiny_family_paths[kind]
+    loaded = load_for_inference(settings_for(folder))
     assert loaded.engine == "scratch" and isinstance(loaded.model, Transformer)
-    assert loaded.description.startswith("scratch engine")
+    assert loaded.description.startswith("scratch engine, fp32")
+    model_type = json.loads((folder / "config.json").read_text())["model_type"]
+    assert f"ENGINE=auto: our transformer builds {model_type};" in loaded.description
+
+
+def test_the_start_up_line_says_why_transformers_runs_a_model(tiny_family_paths, tmp_path):
+    import shutil
+
+    folder = tmp_path / "yarn-llama"  # a rope scaling our transformer does not compute
+    shutil.copytree(tiny_family_paths["llama3"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    yarn = {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0}
+    (folder / "config.json").write_text(json.dumps(config | {"rope_parameters": yarn}))
+    loaded = load_for_inference(settings_for(folder))
+    assert loaded.engine == "hf"
+    assert "our transformer cannot read it (unsupported rope scaling 'yarn')" in loaded.description
+    assert "PRECISION=fp32; QUANTIZE=none" in loaded.description
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_FAMILIES))
