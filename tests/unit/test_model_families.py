@@ -73,3 +73,20 @@ def test_the_inspection_script_reports_parity(tiny_family_paths, kind, tmp_path)
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "map.png").is_file()
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "phi3"])
+def test_int4_families_are_prepared_once_and_read_back_the_same(tiny_family_paths, kind, tmp_path):
+    """QUANTIZE=int4 PRECISION=bf16 on each family: the prepared model saved on the first
+    start gives the same greedy reply as the freshly quantised one."""
+    settings = settings_for(
+        tiny_family_paths[kind], precision="bf16", quantize="int4", model_cache_dir=tmp_path
+    )
+    replies = []
+    for _ in range(2):  # quantised and saved, then read back
+        loaded = load_for_inference(settings)
+        engine = BatchingEngine(loaded.model, frozenset(), background=False)
+        replies.append(list(engine.generate_token_ids([5, 17, 30, 42], GREEDY)))
+        engine.close()
+    assert replies[0] == replies[1] and len(replies[0]) == GREEDY.max_new_tokens
+    assert any((tmp_path / "prepared").iterdir())
