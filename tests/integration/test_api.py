@@ -447,7 +447,7 @@ def test_openapi_schema_lists_every_route(client):
     }
 
 
-def test_chat_with_a_lora_adapter_chosen_by_name(settings, tiny_llama_path):
+def test_chat_with_a_lora_adapter_chosen_by_name(settings, tiny_llama_path, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -457,7 +457,9 @@ def test_chat_with_a_lora_adapter_chosen_by_name(settings, tiny_llama_path):
         r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
     get_peft_model(base_model, config).save_pretrained(settings.adapters_dir / "random-lora")
-    settings = settings.model_copy(update={"model_name": str(tiny_llama_path)})
+    settings = settings.model_copy(
+        update={"model_name": str(tiny_llama_path), "model_cache_dir": tmp_path / "cache"}
+    )
     app = create_app(settings, tiny_factory(tiny_llama_path), mount_ui=False)
     request = {
         "message": "Hello",

@@ -161,7 +161,9 @@ def test_an_adapter_for_another_model_is_refused_with_the_layer_named(
 def test_engine_auto_puts_the_adapter_on_the_scratch_engine_or_hands_it_to_peft(
     tiny_llama_path, tmp_path, caplog
 ):
-    settings = load_settings(_env_file=None, model_name=str(tiny_llama_path))
+    settings = load_settings(
+        _env_file=None, model_name=str(tiny_llama_path), model_cache_dir=tmp_path / "cache"
+    )
     save_adapter(tiny_llama_path, tmp_path / "plain", ["q_proj", "v_proj"])
     loaded = load_for_inference(settings, adapter_path=tmp_path / "plain")
     assert loaded.engine == "scratch" and loaded.name.endswith("+plain")

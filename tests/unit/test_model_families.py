@@ -19,7 +19,10 @@ pytestmark = [pytest.mark.unit, pytest.mark.timeout(300)]
 
 
 def settings_for(folder, **overrides):
+    """The settings for the model in ``folder``, exact, its prepared copy kept beside it
+    (never in the repository's cache)."""
     values = {"model_name": str(folder), "precision": "fp32", "quantize": "none"}
+    values["model_cache_dir"] = folder.parent / f"{folder.name}-cache"
     return load_settings(_env_file=None, **values | overrides)
 
 
