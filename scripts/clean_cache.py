@@ -18,20 +18,7 @@ import _bootstrap  # noqa: F401
 
 from src.config import load_settings
 from src.errors import MiniClaudeError
-
-
-def folder_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-
-
-def human_size(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
+from src.models.catalog import folder_size, human_size
 
 
 def is_inside(path: Path, folder: Path) -> bool:

@@ -4,6 +4,7 @@ python scripts/download_models.py                          # MODEL_NAME from .en
 python scripts/download_models.py --model microsoft/DialoGPT-medium
 python scripts/download_models.py --model smollm2-135m-instruct   # convert the bundled one
 python scripts/download_models.py --offline                # only look at the cache
+python scripts/download_models.py --list                   # every model the cache holds
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import _bootstrap  # noqa: F401
 from src.config import load_settings
 from src.errors import MiniClaudeError
 from src.models.bundled import BUNDLED_MODEL_NAME, bundled_model_dir
+from src.models.catalog import catalog_lines
 from src.models.folder_check import check_model_folder
 from src.models.loader import download_from_hub, ensure_bundled_model, find_in_cache
 
@@ -28,9 +30,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="do not download; report whether the model is cached and complete",
     )
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="list the cached models: size, family, precision, quantisation, prepared copies",
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
+        if args.list:
+            print("\n".join(catalog_lines(settings.model_cache_dir)))
+            return 0
         name = args.model or settings.model_name
         if args.offline:
             return report_cached(name, settings)

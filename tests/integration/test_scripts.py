@@ -27,6 +27,40 @@ def test_download_offline_reports_cache_state(converted_bundled_model, tmp_path)
     assert "microsoft/DialoGPT-medium: not in the cache" in missing.stdout
 
 
+def test_download_list_shows_the_cached_models_and_their_prepared_copies(
+    tiny_family_paths, tmp_path
+):
+    """A hub model in the cache's own layout (as a download leaves it), served once as int4:
+    the listing names it with its family, stored precision, size and the prepared copy."""
+    import shutil
+
+    from src.config import load_settings
+    from src.models.inference import load_for_inference
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repository = tmp_path / "models--test--tiny-qwen2"
+    shutil.copytree(tiny_family_paths["qwen2"], repository / "snapshots" / commit)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(commit)
+    settings = load_settings(
+        _env_file=None,
+        model_name="test/tiny-qwen2",
+        model_cache_dir=tmp_path,
+        precision="bf16",
+        quantize="int4",
+    )
+    assert load_for_inference(settings).engine == "scratch"  # from the cache, no network
+    empty = run_python(
+        ["scripts/download_models.py", "--list"], MODEL_CACHE_DIR=str(tmp_path / "x")
+    )
+    assert empty.returncode == 0 and "no models yet" in empty.stdout
+    listed = run_python(["scripts/download_models.py", "--list"], MODEL_CACHE_DIR=str(tmp_path))
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if "test/tiny-qwen2" in line)
+    assert row.split()[:4] == ["test/tiny-qwen2", "qwen2", "float32", "none"]
+    assert "bf16 int4 (" in row
+
+
 def test_download_reports_an_unreachable_hub(tmp_path):
     result = run_python(
         ["scripts/download_models.py", "--model", "microsoft/DialoGPT-medium"],
