@@ -20,6 +20,7 @@ import argparse
 import json
 import signal
 import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -166,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.stop()
             report["server_log_errors"] = server_log_errors(log.read_text(errors="replace"))
+            # Kept beside the report: an error line is only useful with its traceback.
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log, args.output.with_name("server.log"))
+            print(f"Server log: {args.output.with_name('server.log')}", file=sys.stderr)
     print(format_report(report))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

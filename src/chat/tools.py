@@ -239,7 +239,7 @@ class ToolCallStream:
                 self._in_call, self._body, self._sent_arguments = True, "", 0
                 self._current = None
                 continue
-            end = self._pending.find(CALL_CLOSE)
+            end = self._closing_tag()
             if end < 0:
                 keep = _partial_suffix(self._pending, CALL_CLOSE)
                 self._body += self._pending[: len(self._pending) - keep]
@@ -253,6 +253,19 @@ class ToolCallStream:
         if not self._in_call and self.calls and content.strip() == "":
             content = ""  # only the newline between calls
         return content, deltas
+
+    def _closing_tag(self) -> int:
+        """Where in the pending text the current call's closing tag is, or -1. The tag may
+        also appear inside a string of the call's JSON (the grammar allows any text there):
+        the real one is the first that follows a whole JSON object."""
+        start = 0
+        while (end := self._pending.find(CALL_CLOSE, start)) >= 0:
+            try:
+                json.loads(self._body + self._pending[:end])
+                return end
+            except ValueError:
+                start = end + 1
+        return -1
 
     def flush(self) -> tuple[str, list[ToolCallDelta]]:
         """At the end: what is left (an unfinished tag is content)."""

@@ -199,6 +199,22 @@ def test_tool_calls_are_read_from_text_in_pieces_of_any_size(size):
     ]
 
 
+@pytest.mark.parametrize("size", [1, 5, 1000])
+def test_a_closing_tag_inside_the_arguments_does_not_end_the_call(size):
+    """The grammar lets a JSON string hold any text, the closing tag too (a 16-client soak
+    once got a 500 from a reply cut there): the call ends after its whole JSON object."""
+    arguments = '{"note": "a </tool_call> b", "on": true}'
+    text = f'<tool_call>\n{{"name": "set_lights", "arguments": {arguments}}}\n</tool_call>'
+    stream = ToolCallStream()
+    streamed = ""
+    pieces = [text[i : i + size] for i in range(0, len(text), size)]
+    for content, deltas in [stream.push(piece) for piece in pieces] + [stream.flush()]:
+        assert content == ""
+        streamed += "".join(delta.arguments for delta in deltas)
+    assert [(c.name, c.arguments) for c in stream.calls] == [("set_lights", arguments)]
+    assert streamed == arguments
+
+
 def test_text_that_only_looks_like_a_tag_is_content():
     stream = ToolCallStream()
     content = stream.push("a <tool")[0] + stream.push("box> b")[0] + stream.flush()[0]
