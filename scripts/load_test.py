@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
-import shutil
 import tempfile
 from pathlib import Path
 
