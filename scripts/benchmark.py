@@ -399,23 +399,26 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    results: dict = {"machine": machine_description()}
-    if "decode" in sections:
-        results["decode"] = run_decode(args.new_tokens, args.repetitions, args.perplexity_examples)
-    if "shape" in sections:
+    clients = [int(c) for c in args.clients.split(",")]
+    # (section, key in the results, how to run it), in the order they run.
+    runs = [
+        ("decode", "decode", lambda: run_decode(args.new_tokens, args.repetitions,
+                                                args.perplexity_examples)),
         # A token of the bigger model takes about ten of the bundled one's: fewer of them.
-        results["model_shape"] = run_model_shape(min(args.new_tokens, 32), args.repetitions)
-    if "serving" in sections:
-        clients = [int(c) for c in args.clients.split(",")]
-        results["serving"] = run_serving(min(args.new_tokens, 64), clients, args.repetitions)
-    if "structured" in sections:
-        results["structured"] = run_structured(args.new_tokens, args.repetitions)
-    if "cold" in sections:
-        results["cold_start"] = run_cold_start(args.repetitions)
-    if "training" in sections:
-        results["training"] = run_training(
-            args.train_steps, args.train_repetitions, args.train_examples, args.train_max_length
-        )
+        ("shape", "model_shape", lambda: run_model_shape(min(args.new_tokens, 32),
+                                                         args.repetitions)),
+        ("serving", "serving", lambda: run_serving(min(args.new_tokens, 64), clients,
+                                                   args.repetitions)),
+        ("structured", "structured", lambda: run_structured(args.new_tokens, args.repetitions)),
+        ("cold", "cold_start", lambda: run_cold_start(args.repetitions)),
+        ("training", "training", lambda: run_training(args.train_steps, args.train_repetitions,
+                                                      args.train_examples, args.train_max_length)),
+    ]  # fmt: skip
+    results: dict = {"machine": machine_description()}
+    for section, key, run in runs:
+        if section in sections:
+            results[key] = run()
+            write_reports(results, args.output)  # a later section's failure keeps this one
     paths = write_reports(results, args.output)
     print(markdown(results))
     print("Written: " + ", ".join(str(p) for p in paths))

@@ -133,9 +133,10 @@ async def measure_round(url: str, clients: int, new_tokens: int) -> dict:
 
 
 async def measure_mixed_load(
-    url: str, long_message: str, clients: int = 16, every: float = 0.25, new_tokens: int = 64
+    url: str, long_message: str, clients: int = 12, every: float = 0.25, new_tokens: int = 64
 ) -> dict:
-    """``clients`` short chats, one every ``every`` seconds, and ``long_message`` (a pasted
+    """``clients`` short chats, one every ``every`` seconds (with the long one, at most 16
+    streams at once: the server's limit per client address), and ``long_message`` (a pasted
     text of about a thousand tokens) arriving after the fourth: time to first token of the
     short chats (p50, p95), the longest pause of a short reply once it has started (p50,
     max: how long the long prompt froze them), and the long prompt's own first token."""
