@@ -16,8 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from src.errors import InvalidRequestError
 
-# OpenAPI: with "stream": true, a 200 is server-sent events instead of the JSON object.
-STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+# OpenAPI: with "stream": true, a 200 is server-sent events instead of the JSON object. Before
+# OpenAPI 3.2 (FastAPI writes 3.1) an event stream's schema describes one event: its fields.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+    },
+    "required": ["data"],
+}
+STREAMED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
 # Accepted for compatibility, and ignored: nothing a local text model can do with them.
 IGNORED_CHAT_FIELDS = (

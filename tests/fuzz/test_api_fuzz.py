@@ -152,8 +152,9 @@ def check_stream(label: str, response) -> None:
         ChatResponse.model_validate_json(events[-1][1])
     else:
         assert events[-1][1] == "[DONE]", events
+        kind = "text_completion" if label == "POST /v1/completions" else "chat.completion.chunk"
         for _, data in events[:-1]:
-            assert json.loads(data)["object"] == "chat.completion.chunk", data
+            assert json.loads(data)["object"] == kind, data
 
 
 def parse_sse(text: str) -> list[tuple[str | None, str]]:
