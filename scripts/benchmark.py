@@ -240,7 +240,11 @@ def run_serving(new_tokens: int, clients: list[int], repetitions: int) -> dict:
     from src.benchmarks.serving import measure_concurrency
 
     prepare_model_once()
+    from src.benchmarks.decode import dialog_text
+
     rows, memory, mixed = [], 0.0, []
+    # The long pasted text of the mixed load (the same for both servers).
+    text = dialog_text(bundled_prompts()[1], MIXED_LOAD_PROMPT_TOKENS)
     # The default server, then one that prefills every prompt in one pass, for the mixed load.
     for chunking in ("default", "0"):
         env = {"RESPONSE_CACHE_SIZE": "0"}
@@ -252,7 +256,7 @@ def run_serving(new_tokens: int, clients: list[int], repetitions: int) -> dict:
                     url, clients, new_tokens, repetitions, progress=lambda m: print(m, flush=True)
                 )
                 memory = peak_memory_mb(process.pid)
-            mixed.append(mixed_load_row(url, chunking, repetitions))
+            mixed.append(mixed_load_row(url, chunking, text, repetitions))
     return {
         "new_tokens": new_tokens,
         "repetitions": repetitions,
@@ -277,18 +281,15 @@ def served(env: dict[str, str]) -> Iterator[tuple[Any, str]]:
             stop(process)
 
 
-def mixed_load_row(url: str, chunking: str, repetitions: int) -> dict:
-    """Short chats arriving one after another with a long pasted text among them (medians
-    over ``repetitions`` rounds, each with another text, so no round reuses a cached one)."""
+def mixed_load_row(url: str, chunking: str, text: str, repetitions: int) -> dict:
+    """Short chats arriving one after another with ``text`` pasted among them (medians over
+    ``repetitions`` rounds, each text told apart, so no round reuses a cached one)."""
     import asyncio
     import statistics
 
-    from src.benchmarks.decode import dialog_text
     from src.benchmarks.serving import measure_mixed_load
     from src.config import Settings
 
-    _, tokenizer, _, _, _ = bundled_prompts()
-    text = dialog_text(tokenizer, MIXED_LOAD_PROMPT_TOKENS)
     default = Settings.model_fields["prefill_chunk_tokens"].default
     label = f"{default} (default)" if chunking == "default" else chunking
     print(f"  serving: mixed load, PREFILL_CHUNK_TOKENS={label}", flush=True)
