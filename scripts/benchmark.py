@@ -236,12 +236,11 @@ def prepare_model_once() -> None:
 
 
 def run_serving(new_tokens: int, clients: list[int], repetitions: int) -> dict:
+    from src.benchmarks.decode import dialog_text
     from src.benchmarks.processes import peak_memory_mb
     from src.benchmarks.serving import measure_concurrency
 
     prepare_model_once()
-    from src.benchmarks.decode import dialog_text
-
     rows, memory, mixed = [], 0.0, []
     # The long pasted text of the mixed load (the same for both servers).
     text = dialog_text(bundled_prompts()[1], MIXED_LOAD_PROMPT_TOKENS)
