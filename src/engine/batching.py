@@ -457,7 +457,9 @@ class BatchingEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        request.partial = (end, row_layers(output.cache, 0, torch.arange(end)))
+        # The pass's own cache, one row with nothing padded: its tensors as they are (the next
+        # pass copies them into a cache of its own anyway).
+        request.partial = (end, [(layer.keys, layer.values) for layer in output.cache.layers])
         self.stats.prefill_chunks += 1
         return True
 
