@@ -1,8 +1,8 @@
 """LoRA adapters offered to users by name, from one configured folder (ADAPTERS_DIR).
 
 Requests name an adapter; they never give a path. A name is accepted only if it is one of
-the folders listed here, so ``../../etc`` and absolute paths cannot reach the disk; an adapter whose files link outside
-the folder is refused.
+the folders listed here, so ``../../etc`` and absolute paths cannot reach the disk; an
+adapter whose files link outside the folder is refused.
 """
 
 from __future__ import annotations

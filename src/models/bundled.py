@@ -9,12 +9,8 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import tempfile
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 from src.errors import ModelLoadingError
 
@@ -46,48 +42,11 @@ def bundled_model_dir(cache_dir: Path) -> Path:
 
 
 def convert_bundled_model(destination: Path) -> Path:
-    """Convert the GGUF file once into a safetensors model folder, with progress.
+    """Convert the bundled GGUF file once into a model folder, as any GGUF file is
+    (``src/models/gguf_import.py``)."""
+    from src.models.gguf_import import convert_gguf
 
-    ``save_pretrained`` refuses a GGUF-loaded model, so we rebuild the model from its config
-    (without the GGUF quantization marker) and copy the de-quantised fp32 weights over. The
-    folder is written under a temporary name and renamed at the end, so an interrupted
-    conversion never leaves a half-written model where the loader would find it.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = bundled_gguf_path()
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    steps = tqdm(total=4, desc=f"Converting {BUNDLED_MODEL_NAME} (one time)", unit="step")
-    try:
-        steps.set_postfix_str("reading tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        steps.update()
-        steps.set_postfix_str("de-quantising weights")
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        steps.update()
-        steps.set_postfix_str("rebuilding model")
-        config = gguf_model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(gguf_model.state_dict(), strict=True)
-        model.generation_config = gguf_model.generation_config
-        steps.update()
-        steps.set_postfix_str("saving safetensors")
-        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
-        try:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            if destination.exists():
-                shutil.rmtree(destination)
-            os.replace(staging, destination)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        steps.update()
-    finally:
-        steps.close()
-    return destination
+    return convert_gguf(bundled_gguf_path(), destination, shown_name=BUNDLED_MODEL_NAME)
 
 
 def gpt2_tokenizer_dir(destination: Path) -> Path:

@@ -8,8 +8,10 @@ measured (README "Performance"):
   Llama), with LoRA adapters unmerged on the base's own weights
   (``src/models/lora_view.py``); transformers' model otherwise, and for the adapters only
   peft can run (DoRA, adapted embeddings, ...), merged into a copy of the model.
-- PRECISION=auto / QUANTIZE=auto: bf16 + int4 for the bundled model (its weights come from a
-  4-bit file, so int4 keeps them), fp32 + none (exact) for any other model.
+- PRECISION=auto / QUANTIZE=auto: for a model converted from a GGUF file (the bundled one
+  included) what the file holds: bf16 + int4 where its matrices are 4-bit (int4 keeps their
+  codes), bf16 + int8 where they are 5 to 8 bits, fp32 + none for a float file; fp32 + none
+  (exact) for any other model.
 
 The from-scratch engine loads without importing transformers at all (``Transformer``
 straight from safetensors, ``LightTokenizer`` from tokenizer.json, the cast and quantised
@@ -27,10 +29,10 @@ from typing import Any
 
 from src.config import Settings
 from src.errors import ModelLoadingError
+from src.models.gguf_import import file_quantization
 from src.models.transformer import SUPPORTED_FAMILIES
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -69,8 +71,8 @@ def load_for_inference(
         return adapted or load_for_inference(settings, model_name, adapter_path, "hf")
     name = model_name or settings.model_name
     folder, source = resolve_model(name, settings)
-    dtype = inference_dtype(settings.precision, source)
-    quantization = resolve_quantization(settings.quantize, source)
+    dtype = inference_dtype(settings.precision, folder)
+    quantization = resolve_quantization(settings.quantize, folder)
     loaded, kind, why_not = None, model_type(folder), None
     if requested == "scratch" or (requested == "auto" and kind in SUPPORTED_FAMILIES):
         try:
@@ -83,7 +85,7 @@ def load_for_inference(
             settings, name, folder, source, adapter, requested, dtype, quantization
         )
     loaded.description += "; " + choices_explained(
-        settings, requested, kind, loaded.engine, why_not, source
+        settings, requested, kind, loaded.engine, why_not, file_quantization(folder)
     )
     if quantization == "int4" and use_int4_kernel(
         loaded.model, settings.int4_kernel, Path(settings.model_cache_dir)
@@ -132,21 +134,16 @@ def model_type(folder: Path) -> str | None:
         return None
 
 
-def shown_name(name: str, source: str) -> str:
-    from src.models.bundled import BUNDLED_MODEL_NAME
-
-    return BUNDLED_MODEL_NAME if source.startswith("bundled") else name
-
-
 def choices_explained(
     settings: Settings,
     requested: str,
     kind: str | None,
     engine: str,
     why_not: str | None,
-    source: str,
+    from_file: str | None,
 ) -> str:
-    """Why this engine, precision and quantisation: for the start-up line."""
+    """Why this engine, precision and quantisation: for the start-up line. ``from_file``: the
+    quantisation a GGUF file's weights suggest (None: not from a GGUF file)."""
     if requested != "auto":
         engine_reason = f"ENGINE={requested}"
     elif engine == "scratch":
@@ -155,15 +152,18 @@ def choices_explained(
         engine_reason = f"ENGINE=auto: transformers, as our transformer cannot read it ({why_not})"
     else:
         engine_reason = f"ENGINE=auto: transformers, as our transformer does not build {kind}"
-    bundled = source.startswith("bundled")
+    quantised_file = from_file in ("int4", "int8")
     precision_reason = f"PRECISION={settings.precision}"
     if settings.precision == "auto":
-        precision_reason += ": bf16 for the bundled model" if bundled else ": fp32, exact"
+        precision_reason += (
+            ": bf16 for quantised GGUF weights" if quantised_file else ": fp32, exact"
+        )
     quantize_reason = f"QUANTIZE={settings.quantize}"
     if settings.quantize == "auto":
-        quantize_reason += (
-            ": int4 holds the bundled Q4_1 weights exactly" if bundled else ": none, exact"
-        )
+        quantize_reason += {
+            "int4": ": int4 keeps the GGUF file's 4-bit codes",
+            "int8": ": int8 for the GGUF file's 5- to 8-bit weights",
+        }.get(from_file or "", ": none, exact")
     return f"{engine_reason}; {precision_reason}; {quantize_reason}"
 
 
@@ -179,6 +179,7 @@ def load_scratch_fast(
     """Our Transformer and a tokenizer, without transformers where the folder allows."""
     from src.models.folder_check import check_model_folder
     from src.models.light_tokenizer import LightTokenizer, can_load_light
+    from src.models.loader import model_display_name
     from src.models.prepared import load_prepared_transformer
 
     check_model_folder(folder)
@@ -192,7 +193,7 @@ def load_scratch_fast(
     return InferenceModel(
         model,
         tokenizer,
-        shown_name(name, source),
+        model_display_name(name, source),
         "scratch",
         describe("scratch", dtype, quantization),
     )

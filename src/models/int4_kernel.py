@@ -109,8 +109,9 @@ def load_int4_kernel(cache_dir: Path) -> Int4Kernel | None:
         """x (M, K) bf16 times the (n, K) int4 weights: (M, n) bf16."""
         x = x.contiguous()
         out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+        rows, threads = x.shape[0], torch.get_num_threads()
         status = function(x.data_ptr(), packed.data_ptr(), scales_and_offsets.data_ptr(),
-                          out.data_ptr(), x.shape[0], n, x.shape[1], torch.get_num_threads())  # fmt: skip
+                          out.data_ptr(), rows, n, x.shape[1], threads)  # fmt: skip
         if status != 0:
             raise MemoryError("int4 kernel: out of memory")
         return out

@@ -2,10 +2,12 @@
 
 Resolution order:
 1. the bundled offline model (``smollm2-135m-instruct``), converted once into the cache;
-2. a local directory;
-3. the Hugging Face cache in MODEL_CACHE_DIR;
-4. a hub download (with progress bars);
-5. if the model cannot be had, one clear notice and the bundled model
+2. a GGUF file (``*.gguf``, or a folder holding one), converted once into the cache
+   (``src/models/gguf_import.py``);
+3. a local directory;
+4. the Hugging Face cache in MODEL_CACHE_DIR;
+5. a hub download (with progress bars);
+6. if the model cannot be had, one clear notice and the bundled model
    (``MODEL_FALLBACK=none`` raises ``ModelLoadingError`` instead).
 
 Safe by default: safetensors only (pickle weights need ALLOW_PICKLE=true), ``trust_remote_code``
@@ -26,6 +28,13 @@ from src.config import Settings
 from src.errors import ModelLoadingError
 from src.models.bundled import BUNDLED_MODEL_NAME, bundled_model_dir, convert_bundled_model
 from src.models.folder_check import check_inside, check_model_folder, weight_files
+from src.models.gguf_import import (
+    convert_gguf,
+    converted_dir,
+    file_quantization,
+    find_gguf_file,
+    is_converted,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +55,7 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer
     name: str  # what users see, e.g. "smollm2-135m-instruct"
     path: Path  # the folder the weights came from
-    source: str  # "bundled", "local", "cache", "hub" or "bundled (fallback)"
+    source: str  # "bundled", "gguf", "local", "cache", "hub" or "bundled (fallback)"
     adapter: Path | None = None
 
 
@@ -76,11 +85,11 @@ def load_resolved(
 ) -> LoadedModel:
     """``load_model`` for a model ``resolve_model`` has already found, with ``adapter_path``
     attached if given (ADAPTER_PATH is not consulted here)."""
-    dtype = dtype or inference_dtype(settings.precision, source)
+    dtype = dtype or inference_dtype(settings.precision, folder)
     model, tokenizer = load_from_folder(
         folder, settings.trust_remote_code, dtype, allow_pickle=settings.allow_pickle
     )
-    shown_name = BUNDLED_MODEL_NAME if source.startswith("bundled") else name
+    shown_name = model_display_name(name, source)
     if adapter_path is not None:
         from src.models.lora_wrapper import load_adapter
 
@@ -88,12 +97,25 @@ def load_resolved(
     return LoadedModel(model, tokenizer, shown_name, folder, source, adapter_path)
 
 
-def inference_dtype(precision: str, source: str) -> torch.dtype:
-    """PRECISION's dtype; "auto" is bf16 for the bundled model (its perplexity stays within
-    0.1% of fp32, see README "Performance") and fp32, exact, for any other model."""
+def inference_dtype(precision: str, folder: Path) -> torch.dtype:
+    """PRECISION's dtype; "auto" is bf16 for a model converted from a quantised GGUF file,
+    the bundled one included (its weights are 4- or 8-bit already, the quantised layers take
+    bf16 inputs, and the bundled model's perplexity stays within 0.1% of fp32, see README
+    "Performance"), and fp32, exact, for any other model."""
     if precision == "auto":
-        precision = "bf16" if source.startswith("bundled") else "fp32"
+        precision = "bf16" if file_quantization(folder) in ("int4", "int8") else "fp32"
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def model_display_name(name: str, source: str) -> str:
+    """What users see: the bundled model's name, a GGUF file's name without ``.gguf``, or
+    MODEL_NAME as given."""
+    if source.startswith("bundled"):
+        return BUNDLED_MODEL_NAME
+    if source == "gguf":
+        gguf = find_gguf_file(name)
+        return gguf.stem if gguf is not None else name
+    return name
 
 
 def resolve_model(name: str, settings: Settings) -> tuple[Path, str]:
@@ -101,6 +123,9 @@ def resolve_model(name: str, settings: Settings) -> tuple[Path, str]:
     cache_dir = Path(settings.model_cache_dir)
     if name == BUNDLED_MODEL_NAME:
         return ensure_bundled_model(cache_dir), "bundled"
+    gguf = find_gguf_file(name)
+    if gguf is not None:
+        return ensure_converted_gguf(gguf, cache_dir), "gguf"
     local = Path(name).expanduser()
     if local.is_dir():
         return local, "local"
@@ -131,14 +156,33 @@ def resolve_model(name: str, settings: Settings) -> tuple[Path, str]:
 def ensure_bundled_model(cache_dir: Path) -> Path:
     """The converted bundled model, converting it on first use (or if the copy is damaged)."""
     folder = bundled_model_dir(cache_dir)
-    if folder.exists():
-        check_inside(folder, cache_dir, "MODEL_CACHE_DIR")  # never convert through a link
-        try:
-            check_model_folder(folder)
-            return folder
-        except ModelLoadingError as exc:
-            logger.warning("Notice: %s Converting the bundled model again.", exc)
+    if usable_conversion(folder, cache_dir, "the bundled model"):
+        return folder
     return convert_bundled_model(folder)
+
+
+def ensure_converted_gguf(path: Path, cache_dir: Path) -> Path:
+    """The converted copy of a GGUF file, converting it on first use (or if damaged)."""
+    folder = converted_dir(path, cache_dir)
+    if usable_conversion(folder, cache_dir, path.name):
+        return folder
+    return convert_gguf(path, folder)
+
+
+def usable_conversion(folder: Path, cache_dir: Path, what: str) -> bool:
+    """Whether a converted folder can be used as it is (False: convert again)."""
+    if not folder.exists():
+        return False
+    check_inside(folder, cache_dir, "MODEL_CACHE_DIR")  # never convert through a link
+    try:
+        check_model_folder(folder)
+    except ModelLoadingError as exc:
+        logger.warning("Notice: %s Converting %s again.", exc, what)
+        return False
+    if not is_converted(folder):
+        logger.warning("Notice: %s was converted by an older version: converting again.", what)
+        return False
+    return True
 
 
 def find_in_cache(repo_id: str, cache_dir: Path) -> Path | None:

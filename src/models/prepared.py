@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from src.models.gguf_import import four_bit_file, keep_file_codes
 from src.models.quantize import Quantization, quantize_model
 from src.models.transformer import Transformer
 
@@ -32,6 +33,7 @@ def prepared_path(
 ) -> Path:
     """Where the prepared model for these sources and settings lives."""
     sources = sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
+    sources += [path for path in [four_bit_file(folder)] if path is not None]
     digest = hashlib.sha256(f"v{FORMAT_VERSION}|{folder.resolve()}".encode())
     for source in sources:
         stat = source.stat()
@@ -59,6 +61,8 @@ def load_prepared_transformer(
         except Exception as exc:  # a damaged or foreign file: rebuild it rather than fail
             logger.warning("Notice: rebuilding %s (%s: %s)", path, type(exc).__name__, exc)
     model = quantize_model(Transformer.from_folder(folder, dtype), quantization)
+    if quantization == "int4":
+        keep_file_codes(model, folder)  # a GGUF file's own 4-bit codes, where it had them
     save_prepared(model, path)
     return model
 

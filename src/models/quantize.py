@@ -155,11 +155,16 @@ class Int4Linear(QuantizedLinear):
         low, high = groups.amin(dim=-1), groups.amax(dim=-1)
         scale = ((high - low) / 15).clamp(min=1e-12)
         codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
-        codes = codes.reshape(self.out_features, self.in_features).to(torch.int32)
+        self.store_groups(codes.reshape(self.out_features, self.in_features), scale, low)
+
+    def store_groups(self, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> None:
+        """Weights given as codes (N, K) in 0..15 and, per group, (N, K/g) scale and low:
+        w = code * scale + low (how GGUF's Q4_0, Q4_1 and Q4_K store them, too)."""
         # The kernel subtracts 8 from each code: the offset is the weight that code 8 means.
-        offset = low + 8 * scale
+        offset = low.float() + 8 * scale.float()
+        codes = codes.to(torch.int32)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        scales_and_offsets = torch.stack([scale, offset], dim=-1).transpose(0, 1)
+        scales_and_offsets = torch.stack([scale.float(), offset], dim=-1).transpose(0, 1)
         self.scales_and_offsets = scales_and_offsets.contiguous().bfloat16()
 
     # Our C kernel (src/models/int4_kernel.py), set by use_int4_kernel; None: PyTorch's.
@@ -188,11 +193,15 @@ def use_int4_kernel(model: nn.Module, setting: str, cache_dir: Path) -> bool:
 LAYER_CLASSES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
 
 
-def resolve_quantization(setting: str, source: str) -> Quantization:
-    """QUANTIZE's method; "auto" is int4 for the bundled model (a Q4_1 file: int4 stores its
-    layers exactly) and none for any other model (quantising it would change its outputs)."""
+def resolve_quantization(setting: str, folder: Path) -> Quantization:
+    """QUANTIZE's method; "auto" follows a model converted from a GGUF file, the bundled one
+    included (int4 where its matrices were 4-bit: int4 keeps their codes; int8 where they were
+    5 to 8 bits; see src/models/gguf_import.py), and is none for any other model (quantising
+    it would change its outputs)."""
     if setting == "auto":
-        return "int4" if source.startswith("bundled") else "none"
+        from src.models.gguf_import import file_quantization
+
+        return file_quantization(folder) or "none"  # type: ignore[return-value]
     return setting  # type: ignore[return-value]
 
 

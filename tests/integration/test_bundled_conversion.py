@@ -1,5 +1,8 @@
 """The one-time conversion of the bundled GGUF model (slow: about 25 s each)."""
 
+import json
+import shutil
+
 import pytest
 
 from src.models.bundled import BUNDLED_MODEL_NAME, convert_bundled_model
@@ -16,6 +19,18 @@ def test_conversion_writes_a_complete_safetensors_folder_that_loads(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
     model, tokenizer = load_from_folder(folder)
     assert tokenizer.chat_template and model.config.num_hidden_layers == 30
+    # What the file held, and its 4-bit codes for the prepared int4 model.
+    source = json.loads((folder / "gguf" / "source.json").read_text())
+    assert source["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert source["quantization"] == "int4" and source["four_bit_matrices_kept"] == 210
+
+
+def test_a_conversion_by_an_older_version_is_converted_again(tmp_path, caplog):
+    folder = convert_bundled_model(tmp_path / BUNDLED_MODEL_NAME)
+    shutil.rmtree(folder / "gguf")  # as folders converted before GGUF files were kept
+    assert ensure_bundled_model(tmp_path) == folder
+    assert (folder / "gguf" / "source.json").is_file()
+    assert "converted by an older version" in caplog.text
 
 
 def test_a_damaged_converted_copy_is_converted_again(tmp_path, caplog):

@@ -83,13 +83,12 @@ def test_layers_the_int4_kernel_cannot_take_are_kept():
     assert all(type(layer) is Int8Linear for layer in model)
 
 
-def test_unknown_method_and_resolution_of_auto():
+def test_unknown_method_and_resolution_of_auto(bundled_model_path, tiny_llama_path):
     with pytest.raises(ValueError, match="QUANTIZE='int3'; allowed: none, int8, int4"):
         quantize_model(nn.Linear(32, 32), "int3")
-    assert resolve_quantization("auto", "bundled") == "int4"
-    assert resolve_quantization("auto", "bundled (fallback)") == "int4"
-    assert resolve_quantization("auto", "hub") == "none"
-    assert resolve_quantization("int8", "hub") == "int8"
+    assert resolve_quantization("auto", bundled_model_path) == "int4"  # a Q4_1 GGUF file
+    assert resolve_quantization("auto", tiny_llama_path) == "none"
+    assert resolve_quantization("int8", tiny_llama_path) == "int8"
     layer = nn.Linear(32, 32)
     assert quantize_model(layer, "none") is layer
 
