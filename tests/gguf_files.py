@@ -69,11 +69,25 @@ def write_gguf(model: torch.nn.Module, path: Path, choose: TypeChooser) -> Path:
             weights = weights + 1
         kind = choose(gguf_name, weights.shape) if weights.ndim == 2 else GGMLQuantizationType.F32
         add_tensor(writer, gguf_name, weights, kind)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if arch == "llama" and rope.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(config))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def llama3_rope_factors(config) -> np.ndarray:
+    """What llama.cpp's converter writes as ``rope_freqs.weight`` for Llama 3.1: by how much
+    each rotary frequency is divided."""
+    from src.models.transformer import llama3_frequencies
+
+    rope = config.rope_parameters
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    inverse = 1.0 / rope["rope_theta"] ** (torch.arange(0, head_dim, 2).double() / head_dim)
+    return (inverse / llama3_frequencies(inverse, rope)).float().numpy()
 
 
 def gguf_mapping_name(model_type: str) -> str:

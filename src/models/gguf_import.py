@@ -204,6 +204,7 @@ def convert_gguf(path: Path, destination: Path, shown_name: str | None = None) -
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32
         )
+        add_llama3_rope_scaling(path, model.config)
         steps.update()
         steps.set_postfix_str("keeping 4-bit codes")
         codes = four_bit_codes(path, model)
@@ -236,6 +237,48 @@ def convert_gguf(path: Path, destination: Path, shown_name: str | None = None) -
     finally:
         steps.close()
     return destination
+
+
+def add_llama3_rope_scaling(path: Path, config: Any) -> None:
+    """Llama 3.1-3.3 files keep their rope scaling as a tensor of per-frequency factors
+    (``rope_freqs.weight``), which transformers' GGUF loader ignores: without it the model
+    would be silently different from the file. Recover Llama 3's scaling parameters from the
+    factors and put them in the config; refuse factors that are not Llama 3's."""
+    from gguf import GGUFReader
+
+    from src.models.transformer import llama3_frequencies
+
+    reader = GGUFReader(path)
+    tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return
+    factors = torch.from_numpy(np.asarray(tensor.data, dtype=np.float32).copy()).double()
+    theta = float((getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10_000.0))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    inverse = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    scaling = {"factor": float(factors.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    scaling["original_max_position_embeddings"] = round(original_context(factors, inverse, scaling))
+    expected = inverse / llama3_frequencies(inverse, scaling)
+    if len(expected) != len(factors) or not torch.allclose(expected, factors, rtol=1e-4):
+        raise ModelLoadingError(
+            f"{path.name} scales its rotary frequencies (rope_freqs.weight) in a way that is "
+            "not Llama 3's, which we cannot reproduce: not served, rather than served wrong."
+        )
+    config.rope_parameters = {"rope_type": "llama3", "rope_theta": theta} | scaling
+
+
+def original_context(factors: torch.Tensor, inverse: torch.Tensor, scaling: dict) -> float:
+    """Llama 3's original context length, from a frequency between the kept and the
+    stretched ones (blended by how its wavelength compares to that length); 8192, Llama
+    3.1-3.3's, where no frequency is between."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    between = (factors > 1 + 1e-6) & (factors < factor - 1e-6)
+    if factor <= 1 or not bool(between.any()):
+        return 8192.0
+    index = int(between.nonzero()[0])
+    smooth = (1 / factors[index] - 1 / factor) / (1 - 1 / factor)
+    wavelength = 2 * torch.pi / inverse[index]
+    return float(wavelength * (smooth * (high - low) + low))
 
 
 def save_converted(model: Any, tokenizer: Any, folder: Path) -> None:

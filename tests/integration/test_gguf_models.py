@@ -8,15 +8,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from gguf import GGMLQuantizationType as Q
 
 from src.config import load_settings
+from src.errors import ModelLoadingError
 from src.models.inference import load_for_inference
 from src.models.quantize import Int4Linear, quantize_model
 from src.models.transformer import Transformer
+from tests.conftest import TINY_FAMILIES
 from tests.gguf_files import by_name, write_gguf
 from tests.integration.conftest import run_python
 
@@ -66,19 +69,24 @@ def gguf_files(tmp_path_factory) -> dict[str, Path]:
     """Each family of FILES written as a GGUF file, in a folder of its own."""
     files = {}
     for kind, (extra, choose, _) in FILES.items():
-        config_name, model_name = CONFIG_CLASSES[kind]
-        torch.manual_seed(0)
-        config = getattr(transformers, config_name)(**SHAPE | extra)
-        model = getattr(transformers, model_name)(config)
-        with torch.no_grad():  # norms away from 1 and biases away from 0, so they count
-            for name, parameter in model.named_parameters():
-                if name.endswith(".bias"):
-                    parameter.normal_(0.0, 0.3)
-                elif "norm" in name:
-                    parameter.uniform_(0.5, 1.5)
+        model = tiny_model(*CONFIG_CLASSES[kind], extra)
         folder = tmp_path_factory.mktemp(f"gguf-{kind}")
         files[kind] = write_gguf(model, folder / f"tiny-{kind}.gguf", choose)
     return files
+
+
+def tiny_model(config_name: str, model_name: str, extra: dict) -> torch.nn.Module:
+    """A random transformers model of SHAPE (changed by ``extra``)."""
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(**SHAPE | extra)
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so they count
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, 0.3)
+            elif "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+    return model.eval()
 
 
 def settings_for(path: Path, **overrides):
@@ -201,3 +209,31 @@ def test_a_gguf_file_chats_through_the_api(gguf_files):
         )
     assert reply.choices[0].finish_reason in ("length", "stop")
     assert reply.usage.completion_tokens >= 1
+
+
+def test_llama3_rope_scaling_kept_as_factors_in_the_file_is_recovered(tmp_path):
+    """llama.cpp stores Llama 3.1's rope scaling as a tensor of factors, which transformers'
+    GGUF loader ignores: the conversion recovers the parameters, so the converted model is
+    the original one (float weights here: logits equal)."""
+    original = tiny_model(*TINY_FAMILIES["llama3"])
+    path = write_gguf(original, tmp_path / "tiny-llama3.gguf", by_name(Q.F32))
+    loaded = load_for_inference(settings_for(path, precision="fp32", quantize="none"))
+    folder = next((tmp_path / "cache" / "gguf").iterdir())
+    rope = json.loads((folder / "config.json").read_text())["rope_parameters"]
+    assert rope == original.config.rope_parameters | {"rope_type": "llama3"}
+    ids = torch.tensor([list(range(5, 200, 3))])  # past the original context of 64
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.model(input_ids=ids).logits, original(input_ids=ids).logits, atol=1e-4, rtol=0
+        )
+
+
+def test_rope_factors_that_are_not_llama3s_are_refused(tmp_path):
+    from gguf import GGUFReader
+
+    original = tiny_model(*TINY_FAMILIES["llama3"])
+    path = write_gguf(original, tmp_path / "odd-rope.gguf", by_name(Q.F32))
+    factors = next(t for t in GGUFReader(path, "r+").tensors if t.name == "rope_freqs.weight")
+    factors.data[:] = np.linspace(1.0, 3.0, len(factors.data))  # a ramp: not Llama 3's shape
+    with pytest.raises(ModelLoadingError, match="not Llama 3's, which we cannot reproduce"):
+        load_for_inference(settings_for(path))
