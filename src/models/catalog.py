@@ -1,8 +1,9 @@
 """What the model cache holds: each model with its size, family, stored precision and
 quantisation, and the prepared copies made from it (``scripts/download_models.py --list``).
 
-The hub's part of the cache is read with huggingface_hub's own ``scan_cache_dir``; the bundled
-model's converted folder and the prepared files (``src/models/prepared.py``) are ours.
+The hub's part of the cache is read with huggingface_hub's own ``scan_cache_dir``; the
+converted GGUF files (the bundled model's among them) and the prepared files
+(``src/models/prepared.py``) are ours.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.models.bundled import BUNDLED_MODEL_NAME, bundled_model_dir
+from src.models.gguf_import import GGUF_SUBFOLDER, SOURCE_FILE
 
 PREPARED_NAME = re.compile(r"^(?P<folder>.+)-(?P<precision>fp32|bf16)-(?P<quant>none|int8|int4)-")
 
@@ -43,6 +45,7 @@ def cached_models(cache_dir: Path) -> list[CachedModel]:
     bundled = bundled_model_dir(cache_dir)
     if (bundled / "config.json").is_file():
         models.append(describe_folder(BUNDLED_MODEL_NAME, bundled, folder_size(bundled)))
+    models += gguf_models(cache_dir)
     models += sorted(hub_models(cache_dir), key=lambda model: model.name.lower())
     copies = prepared_copies(cache_dir)
     for model in models:
@@ -69,14 +72,32 @@ def hub_models(cache_dir: Path) -> list[CachedModel]:
     return models
 
 
+def gguf_models(cache_dir: Path) -> list[CachedModel]:
+    """The converted GGUF files, named by the file (what MODEL_NAME takes)."""
+    models = []
+    for folder in sorted((Path(cache_dir) / "gguf").glob("*/")):
+        source = read_json(folder / GGUF_SUBFOLDER / SOURCE_FILE)
+        if source.get("file") and (folder / "config.json").is_file():
+            models.append(describe_folder(source["file"], folder, folder_size(folder)))
+    return models
+
+
 def describe_folder(name: str, folder: Path, size_bytes: int) -> CachedModel:
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
+    config = read_json(folder / "config.json")
     quantization = (config.get("quantization_config") or {}).get("quant_method", "none")
     stored = config.get("dtype") or config.get("torch_dtype")
+    types = read_json(folder / GGUF_SUBFOLDER / SOURCE_FILE).get("tensor_types")
+    if types:  # converted from GGUF: the file's tensor types, most tensors first
+        stored, quantization = "gguf", "+".join(sorted(types, key=lambda kind: -types[kind]))
     return CachedModel(name, folder, size_bytes, config.get("model_type"), stored, quantization)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def prepared_copies(cache_dir: Path) -> dict[str, list[PreparedCopy]]:

@@ -188,6 +188,12 @@ def test_a_gguf_file_chats_in_the_cli(gguf_files):
     assert "tiny-mistral" in output and "int4 keeps the GGUF file's 4-bit codes" in output
     converted = next((path.parent / "cache" / "gguf").iterdir())
     assert json.loads((converted / "gguf" / "source.json").read_text())["quantization"] == "int4"
+    listed = run_python(
+        ["scripts/download_models.py", "--list"], MODEL_CACHE_DIR=str(path.parent / "cache")
+    )
+    row = next(line for line in listed.stdout.splitlines() if "tiny-mistral.gguf" in line)
+    # (transformers reads Mistral files as Llama, which they are without a window.)
+    assert row.split()[1:4] == ["llama", "gguf", "Q4_0+F32+Q4_1+Q8_0"]
 
 
 def test_a_gguf_file_chats_through_the_api(gguf_files):
