@@ -74,6 +74,7 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         time_generate,
     )
     from src.benchmarks.llama_cpp import RowFailed
+    from src.models.gguf_import import keep_file_codes
     from src.models.quantize import quantize_model, use_int4_kernel
     from src.models.transformer import Transformer
     from src.training.data import load_examples, tokenize_examples
@@ -88,7 +89,10 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         return quantize_model(model, quantization)
 
     def scratch(dtype: torch.dtype, quantization: str = "none", int4_kernel: str = "pytorch"):
-        model = quantize_model(Transformer.from_hf(hf(dtype)), quantization)
+        model = Transformer.from_hf(hf(dtype))
+        if quantization == "int4":  # as served: the GGUF file's own 4-bit codes
+            keep_file_codes(model, folder)
+        model = quantize_model(model, quantization)
         use_int4_kernel(model, int4_kernel, folder.parent)  # the INT4_KERNEL setting
         return model
 

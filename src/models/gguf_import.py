@@ -384,12 +384,13 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 
 def keep_file_codes(model: Transformer, folder: Path) -> int:
-    """Give the int4 layers of ``model`` the codes the GGUF file had, where every part of a
-    layer was 4-bit in the file (our q, k, v are one matrix: if the file stored v in Q6_K, that
-    layer keeps its re-quantised weights). Returns how many layers took the file's codes."""
+    """Make int4 layers of ``model`` (not quantised yet) from the codes the GGUF file had,
+    where every part of a layer was 4-bit in the file; ``quantize_model`` then quantises the
+    layers left (our q, k, v are one matrix: if the file stored v in Q6_K, that layer is
+    quantised from its de-quantised weights). Returns how many layers took the file's codes."""
     from safetensors.torch import load_file
 
-    from src.models.quantize import Int4Linear
+    from src.models.quantize import Int4Linear, can_quantize
     from src.models.transformer import HF_BLOCK_PREFIX, HF_LINEAR_NAMES, family
 
     path = four_bit_file(folder)
@@ -401,14 +402,21 @@ def keep_file_codes(model: Transformer, folder: Path) -> int:
     for index, block in enumerate(model.blocks):
         prefix = HF_BLOCK_PREFIX[kind].format(index)
         for ours, parts in HF_LINEAR_NAMES[kind].items():
-            layer = block.get_submodule(ours)
+            linear = block.get_submodule(ours)
             names = [f"{prefix}{part}.weight" for part in parts]
-            if not isinstance(layer, Int4Linear) or not all(f"{n}.codes" in saved for n in names):
+            if type(linear) is not torch.nn.Linear or not can_quantize(linear, "int4"):
                 continue
+            if not all(f"{name}.codes" in saved for name in names):
+                continue
+            layer = Int4Linear(linear.in_features, linear.out_features, linear.bias is not None)
             layer.store_groups(
                 torch.cat([unpack_codes(saved[f"{n}.codes"]) for n in names]),
                 torch.cat([saved[f"{n}.scale"] for n in names]),
                 torch.cat([saved[f"{n}.low"] for n in names]),
             )
+            if linear.bias is not None:
+                layer.bias = torch.nn.Parameter(linear.bias.detach().clone())
+            parent, _, leaf = ours.rpartition(".")
+            setattr(block.get_submodule(parent), leaf, layer)
             taken += 1
     return taken

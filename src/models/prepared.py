@@ -60,9 +60,10 @@ def load_prepared_transformer(
             return model.eval()
         except Exception as exc:  # a damaged or foreign file: rebuild it rather than fail
             logger.warning("Notice: rebuilding %s (%s: %s)", path, type(exc).__name__, exc)
-    model = quantize_model(Transformer.from_folder(folder, dtype), quantization)
+    model = Transformer.from_folder(folder, dtype)
     if quantization == "int4":
         keep_file_codes(model, folder)  # a GGUF file's own 4-bit codes, where it had them
+    model = quantize_model(model, quantization)  # the layers left
     save_prepared(model, path)
     return model
 
