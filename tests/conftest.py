@@ -157,40 +157,46 @@ def tiny_family_model(tmp_path_factory: pytest.TempPathFactory, kind: str, token
     """A 2-layer model of ``kind`` (GQA, SmolLM2's tokenizer and chat template) whose biases
     and norm weights are random too (transformers starts them at 0 and 1, which would hide a
     bias or a norm applied in the wrong place)."""
-    import transformers
     from transformers import AutoTokenizer
 
-    config_name, model_name, extra = TINY_FAMILIES[kind]
-    config_class, model_class = (
-        getattr(transformers, config_name),
-        getattr(transformers, model_name),
-    )
     folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+    model = random_tiny_model(*TINY_FAMILIES[kind])
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
+    return folder
+
+
+# The tiny models' shape: SmolLM2's vocabulary, two layers of width 32, grouped queries.
+TINY_SHAPE: dict[str, object] = {
+    "vocab_size": 49152,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.3,
+}
+
+
+def random_tiny_model(config_name: str, model_name: str, extra: dict[str, object]):
+    """A transformers model of TINY_SHAPE (changed by ``extra``) with random weights, its
+    norms away from 1 and biases away from 0 so that they count."""
+    import transformers
+
     torch.manual_seed(0)
-    shape = {
-        "vocab_size": 49152,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "tie_word_embeddings": True,
-        "initializer_range": 0.3,
-    }
-    config = config_class(**shape | extra)
-    model = model_class(config)
+    config = getattr(transformers, config_name)(**TINY_SHAPE | extra)
+    model = getattr(transformers, model_name)(config)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith(".bias"):
                 parameter.normal_(0.0, 0.3)
             elif "norm" in name:
                 parameter.uniform_(0.5, 1.5)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
-    return folder
+    return model.eval()
 
 
 @pytest.fixture(scope="session")

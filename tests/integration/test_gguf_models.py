@@ -19,26 +19,15 @@ from src.errors import ModelLoadingError
 from src.models.inference import load_for_inference
 from src.models.quantize import Int4Linear, quantize_model
 from src.models.transformer import Transformer
-from tests.conftest import TINY_FAMILIES
+from tests.conftest import TINY_FAMILIES, random_tiny_model
 from tests.gguf_files import by_name, write_gguf
 from tests.integration.conftest import run_python
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-SHAPE = {
-    "vocab_size": 2048,  # the bundled tokenizer's first tokens, copied into each file
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-    "tie_word_embeddings": True,
-    "initializer_range": 0.3,
-}
+# The tiny models' shape with the bundled tokenizer's first 2,048 tokens (copied into each
+# file: a small vocabulary keeps writing and converting quick).
+SHAPE = {"vocab_size": 2048, "pad_token_id": 0}
 # Family -> (extra config, the tensor types the file holds, what QUANTIZE=auto then means).
 FILES = {
     # q and k Q4_0 (rows permuted in the file), v Q4_1: one 4-bit qkv matrix of two types.
@@ -76,17 +65,7 @@ def gguf_files(tmp_path_factory) -> dict[str, Path]:
 
 
 def tiny_model(config_name: str, model_name: str, extra: dict) -> torch.nn.Module:
-    """A random transformers model of SHAPE (changed by ``extra``)."""
-    torch.manual_seed(0)
-    config = getattr(transformers, config_name)(**SHAPE | extra)
-    model = getattr(transformers, model_name)(config)
-    with torch.no_grad():  # norms away from 1 and biases away from 0, so they count
-        for name, parameter in model.named_parameters():
-            if name.endswith(".bias"):
-                parameter.normal_(0.0, 0.3)
-            elif "norm" in name:
-                parameter.uniform_(0.5, 1.5)
-    return model.eval()
+    return random_tiny_model(config_name, model_name, SHAPE | extra)
 
 
 def settings_for(path: Path, **overrides):
