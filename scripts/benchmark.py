@@ -67,7 +67,6 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         EngineStream,
         engine_first_token_seconds,
         generate_first_token_seconds,
-        held_out_perplexity,
         long_prompt_for,
         prompt_lookup_row,
         time_engine,
@@ -75,14 +74,13 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     )
     from src.benchmarks.llama_cpp import RowFailed
     from src.models.gguf_import import keep_file_codes
+    from src.models.perplexity import calibration_examples, held_out_perplexity
     from src.models.quantize import quantize_model, use_int4_kernel
     from src.models.transformer import Transformer
-    from src.training.data import load_examples, tokenize_examples
 
     folder, tokenizer, prompt_format, prompt, long_prompt = bundled_prompts()
     fp32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    conversations = load_examples("chitchat")[-perplexity_examples:]
-    held_out = tokenize_examples(conversations, tokenizer, prompt_format, 128, 0.0, seed=0).train
+    held_out = calibration_examples(tokenizer, conversations=perplexity_examples)
 
     def hf(dtype: torch.dtype, quantization: str = "none"):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()

@@ -137,21 +137,6 @@ def prompt_lookup_row(
     }
 
 
-@torch.inference_mode()
-def held_out_perplexity(model: Any, examples: list[dict[str, list[int]]]) -> float:
-    """Perplexity on assistant tokens of held-out conversations (tokenized for training)."""
-    total, count = 0.0, 0
-    for example in examples:
-        ids = torch.tensor([example["input_ids"]])
-        labels = torch.tensor([example["labels"]])
-        logits = model(ids).logits[0, :-1].float()
-        targets = labels[0, 1:]
-        keep = targets != -100
-        loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
-        total, count = total + float(loss), count + int(keep.sum())
-    return float(torch.exp(torch.tensor(total / count)))
-
-
 def long_prompt_for(
     tokenizer: Any, prompt_format: Any, length: int, request: str = "Summarise this conversation:"
 ) -> list[int]:

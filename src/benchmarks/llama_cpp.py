@@ -99,7 +99,7 @@ def llama_cpp_stream(llm: Any, prompt: list[int], new_tokens: int) -> Callable[[
 
 def llama_cpp_perplexity(llm: Any, examples: list[dict[str, list[int]]]) -> float:
     """Perplexity on the assistant tokens of held-out conversations, as
-    ``src.benchmarks.decode.held_out_perplexity`` computes it for the PyTorch rows. ``llm``
+    ``src.models.perplexity.held_out_perplexity`` computes it for the PyTorch rows. ``llm``
     must be loaded with ``logits_all=True``."""
     total, count = 0.0, 0
     for example in examples:

@@ -4,14 +4,16 @@ ENGINE, PRECISION and QUANTIZE default to "auto", resolved here from what the be
 measured (README "Performance"):
 
 - ENGINE=auto runs our from-scratch transformer (``src/models/transformer.py``, exact
-  against transformers and faster per token) for the families it implements (GPT-2 and
-  Llama), with LoRA adapters unmerged on the base's own weights
+  against transformers and faster per token) for the families it implements (GPT-2, the
+  Llama-like ones, Gemma 2 and 3), with LoRA adapters unmerged on the base's own weights
   (``src/models/lora_view.py``); transformers' model otherwise, and for the adapters only
   peft can run (DoRA, adapted embeddings, ...), merged into a copy of the model.
 - PRECISION=auto / QUANTIZE=auto: for a model converted from a GGUF file (the bundled one
   included) what the file holds: bf16 + int4 where its matrices are 4-bit (int4 keeps their
-  codes), bf16 + int8 where they are 5 to 8 bits, fp32 + none for a float file; fp32 + none
-  (exact) for any other model.
+  codes), bf16 + int8 where they are 5 to 8 bits, fp32 + none for a float file. For any
+  other model on our engine, measured once (``src/models/auto_quantization.py``): bf16 + int4
+  if its held-out perplexity stays within 2% of fp32's, else bf16 + int8 if that does, else
+  fp32 + none (exact); on transformers' engine, fp32 + none.
 
 The from-scratch engine loads without importing transformers at all (``Transformer``
 straight from safetensors, ``LightTokenizer`` from tokenizer.json, the cast and quantised
@@ -25,12 +27,17 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from src.config import Settings
 from src.errors import ModelLoadingError
 from src.models.gguf_import import file_quantization
 from src.models.transformer import SUPPORTED_FAMILIES
+
+if TYPE_CHECKING:
+    from src.models.auto_quantization import MeasuredChoice
 
 logger = logging.getLogger(__name__)
 
@@ -73,19 +80,26 @@ def load_for_inference(
     folder, source = resolve_model(name, settings)
     dtype = inference_dtype(settings.precision, folder)
     quantization = resolve_quantization(settings.quantize, folder)
-    loaded, kind, why_not = None, model_type(folder), None
+    loaded, kind, why_not, measured = None, model_type(folder), None, None
     if requested == "scratch" or (requested == "auto" and kind in SUPPORTED_FAMILIES):
         try:
-            loaded = load_scratch_fast(folder, source, name, dtype, quantization, settings)
+            if settings.quantize == "auto" and file_quantization(folder) is None:
+                measured = measured_quantization(folder, settings)
+            chosen = measured.method if measured else quantization
+            chosen_dtype = dtype
+            if measured and settings.precision == "auto" and chosen != "none":
+                chosen_dtype = torch.bfloat16  # what the quantised layers take
+            loaded = load_scratch_fast(folder, source, name, chosen_dtype, chosen, settings)
+            quantization = chosen
         except ValueError as exc:  # a folder the direct path cannot read: use transformers
             logger.info("Loading %s through transformers: %s", folder, exc)
-            why_not = str(exc)
+            why_not, measured = str(exc), None
     if loaded is None:
         loaded = load_through_transformers(
             settings, name, folder, source, adapter, requested, dtype, quantization
         )
     loaded.description += "; " + choices_explained(
-        settings, requested, kind, loaded.engine, why_not, file_quantization(folder)
+        settings, requested, kind, loaded.engine, why_not, file_quantization(folder), measured
     )
     if quantization == "int4" and use_int4_kernel(
         loaded.model, settings.int4_kernel, Path(settings.model_cache_dir)
@@ -141,9 +155,11 @@ def choices_explained(
     engine: str,
     why_not: str | None,
     from_file: str | None,
+    measured: MeasuredChoice | None = None,
 ) -> str:
     """Why this engine, precision and quantisation: for the start-up line. ``from_file``: the
-    quantisation a GGUF file's weights suggest (None: not from a GGUF file)."""
+    quantisation a GGUF file's weights suggest (None: not from a GGUF file); ``measured``:
+    what QUANTIZE=auto measured for another model on our engine."""
     if requested != "auto":
         engine_reason = f"ENGINE={requested}"
     elif engine == "scratch":
@@ -152,14 +168,16 @@ def choices_explained(
         engine_reason = f"ENGINE=auto: transformers, as our transformer cannot read it ({why_not})"
     else:
         engine_reason = f"ENGINE=auto: transformers, as our transformer does not build {kind}"
-    quantised_file = from_file in ("int4", "int8")
+    quantised_file = from_file in ("int4", "int8") or (measured and measured.method != "none")
     precision_reason = f"PRECISION={settings.precision}"
     if settings.precision == "auto":
         precision_reason += (
-            ": bf16 for quantised GGUF weights" if quantised_file else ": fp32, exact"
+            ": bf16 for quantised weights" if quantised_file else ": fp32, exact"
         )
     quantize_reason = f"QUANTIZE={settings.quantize}"
-    if settings.quantize == "auto":
+    if settings.quantize == "auto" and measured is not None:
+        quantize_reason += ": " + measured.reason()
+    elif settings.quantize == "auto":
         quantize_reason += {
             "int4": ": int4 keeps the GGUF file's 4-bit codes",
             "int8": ": int8 for the GGUF file's 5- to 8-bit weights",
@@ -178,25 +196,39 @@ def load_scratch_fast(
 ) -> InferenceModel:
     """Our Transformer and a tokenizer, without transformers where the folder allows."""
     from src.models.folder_check import check_model_folder
-    from src.models.light_tokenizer import LightTokenizer, can_load_light
     from src.models.loader import model_display_name
     from src.models.prepared import load_prepared_transformer
 
     check_model_folder(folder)
     model = load_prepared_transformer(folder, dtype, quantization, Path(settings.model_cache_dir))
-    if can_load_light(folder):
-        tokenizer = LightTokenizer(folder)
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     return InferenceModel(
         model,
-        tokenizer,
+        folder_tokenizer(folder),
         model_display_name(name, source),
         "scratch",
         describe("scratch", dtype, quantization),
     )
+
+
+def folder_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer, without importing transformers where the folder allows."""
+    from src.models.light_tokenizer import LightTokenizer, can_load_light
+
+    if can_load_light(folder):
+        return LightTokenizer(folder)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
+def measured_quantization(folder: Path, settings: Settings) -> MeasuredChoice:
+    """QUANTIZE=auto for a model that is not a GGUF conversion (src/models/auto_quantization.py).
+    Raises ValueError where our transformer cannot read the folder."""
+    from src.models.auto_quantization import choose_quantization
+    from src.models.folder_check import check_model_folder
+
+    check_model_folder(folder)
+    return choose_quantization(folder, folder_tokenizer(folder), Path(settings.model_cache_dir))
 
 
 def load_through_transformers(

@@ -32,14 +32,20 @@ def prepared_path(
     folder: Path, dtype: torch.dtype, quantization: Quantization, cache_dir: Path
 ) -> Path:
     """Where the prepared model for these sources and settings lives."""
+    name = f"{folder.name}-{DTYPE_NAMES[dtype]}-{quantization}-{source_digest(folder)}"
+    return Path(cache_dir) / "prepared" / f"{name}.safetensors"
+
+
+def source_digest(folder: Path) -> str:
+    """A digest of a model folder's weights and config (path, size, modification time): what
+    is derived from them and cached carries it, so a changed model never reads stale work."""
     sources = sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
     sources += [path for path in [four_bit_file(folder)] if path is not None]
     digest = hashlib.sha256(f"v{FORMAT_VERSION}|{folder.resolve()}".encode())
     for source in sources:
         stat = source.stat()
         digest.update(f"|{source.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    name = f"{folder.name}-{DTYPE_NAMES[dtype]}-{quantization}-{digest.hexdigest()[:16]}"
-    return Path(cache_dir) / "prepared" / f"{name}.safetensors"
+    return digest.hexdigest()[:16]
 
 
 def load_prepared_transformer(

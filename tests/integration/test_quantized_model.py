@@ -6,13 +6,12 @@ prepared-model cache is used, checked and rebuilt."""
 import pytest
 import torch
 
-from src.benchmarks.decode import held_out_perplexity
+from src.models.perplexity import calibration_examples, held_out_perplexity
 from src.models.prepared import load_prepared_transformer, prepared_path
 from src.models.quantize import Int4Linear, Int8Linear
 from src.models.transformer import Transformer
 from src.params import GenerationParams
 from src.stack import build_service
-from src.training.data import load_examples, tokenize_examples
 from tests.batching_helpers import alone_and_together, assert_same_up_to_a_near_tie, prompts_for
 from tests.conftest import bundled_settings
 
@@ -44,11 +43,7 @@ def test_engine_hf_quantises_the_transformers_model_too(bundled_model_path):
 
 
 def test_int4_perplexity_is_within_two_percent_of_fp32(bundled_service, bundled_exact_service):
-    tokenizer = bundled_exact_service.backend.tokenizer
-    conversations = load_examples("chitchat")[-12:]
-    held_out = tokenize_examples(
-        conversations, tokenizer, bundled_exact_service.backend.prompt_format, 128, 0.0, seed=0
-    ).train
+    held_out = calibration_examples(bundled_exact_service.backend.tokenizer, conversations=12)
     exact = held_out_perplexity(bundled_exact_service.backend.engine.model, held_out)
     quantized = held_out_perplexity(bundled_service.backend.engine.model, held_out)
     assert abs(quantized - exact) / exact < 0.02, (exact, quantized)
