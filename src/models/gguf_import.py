@@ -289,6 +289,7 @@ def save_converted(model: Any, tokenizer: Any, folder: Path) -> None:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.architectures = [type(model).__name__]  # as save_pretrained would write it
     state = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # the same tensor as the embeddings
