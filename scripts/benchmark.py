@@ -74,9 +74,10 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     )
     from src.benchmarks.llama_cpp import RowFailed
     from src.models.gguf_import import keep_file_codes
-    from src.models.perplexity import calibration_examples, held_out_perplexity
+    from src.models.perplexity import held_out_perplexity
     from src.models.quantize import quantize_model, use_int4_kernel
     from src.models.transformer import Transformer
+    from src.training.calibration import calibration_examples
 
     folder, tokenizer, prompt_format, prompt, long_prompt = bundled_prompts()
     fp32 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -182,8 +182,11 @@ def build_local_backend(
     """The model (see ``src.models.inference`` for ENGINE, PRECISION and QUANTIZE), the
     engine that decodes for it, and the text-to-ids backend around the engine."""
     from src.models.inference import load_for_inference
+    from src.training.calibration import calibration_examples
 
-    loaded = load_for_inference(settings, model_name, adapter_path, engine_name, shared_base)
+    loaded = load_for_inference(
+        settings, model_name, adapter_path, engine_name, shared_base, calibration_examples
+    )
     backend = local_backend(loaded.model, loaded.tokenizer, settings, background, shared)
     backend.loaded = loaded
     logger.info(

@@ -3,7 +3,8 @@
 int4 weights decode two to three times faster than fp32 on a CPU, but rounding a model's
 weights to 4 bits costs some models more quality than others. So before serving such a model
 the first time, the held-out perplexity of its replies (the last conversations of the bundled
-chitchat data, in the model's own chat format) is measured in fp32, then in bf16 with int4
+chitchat data, in the model's own chat format: ``src/training/calibration.py``, handed in by
+the composition root, ``src/stack.py``) is measured in fp32, then in bf16 with int4
 weights, then, if int4 costs too much, with int8 weights. The first that stays within
 ``PERPLEXITY_TOLERANCE`` (2%) of fp32 is chosen; if neither does, the model stays exact (fp32,
 no quantisation). The result is saved beside the prepared models
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 PERPLEXITY_TOLERANCE = 0.02
 CANDIDATES = ("int4", "int8")  # fastest first
+# tokenizer -> tokenized conversations with labels (see src/training/calibration.py)
+Calibration = Callable[[Any], list[dict[str, list[int]]]]
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,9 @@ def choice_path(folder: Path, cache_dir: Path) -> Path:
     return Path(cache_dir) / "prepared" / f"{folder.name}-auto-{source_digest(folder)}.json"
 
 
-def choose_quantization(folder: Path, tokenizer: Any, cache_dir: Path) -> MeasuredChoice:
+def choose_quantization(
+    folder: Path, tokenizer: Any, cache_dir: Path, calibration: Calibration
+) -> MeasuredChoice:
     """The measured choice for the model in ``folder`` (read back if measured before)."""
     path = choice_path(folder, cache_dir)
     try:
@@ -64,17 +70,16 @@ def choose_quantization(folder: Path, tokenizer: Any, cache_dir: Path) -> Measur
         return MeasuredChoice(saved["method"], saved["perplexities"])
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not measured yet, or a damaged file: measure again
-    choice = measure(folder, tokenizer)
+    choice = measure(folder, calibration(tokenizer))
     save_choice(choice, path)
     return choice
 
 
-def measure(folder: Path, tokenizer: Any) -> MeasuredChoice:
-    from src.models.perplexity import calibration_examples, held_out_perplexity
+def measure(folder: Path, examples: list[dict[str, list[int]]]) -> MeasuredChoice:
+    from src.models.perplexity import held_out_perplexity
     from src.models.quantize import quantize_model
     from src.models.transformer import Transformer
 
-    examples = calibration_examples(tokenizer)
     perplexities: dict[str, float] = {}
     method = "none"
     steps = tqdm(

@@ -37,7 +37,7 @@ from src.models.gguf_import import file_quantization
 from src.models.transformer import SUPPORTED_FAMILIES
 
 if TYPE_CHECKING:
-    from src.models.auto_quantization import MeasuredChoice
+    from src.models.auto_quantization import Calibration, MeasuredChoice
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,13 @@ def load_for_inference(
     adapter_path: Path | None = None,
     engine_name: str | None = None,
     shared_base: InferenceModel | None = None,
+    calibration: Calibration | None = None,
 ) -> InferenceModel:
     """Resolve the model (see ``src.models.loader``) and load it as configured. With
     ``shared_base`` (the same model, already loaded by the scratch engine) an adapter is put
-    on its weights instead of loading them again. Raises ``ModelLoadingError``."""
+    on its weights instead of loading them again. ``calibration`` makes the conversations
+    QUANTIZE=auto measures perplexity on (without it, auto keeps such a model exact). Raises
+    ``ModelLoadingError``."""
     from src.models.loader import inference_dtype, resolve_model
     from src.models.quantize import resolve_quantization, use_int4_kernel
 
@@ -83,8 +86,8 @@ def load_for_inference(
     loaded, kind, why_not, measured = None, model_type(folder), None, None
     if requested == "scratch" or (requested == "auto" and kind in SUPPORTED_FAMILIES):
         try:
-            if settings.quantize == "auto" and file_quantization(folder) is None:
-                measured = measured_quantization(folder, settings)
+            if settings.quantize == "auto" and file_quantization(folder) is None and calibration:
+                measured = measured_quantization(folder, settings, calibration)
             chosen = measured.method if measured else quantization
             chosen_dtype = dtype
             if measured and settings.precision == "auto" and chosen != "none":
@@ -171,9 +174,7 @@ def choices_explained(
     quantised_file = from_file in ("int4", "int8") or (measured and measured.method != "none")
     precision_reason = f"PRECISION={settings.precision}"
     if settings.precision == "auto":
-        precision_reason += (
-            ": bf16 for quantised weights" if quantised_file else ": fp32, exact"
-        )
+        precision_reason += ": bf16 for quantised weights" if quantised_file else ": fp32, exact"
     quantize_reason = f"QUANTIZE={settings.quantize}"
     if settings.quantize == "auto" and measured is not None:
         quantize_reason += ": " + measured.reason()
@@ -221,14 +222,17 @@ def folder_tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
-def measured_quantization(folder: Path, settings: Settings) -> MeasuredChoice:
+def measured_quantization(
+    folder: Path, settings: Settings, calibration: Calibration
+) -> MeasuredChoice:
     """QUANTIZE=auto for a model that is not a GGUF conversion (src/models/auto_quantization.py).
     Raises ValueError where our transformer cannot read the folder."""
     from src.models.auto_quantization import choose_quantization
     from src.models.folder_check import check_model_folder
 
     check_model_folder(folder)
-    return choose_quantization(folder, folder_tokenizer(folder), Path(settings.model_cache_dir))
+    cache_dir = Path(settings.model_cache_dir)
+    return choose_quantization(folder, folder_tokenizer(folder), cache_dir, calibration)
 
 
 def load_through_transformers(

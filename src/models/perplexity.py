@@ -1,15 +1,13 @@
 """Held-out perplexity: how well a model predicts real replies it was not tuned on. The
 benchmark compares precisions and quantisations with it, and QUANTIZE=auto uses it to decide
-whether a checkpoint keeps its quality in int4 or int8 (src/models/auto_quantization.py)."""
+whether a checkpoint keeps its quality in int4 or int8 (src/models/auto_quantization.py), on
+the conversations of ``src/training/calibration.py``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-
-CALIBRATION_CONVERSATIONS = 16  # the last ones of the bundled chitchat data
-CALIBRATION_TOKENS = 128  # each cut to this length
 
 
 @torch.inference_mode()
@@ -25,18 +23,3 @@ def held_out_perplexity(model: Any, examples: list[dict[str, list[int]]]) -> flo
         loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
         total, count = total + float(loss), count + int(keep.sum())
     return float(torch.exp(torch.tensor(total / count)))
-
-
-def calibration_examples(
-    tokenizer: Any,
-    conversations: int = CALIBRATION_CONVERSATIONS,
-    max_tokens: int = CALIBRATION_TOKENS,
-) -> list[dict[str, list[int]]]:
-    """The last ``conversations`` of the bundled chitchat data, in the model's own chat
-    format (the prompt encoder that serves and trains it), assistant tokens labelled."""
-    from src.chat.prompts import detect_prompt_format
-    from src.training.data import load_examples, tokenize_examples
-
-    chosen = load_examples("chitchat")[-conversations:]
-    prompt_format = detect_prompt_format(tokenizer)
-    return tokenize_examples(chosen, tokenizer, prompt_format, max_tokens, 0.0, seed=0).train

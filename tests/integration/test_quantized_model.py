@@ -6,12 +6,13 @@ prepared-model cache is used, checked and rebuilt."""
 import pytest
 import torch
 
-from src.models.perplexity import calibration_examples, held_out_perplexity
+from src.models.perplexity import held_out_perplexity
 from src.models.prepared import load_prepared_transformer, prepared_path
 from src.models.quantize import Int4Linear, Int8Linear
 from src.models.transformer import Transformer
 from src.params import GenerationParams
 from src.stack import build_service
+from src.training.calibration import calibration_examples
 from tests.batching_helpers import alone_and_together, assert_same_up_to_a_near_tie, prompts_for
 from tests.conftest import bundled_settings
 

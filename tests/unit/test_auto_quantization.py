@@ -9,8 +9,14 @@ import src.models.auto_quantization as auto_quantization
 from src.config import load_settings
 from src.models.auto_quantization import choice_path
 from src.models.inference import load_for_inference
+from src.training.calibration import calibration_examples
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(300)]
+
+
+def load_auto(settings):
+    """As the server loads a model: with the calibration conversations."""
+    return load_for_inference(settings, calibration=calibration_examples)
 
 
 def settings_for(folder, cache):
@@ -21,7 +27,7 @@ def test_int4_is_served_when_it_keeps_perplexity_and_the_measurement_is_kept(
     tiny_family_paths, tmp_path, monkeypatch
 ):
     folder = tiny_family_paths["qwen2"]
-    loaded = load_for_inference(settings_for(folder, tmp_path))
+    loaded = load_auto(settings_for(folder, tmp_path))
     assert loaded.description.startswith("scratch engine, bf16, int4 weights")
     assert "PRECISION=auto: bf16 for quantised weights" in loaded.description
     assert "QUANTIZE=auto: int4, within 2% of fp32's perplexity (int4 +" in loaded.description
@@ -31,7 +37,7 @@ def test_int4_is_served_when_it_keeps_perplexity_and_the_measurement_is_kept(
     assert int4 <= fp32 * 1.02
     # The next start reads the measurement instead of measuring again.
     monkeypatch.setattr(auto_quantization, "measure", pytest.fail)
-    assert load_for_inference(settings_for(folder, tmp_path)).description == loaded.description
+    assert load_auto(settings_for(folder, tmp_path)).description == loaded.description
 
 
 def scripted_perplexities(monkeypatch, values):
@@ -44,7 +50,7 @@ def scripted_perplexities(monkeypatch, values):
 
 def test_int8_is_served_when_int4_costs_too_much(tiny_family_paths, tmp_path, monkeypatch):
     scripted_perplexities(monkeypatch, [10.0, 10.5, 10.1])  # int4 +5%, int8 +1%
-    loaded = load_for_inference(settings_for(tiny_family_paths["qwen2"], tmp_path))
+    loaded = load_auto(settings_for(tiny_family_paths["qwen2"], tmp_path))
     assert loaded.description.startswith("scratch engine, bf16, int8 weights")
     assert "QUANTIZE=auto: int8, within 2% of fp32's perplexity (int4 +5.0%, int8 +1.0%;" in (
         loaded.description
@@ -53,7 +59,7 @@ def test_int8_is_served_when_int4_costs_too_much(tiny_family_paths, tmp_path, mo
 
 def test_the_model_stays_exact_when_both_cost_too_much(tiny_family_paths, tmp_path, monkeypatch):
     scripted_perplexities(monkeypatch, [10.0, 10.5, 10.3])
-    loaded = load_for_inference(settings_for(tiny_family_paths["qwen2"], tmp_path))
+    loaded = load_auto(settings_for(tiny_family_paths["qwen2"], tmp_path))
     assert loaded.description.startswith("scratch engine, fp32;")
     assert "PRECISION=auto: fp32, exact" in loaded.description
     assert "none, as quantising cost more than 2% perplexity (int4 +5.0%, int8 +3.0%" in (
@@ -67,7 +73,7 @@ def test_a_damaged_measurement_is_measured_again(tiny_family_paths, tmp_path, mo
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
     scripted_perplexities(monkeypatch, [10.0, 10.1])
-    loaded = load_for_inference(settings_for(folder, tmp_path))
+    loaded = load_auto(settings_for(folder, tmp_path))
     assert "int4 +1.0%" in loaded.description
     assert json.loads(path.read_text())["perplexities"] == {"fp32": 10.0, "int4": 10.1}
 
@@ -80,4 +86,4 @@ def test_a_setting_is_never_overruled(tiny_family_paths, tmp_path, monkeypatch):
         model_cache_dir=tmp_path,
         quantize="none",
     )
-    assert "QUANTIZE=none" in load_for_inference(settings).description
+    assert "QUANTIZE=none" in load_auto(settings).description

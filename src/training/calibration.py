@@ -1,0 +1,24 @@
+"""The conversations perplexity is measured on (QUANTIZE=auto's choice, the benchmark): the
+last ones of the bundled chitchat data, encoded by the prompt encoder that serves and trains
+the model, assistant tokens labelled."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from src.chat.prompts import detect_prompt_format
+from src.training.data import load_examples, tokenize_examples
+
+CALIBRATION_CONVERSATIONS = 16
+CALIBRATION_TOKENS = 128  # each conversation cut to this length
+
+
+def calibration_examples(
+    tokenizer: Any,
+    conversations: int = CALIBRATION_CONVERSATIONS,
+    max_tokens: int = CALIBRATION_TOKENS,
+) -> list[dict[str, list[int]]]:
+    """The last ``conversations`` of the bundled chitchat data in the model's own format."""
+    chosen = load_examples("chitchat")[-conversations:]
+    prompt_format = detect_prompt_format(tokenizer)
+    return tokenize_examples(chosen, tokenizer, prompt_format, max_tokens, 0.0, seed=0).train
