@@ -4,6 +4,7 @@ the model, assistant tokens labelled."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from src.chat.prompts import detect_prompt_format
@@ -11,6 +12,7 @@ from src.training.data import load_examples, tokenize_examples
 
 CALIBRATION_CONVERSATIONS = 16
 CALIBRATION_TOKENS = 128  # each conversation cut to this length
+OPENING_MESSAGES = 12  # more than 128 tokens of this chitchat data; an even count ends a reply
 
 
 def calibration_examples(
@@ -19,6 +21,11 @@ def calibration_examples(
     max_tokens: int = CALIBRATION_TOKENS,
 ) -> list[dict[str, list[int]]]:
     """The last ``conversations`` of the bundled chitchat data in the model's own format."""
-    chosen = load_examples("chitchat")[-conversations:]
+    # Only the start of each conversation is kept, so its first turns are all that is
+    # encoded (the training encoder's time grows with the square of the turns).
+    chosen = [
+        replace(example, messages=example.messages[:OPENING_MESSAGES])
+        for example in load_examples("chitchat")[-conversations:]
+    ]
     prompt_format = detect_prompt_format(tokenizer)
     return tokenize_examples(chosen, tokenizer, prompt_format, max_tokens, 0.0, seed=0).train
