@@ -50,6 +50,8 @@ PROMPTS = [
 
 # The request mix: each kind's share of the requests that do not disconnect (``adapter_chat``
 # only when the run names adapters).
+RETRY_PAUSE_SECONDS = 0.5  # after a refused connection
+
 KINDS = (
     "chat",
     "chat_stream",
@@ -230,6 +232,10 @@ class LoadClient:
             kind_of_error = "timeout" if isinstance(exc, httpx.TimeoutException) else "connection"
             seconds = time.perf_counter() - started
             detail = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, httpx.ConnectError):
+                # Nothing listens (a restart): wait before the next try, as a client with
+                # retries does, instead of counting thousands of refused connections.
+                time.sleep(RETRY_PAUSE_SECONDS)
             return Outcome(kind, "error", seconds, None, kind_of_error, detail, at)
         seconds = time.perf_counter() - started
         return Outcome(kind, status, seconds, first[0] if first else None, started_at=at)
