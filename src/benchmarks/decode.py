@@ -55,7 +55,11 @@ def time_generate(
     for _ in range(repetitions):
         seconds, tokens = _generate(model, prompt, new_tokens)
         wholes.append(seconds)
-    return (new_tokens - 1) / (statistics.median(wholes) - first), first, tokens
+    whole = statistics.median(wholes)
+    decoding = whole - first
+    if decoding <= 0:  # a call too short to tell its first token from the rest (tiny models)
+        decoding = whole
+    return (new_tokens - 1) / decoding, first, tokens
 
 
 def generate_first_token_seconds(model: Any, prompt: list[int], repetitions: int) -> float:
