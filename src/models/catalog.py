@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.models.bundled import BUNDLED_MODEL_NAME, bundled_model_dir
-from src.models.gguf_import import GGUF_SUBFOLDER, SOURCE_FILE
+from src.models.gguf_import import conversion_record
 
 PREPARED_NAME = re.compile(r"^(?P<folder>.+)-(?P<precision>fp32|bf16)-(?P<quant>none|int8|int4)-")
 
@@ -76,7 +76,7 @@ def gguf_models(cache_dir: Path) -> list[CachedModel]:
     """The converted GGUF files, named by the file (what MODEL_NAME takes)."""
     models = []
     for folder in sorted((Path(cache_dir) / "gguf").glob("*/")):
-        source = read_json(folder / GGUF_SUBFOLDER / SOURCE_FILE)
+        source = conversion_record(folder)
         if source.get("file") and (folder / "config.json").is_file():
             models.append(describe_folder(source["file"], folder, folder_size(folder)))
     return models
@@ -86,7 +86,7 @@ def describe_folder(name: str, folder: Path, size_bytes: int) -> CachedModel:
     config = read_json(folder / "config.json")
     quantization = (config.get("quantization_config") or {}).get("quant_method", "none")
     stored = config.get("dtype") or config.get("torch_dtype")
-    types = read_json(folder / GGUF_SUBFOLDER / SOURCE_FILE).get("tensor_types")
+    types = conversion_record(folder).get("tensor_types")
     if types:  # converted from GGUF: the file's tensor types, most tensors first
         stored, quantization = "gguf", "+".join(sorted(types, key=lambda kind: -types[kind]))
     return CachedModel(name, folder, size_bytes, config.get("model_type"), stored, quantization)

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +64,7 @@ class GGUFSummary:
     name: str
     tensor_types: dict[str, int]  # type name -> how many tensors
     quantization: str  # what QUANTIZE=auto means for it: "int4", "int8" or "none"
+    reader: Any = field(repr=False, compare=False)  # the open file (a GGUFReader), read once
 
 
 def find_gguf_file(name: str) -> Path | None:
@@ -118,6 +119,7 @@ def read_summary(path: Path) -> GGUFSummary:
         name=_field(reader, "general.name") or path.stem,
         tensor_types=dict(types),
         quantization=auto_quantization(reader),
+        reader=reader,
     )
 
 
@@ -157,22 +159,24 @@ def converted_dir(path: Path, cache_dir: Path) -> Path:
     return Path(cache_dir) / "gguf" / f"{path.stem}-{digest}"
 
 
+def conversion_record(folder: Path) -> dict[str, Any]:
+    """What the conversion recorded of the file (``gguf/source.json``); {} for a folder that
+    is not a GGUF conversion, or whose record is unreadable."""
+    try:
+        record = json.loads((folder / GGUF_SUBFOLDER / SOURCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def is_converted(folder: Path) -> bool:
     """Whether ``folder`` is a complete conversion of this version."""
-    try:
-        source = json.loads((folder / GGUF_SUBFOLDER / SOURCE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return source.get("version") == CONVERSION_VERSION
+    return conversion_record(folder).get("version") == CONVERSION_VERSION
 
 
 def file_quantization(folder: Path) -> str | None:
     """QUANTIZE=auto's choice recorded for a converted GGUF folder; None for other folders."""
-    try:
-        source = json.loads((folder / GGUF_SUBFOLDER / SOURCE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return source.get("quantization")
+    return conversion_record(folder).get("quantization")
 
 
 def four_bit_file(folder: Path) -> Path | None:
@@ -204,10 +208,10 @@ def convert_gguf(path: Path, destination: Path, shown_name: str | None = None) -
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32
         )
-        add_llama3_rope_scaling(path, model.config)
+        add_llama3_rope_scaling(summary, model.config)
         steps.update()
         steps.set_postfix_str("keeping 4-bit codes")
-        codes = four_bit_codes(path, model)
+        codes = four_bit_codes(summary, model)
         steps.update()
         steps.set_postfix_str("saving safetensors")
         staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
@@ -239,17 +243,14 @@ def convert_gguf(path: Path, destination: Path, shown_name: str | None = None) -
     return destination
 
 
-def add_llama3_rope_scaling(path: Path, config: Any) -> None:
+def add_llama3_rope_scaling(summary: GGUFSummary, config: Any) -> None:
     """Llama 3.1-3.3 files keep their rope scaling as a tensor of per-frequency factors
     (``rope_freqs.weight``), which transformers' GGUF loader ignores: without it the model
     would be silently different from the file. Recover Llama 3's scaling parameters from the
     factors and put them in the config; refuse factors that are not Llama 3's."""
-    from gguf import GGUFReader
-
     from src.models.transformer import llama3_frequencies
 
-    reader = GGUFReader(path)
-    tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    tensor = next((t for t in summary.reader.tensors if t.name == "rope_freqs.weight"), None)
     if tensor is None:
         return
     factors = torch.from_numpy(np.asarray(tensor.data, dtype=np.float32).copy()).double()
@@ -261,8 +262,9 @@ def add_llama3_rope_scaling(path: Path, config: Any) -> None:
     expected = inverse / llama3_frequencies(inverse, scaling)
     if len(expected) != len(factors) or not torch.allclose(expected, factors, rtol=1e-4):
         raise ModelLoadingError(
-            f"{path.name} scales its rotary frequencies (rope_freqs.weight) in a way that is "
-            "not Llama 3's, which we cannot reproduce: not served, rather than served wrong."
+            f"{summary.path.name} scales its rotary frequencies (rope_freqs.weight) in a way "
+            "that is not Llama 3's, which we cannot reproduce: not served, rather than served "
+            "wrong."
         )
     config.rope_parameters = {"rope_type": "llama3", "rope_theta": theta} | scaling
 
@@ -303,27 +305,25 @@ def save_converted(model: Any, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def four_bit_codes(path: Path, model: Any) -> dict[str, torch.Tensor]:
+def four_bit_codes(summary: GGUFSummary, model: Any) -> dict[str, torch.Tensor]:
     """Every Q4_0/Q4_1/Q4_K matrix of the file as its codes and per-group scales and
     minimums, under the Hugging Face name of the weight (``{name}.codes``, packed two per
     byte, low half first; ``{name}.scale``; ``{name}.low``), in the row order transformers
     gives the weight. Empty for GPT-2 files (their matrices are transposed on loading, which
     breaks the groups)."""
-    from gguf import GGUFReader
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
         get_gguf_hf_weights_map,
     )
 
-    reader = GGUFReader(path)
-    architecture = _field(reader, "general.architecture")
+    architecture = summary.architecture
     if architecture == "gpt2":
         return {}
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
     names = get_gguf_hf_weights_map(model, processor)
     kept: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
+    for tensor in summary.reader.tensors:
         kind = tensor.tensor_type.name
         if kind not in FOUR_BIT_TYPES or tensor.name not in names:
             continue
