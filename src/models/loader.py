@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,17 +157,32 @@ def resolve_model(name: str, settings: Settings) -> tuple[Path, str]:
 def ensure_bundled_model(cache_dir: Path) -> Path:
     """The converted bundled model, converting it on first use (or if the copy is damaged)."""
     folder = bundled_model_dir(cache_dir)
-    if usable_conversion(folder, cache_dir, "the bundled model"):
-        return folder
-    return convert_bundled_model(folder)
+    return converted_once(folder, cache_dir, "the bundled model", convert_bundled_model)
 
 
 def ensure_converted_gguf(path: Path, cache_dir: Path) -> Path:
     """The converted copy of a GGUF file, converting it on first use (or if damaged)."""
     folder = converted_dir(path, cache_dir)
-    if usable_conversion(folder, cache_dir, path.name):
+    return converted_once(folder, cache_dir, path.name, lambda into: convert_gguf(path, into))
+
+
+def converted_once(
+    folder: Path, cache_dir: Path, what: str, convert: Callable[[Path], Path]
+) -> Path:
+    """``folder`` as ``convert`` makes it, converting only when no usable copy exists. Processes
+    that start together (two servers, a server and a script) take turns on a lock file in the
+    cache's ``.locks`` folder (where huggingface_hub keeps its own): the first converts, the
+    others wait and then use its copy."""
+    from filelock import FileLock
+
+    if usable_conversion(folder, cache_dir, what):
         return folder
-    return convert_gguf(path, folder)
+    locks = Path(cache_dir) / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(locks / f"{folder.name}.lock"):
+        if folder.exists() and usable_conversion(folder, cache_dir, what):
+            return folder  # another process converted it while this one waited
+        return convert(folder)
 
 
 def usable_conversion(folder: Path, cache_dir: Path, what: str) -> bool:

@@ -1,8 +1,11 @@
 """Model resolution: local folder, cache, hub (mocked at the network boundary), fallback."""
 
+import json
 import logging
 import os
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -12,7 +15,8 @@ import pytest
 from src.config import load_settings
 from src.errors import ModelLoadingError
 from src.models.bundled import BUNDLED_MODEL_NAME
-from src.models.loader import load_model, resolve_model
+from src.models.gguf_import import CONVERSION_VERSION
+from src.models.loader import converted_once, load_model, resolve_model
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(180)]
 
@@ -193,3 +197,26 @@ def test_a_cached_model_that_links_outside_the_cache_is_refused(tmp_path, bundle
     (cache / BUNDLED_MODEL_NAME / "config.json").symlink_to(secret)
     with pytest.raises(ModelLoadingError, match=r"config.json leads outside MODEL_CACHE_DIR"):
         resolve_model(BUNDLED_MODEL_NAME, settings)
+
+
+def test_processes_starting_together_convert_a_model_once(tmp_path, tiny_gpt2_path):
+    """Two starts racing on an empty cache: one converts while the other waits on the lock,
+    then uses that copy instead of converting again."""
+    cache = tmp_path / "cache"
+    folder = cache / "gguf" / "model-0123"
+    conversions = []
+
+    def convert(into: Path) -> Path:
+        conversions.append(into)
+        time.sleep(0.5)  # long enough for the other start to find the lock taken
+        shutil.copytree(tiny_gpt2_path, into)
+        (into / "gguf").mkdir()
+        (into / "gguf" / "source.json").write_text(json.dumps({"version": CONVERSION_VERSION}))
+        return into
+
+    with ThreadPoolExecutor(2) as starts:
+        results = list(
+            starts.map(lambda _: converted_once(folder, cache, "model", convert), [1, 2])
+        )
+    assert results == [folder, folder] and conversions == [folder]
+    assert not any(path.suffix == ".lock" for path in folder.parent.iterdir())
