@@ -22,6 +22,7 @@ class CachedReply:
     completion_tokens: int
     finish_reason: str
     prompt_tokens: int = 0
+    stop_sequence: str | None = None  # the one that ended the reply, if one did
 
 
 def cache_key(model_id: str, prompt: Sequence[Hashable], params: GenerationParams) -> tuple:

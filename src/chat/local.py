@@ -172,13 +172,22 @@ class LocalBackend:
         return self.tokenizer.decode(token_ids)
 
     def render(
-        self, system_prompt: str | None, messages: list[dict[str, Any]], generation_prompt: bool
+        self,
+        system_prompt: str | None,
+        messages: list[dict[str, Any]],
+        generation_prompt: bool,
+        tools: ToolSet | None = None,
     ) -> list[int]:
-        """A conversation's token ids, whole (nothing dropped)."""
+        """A conversation's token ids, whole (nothing dropped), with the tools shown as a
+        reply's prompt shows them."""
         system_prompt = system_prompt if self.supports_system_prompt else None
+        shown = tools.tools if tools is not None and tools.active else ()
         return encode_conversation(
-            self.tokenizer, self.prompt_format, system_prompt, messages, generation_prompt
+            self.tokenizer, self.prompt_format, system_prompt, messages, generation_prompt, shown
         )
+
+    def prompt_tokens(self, prompt: LocalPrompt) -> int | None:
+        return len(prompt.input_ids)
 
     def together(self, requests: int = 1) -> AbstractContextManager[None]:
         """The ``requests`` replies started inside this block are prefilled and batched
@@ -228,6 +237,7 @@ class LocalGeneration:
         self.stops = StopSequenceFilter(params.stop)
         self.tool_stream = ToolCallStream() if prompt.tools and prompt.tools.active else None
         self.finish_reason = "length"  # until EOS or a stop sequence says "stop"
+        self.stop_sequence: str | None = None  # the one that ended the reply, if one did
         self.prompt_tokens = len(prompt.input_ids)
         self.completion_tokens = 0
         self.first_token_at: float | None = None  # time.perf_counter() of the first token
@@ -263,7 +273,7 @@ class LocalGeneration:
                 pending = []
                 yield self._with_prompt(delta)
             if self.stops.stopped:
-                self.finish_reason = "stop"
+                self.finish_reason, self.stop_sequence = "stop", self.stops.matched
                 break
         self.close()
         delta = self._delta(self.stops.push(self.decoder.flush()) + self.stops.flush(), [])

@@ -129,6 +129,9 @@ class RemoteBackend:
         fit."""
         return nullcontext()
 
+    def prompt_tokens(self, prompt: RemotePrompt) -> int | None:
+        return None  # the remote server counts them, and says so when the reply ends
+
     def cache_material(self, prompt: RemotePrompt) -> tuple:
         """What identifies the prompt in the response cache: the messages themselves."""
         return tuple(json.dumps(m, sort_keys=True) for m in prompt.messages)
@@ -270,6 +273,7 @@ class RemoteGeneration:
 
     def __init__(self, response: httpx.Response, url: str, should_stop: Callable[[], bool]) -> None:
         self.finish_reason = "length"  # until the server says "stop" (also if cut short)
+        self.stop_sequence: str | None = None  # OpenAI's stream does not say which one
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.first_token_at: float | None = None  # time.perf_counter() of the first text

@@ -44,6 +44,7 @@ class ChatResult:
     tool_calls: list[ToolCall] = field(default_factory=list)  # finish_reason "tool_calls"
     logprobs: list[TokenInfo] | None = None  # with params.logprobs: one per reply token
     prompt_logprobs: list[TokenInfo] | None = None  # with params.prompt_logprobs
+    stop_sequence: str | None = None  # the stop sequence that ended the reply, if one did
 
     @property
     def tokens_per_second(self) -> float:
@@ -99,6 +100,14 @@ class ReplyStream:
         if self._cached is None:
             self._generation = service.backend.start(prompt, params, self._cancelled.is_set)
         service._track(self, running=True)
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        """The prompt's length in tokens, known before the reply starts (None where only the
+        end of a remote reply tells)."""
+        if self._cached is not None:
+            return self._cached.prompt_tokens
+        return self.service.backend.prompt_tokens(self.prompt)
 
     def cancel(self) -> None:
         """Stop after the current token; the partial reply is kept."""
@@ -175,7 +184,11 @@ class ReplyStream:
         if finish_reason == "length" and self._cancelled.is_set():
             finish_reason = "cancelled"
         reply = CachedReply(
-            "".join(pieces), generation.completion_tokens, finish_reason, generation.prompt_tokens
+            "".join(pieces),
+            generation.completion_tokens,
+            finish_reason,
+            generation.prompt_tokens,
+            generation.stop_sequence,
         )
         if self._key is not None and finish_reason != "cancelled":
             self.service.cache.put(self._key, reply)
@@ -222,6 +235,7 @@ class ReplyStream:
             seconds=seconds,
             first_token_seconds=seconds if cached else first_token_seconds,
             cached=cached,
+            stop_sequence=reply.stop_sequence,
             **(extras or {}),
         )
 
@@ -478,11 +492,16 @@ class ChatService:
     def detokenize(self, token_ids: list[int]) -> str:
         return self._local("tokens").detokenize(token_ids)
 
-    def render(self, conversation: Conversation, generation_prompt: bool = True) -> list[int]:
+    def render(
+        self,
+        conversation: Conversation,
+        generation_prompt: bool = True,
+        tools: ToolSet | None = None,
+    ) -> list[int]:
         """The token ids the model would see for a conversation (nothing dropped)."""
         self._check_messages(conversation, None)
         return self._local("messages").render(
-            conversation.system_prompt, conversation.messages, generation_prompt
+            conversation.system_prompt, conversation.messages, generation_prompt, tools
         )
 
     def cache_key(self, prompt: Any, params: GenerationParams) -> tuple | None:

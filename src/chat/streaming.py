@@ -58,16 +58,18 @@ class StopSequenceFilter:
         self.stop_sequences = tuple(stop_sequences)
         self.pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop sequence that ended the text
 
     def push(self, text: str) -> str:
         """Add text; return what is safe to show now. Sets ``stopped`` on a stop sequence."""
         if self.stopped:
             return ""
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stop_sequences) if i >= 0]
+        hits = [(i, s) for s in self.stop_sequences if (i := self.pending.find(s)) >= 0]
         if hits:
+            at, self.matched = min(hits, key=lambda hit: hit[0])
             self.stopped = True
-            shown, self.pending = self.pending[: min(hits)], ""
+            shown, self.pending = self.pending[:at], ""
             return shown
         held = self._longest_stop_prefix_suffix()
         shown = self.pending[: len(self.pending) - held]

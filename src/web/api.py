@@ -25,7 +25,7 @@ from src.stack import ChatStack, build_chat_stack
 from src.web.errors import RequestLimits, install_error_handlers
 from src.web.lazy_ui import UI_PATH, LazyWebUI
 from src.web.lifecycle import GracefulShutdown, ShutdownGate
-from src.web.routes import chat, completions, health, openai
+from src.web.routes import anthropic, chat, completions, health, openai
 from src.web.security import APIKeyGuard, ClientSlots
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ def create_app(
     app.include_router(chat.router)
     app.include_router(openai.router)
     app.include_router(completions.router)
+    app.include_router(anthropic.router)
     app.state.ui = mount_web_ui(app, settings) if mount_ui else None
     return app
 

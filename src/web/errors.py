@@ -1,12 +1,16 @@
-"""HTTP edge: the core's exceptions become status codes, every error has one JSON shape
-(``{"error": {"message", "type", "param"}}``, as in the OpenAI API), and bodies over the
-size limit are refused with 413 before they are read into memory (``RequestLimits``)."""
+"""HTTP edge: the core's exceptions become status codes, every error has the JSON shape of
+the protocol its path speaks (``src/web/protocols.py``): ``{"error": {"message", "type",
+"param"}}`` as in the OpenAI API (also on the project's own routes), ``{"type": "error",
+"error": {"type", "message"}}`` under /v1/messages as in Anthropic's, ``{"error": message}``
+under /api as in Ollama's. Bodies over the size limit are refused with 413 before they are
+read into memory (``RequestLimits``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +28,7 @@ from src.errors import (
     SessionBusyError,
     StorageError,
 )
+from src.web.protocols import Protocol, protocol_of, route_path
 from src.web.streaming import ClientGone
 
 logger = logging.getLogger(__name__)
@@ -48,18 +53,56 @@ class HTTPProblem(Exception):
         self.headers = headers
 
 
+# Anthropic's error types, by status (https://docs.anthropic.com/en/api/errors).
+ANTHROPIC_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+}
+
+
+def error_body(
+    status: int, message: str, error_type: str, param: str | None, protocol: Protocol
+) -> dict[str, Any]:
+    """An error as ``protocol`` writes it."""
+    if protocol == "anthropic":
+        kind = ANTHROPIC_ERROR_TYPES.get(
+            status, "invalid_request_error" if status < 500 else "api_error"
+        )
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    if protocol == "ollama":
+        return {"error": message}
+    return {"error": {"message": message, "type": error_type, "param": param}}
+
+
 def error_response(
-    status: int, message: str, error_type: str, param: str | None = None, headers=None
+    status: int,
+    message: str,
+    error_type: str,
+    param: str | None = None,
+    headers=None,
+    path: str = "/",
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": error_type, "param": param}}
+    body = error_body(status, message, error_type, param, protocol_of(path))
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def stream_error(exc: BaseException) -> dict:
+def stream_error(exc: BaseException, protocol: Protocol = "openai") -> dict:
     """The body of an in-band error event, for a stream whose headers are already sent."""
-    kind = "server_shutdown" if isinstance(exc, ServerShuttingDownError) else "server_error"
+    shutdown = isinstance(exc, ServerShuttingDownError)
+    kind = "server_shutdown" if shutdown else "server_error"
     param = exc.field if isinstance(exc, MiniClaudeError) else None
-    return {"error": {"message": str(exc), "type": kind, "param": param}}
+    return error_body(503 if shutdown else 500, str(exc), kind, param, protocol)
+
+
+def path_of(request: Request) -> str:
+    return route_path(request.scope)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -69,46 +112,52 @@ def install_error_handlers(app: FastAPI) -> None:
         return Response(status_code=499)
 
     @app.exception_handler(HTTPProblem)
-    async def _problem(_: Request, exc: HTTPProblem) -> JSONResponse:
+    async def _problem(request: Request, exc: HTTPProblem) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
         headers.update(exc.headers or {})
-        return error_response(exc.status, exc.message, exc.error_type, exc.param, headers)
+        return error_response(
+            exc.status, exc.message, exc.error_type, exc.param, headers, path_of(request)
+        )
 
     @app.exception_handler(InvalidRequestError)
-    async def _invalid(_: Request, exc: InvalidRequestError) -> JSONResponse:
+    async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
         kind = "context_length_exceeded" if isinstance(exc, ContextOverflowError) else None
-        return error_response(400, str(exc), kind or "invalid_request_error", exc.field)
+        return error_response(
+            400, str(exc), kind or "invalid_request_error", exc.field, path=path_of(request)
+        )
 
     @app.exception_handler(RemoteBackendError)
-    async def _remote(_: Request, exc: RemoteBackendError) -> JSONResponse:
+    async def _remote(request: Request, exc: RemoteBackendError) -> JSONResponse:
         # BACKEND=remote: the generation server failed or refused; we are its gateway.
-        return error_response(502, str(exc), "remote_backend_error")
+        return error_response(502, str(exc), "remote_backend_error", path=path_of(request))
 
     @app.exception_handler(StorageError)
-    async def _storage(_: Request, exc: StorageError) -> JSONResponse:
+    async def _storage(request: Request, exc: StorageError) -> JSONResponse:
         # The reply was generated but could not be saved (a full disk): the session keeps its
         # earlier exchanges, and the client may try again once the operator made room.
         logger.error("%s", exc)
-        return error_response(503, str(exc), "storage_error")
+        return error_response(503, str(exc), "storage_error", path=path_of(request))
 
     @app.exception_handler(SessionBusyError)
-    async def _session_busy(_: Request, exc: SessionBusyError) -> JSONResponse:
-        return error_response(409, str(exc), "session_busy", exc.field)
+    async def _session_busy(request: Request, exc: SessionBusyError) -> JSONResponse:
+        return error_response(409, str(exc), "session_busy", exc.field, path=path_of(request))
 
     @app.exception_handler(ServerBusyError)
-    async def _busy(_: Request, exc: ServerBusyError) -> JSONResponse:
-        return error_response(503, str(exc), "server_busy", headers={"Retry-After": "1"})
+    async def _busy(request: Request, exc: ServerBusyError) -> JSONResponse:
+        return error_response(
+            503, str(exc), "server_busy", headers={"Retry-After": "1"}, path=path_of(request)
+        )
 
     @app.exception_handler(ServerShuttingDownError)
-    async def _shutdown(_: Request, exc: ServerShuttingDownError) -> JSONResponse:
-        return error_response(503, str(exc), "server_shutdown")
+    async def _shutdown(request: Request, exc: ServerShuttingDownError) -> JSONResponse:
+        return error_response(503, str(exc), "server_shutdown", path=path_of(request))
 
     @app.exception_handler(MiniClaudeError)
-    async def _core(_: Request, exc: MiniClaudeError) -> JSONResponse:
-        return error_response(500, str(exc), type(exc).__name__, exc.field)
+    async def _core(request: Request, exc: MiniClaudeError) -> JSONResponse:
+        return error_response(500, str(exc), type(exc).__name__, exc.field, path=path_of(request))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
         first_field = None
         for error in exc.errors():
@@ -121,23 +170,30 @@ def install_error_handlers(app: FastAPI) -> None:
                 problems.append(f"body: malformed JSON ({error.get('ctx', {}).get('error', '')})")
             else:
                 problems.append(f"{field}: {error['msg']}")
-        return error_response(422, "; ".join(problems), "invalid_request_error", first_field)
+        path = path_of(request)
+        # FastAPI's 422; Anthropic's and Ollama's APIs answer a malformed request with 400.
+        status = 422 if protocol_of(path) in ("openai", "mini-claude") else 400
+        message = "; ".join(problems)
+        return error_response(status, message, "invalid_request_error", first_field, path=path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not bad input: log it, and answer in the same JSON shape without a traceback.
         logger.error("Unhandled error", exc_info=exc)
-        return error_response(500, f"internal error ({type(exc).__name__})", "server_error")
+        message = f"internal error ({type(exc).__name__})"
+        return error_response(500, message, "server_error", path=path_of(request))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.__cause__ is not None:
             # FastAPI could not read the body as JSON for a reason other than its syntax
             # (bytes that are not UTF-8, nesting too deep): malformed JSON all the same.
             cause = exc.__cause__
             message = f"body: malformed JSON ({type(cause).__name__}: {cause})"
-            return error_response(422, message, "invalid_request_error", "body")
-        return error_response(exc.status_code, str(exc.detail), "http_error")
+            return error_response(
+                422, message, "invalid_request_error", "body", path=path_of(request)
+            )
+        return error_response(exc.status_code, str(exc.detail), "http_error", path=path_of(request))
 
 
 class RequestLimits:
@@ -218,7 +274,8 @@ class RequestLimits:
         scope: Scope, receive: Receive, send: Send, status: int, message: str, param: str
     ) -> None:
         error_type = "request_timeout" if status == 408 else "request_too_large"
-        response = error_response(status, message, error_type, param, {"Connection": "close"})
+        headers = {"Connection": "close"}
+        response = error_response(status, message, error_type, param, headers, route_path(scope))
         await response(scope, receive, send)
 
 

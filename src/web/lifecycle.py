@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from src.chat.adapter_pool import AdapterPool
 from src.web.errors import error_response
+from src.web.protocols import route_path
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class ShutdownGate:
                 "the server is shutting down",
                 "server_shutdown",
                 headers={"Connection": "close"},
+                path=route_path(scope),
             )
             await response(scope, receive, send)
             return

@@ -27,7 +27,7 @@ from src.web.openai_schemas import (
     ToolCallOut,
     TopLogprob,
 )
-from src.web.security import check_chars
+from src.web.security import check_chars, check_history_length
 
 
 def message_text(content: Any, where: str) -> str | None:
@@ -60,12 +60,7 @@ def openai_conversation(messages: list[ChatMessage], settings: Settings) -> Conv
     offset = given - len(messages)
     if not messages:
         raise InvalidRequestError("messages: needs a message besides the system prompt", "messages")
-    if len(messages) > settings.max_history_messages:
-        raise InvalidRequestError(
-            f"messages: {len(messages)} messages is over the limit of "
-            f"{settings.max_history_messages} (MAX_HISTORY_MESSAGES); send fewer earlier turns",
-            "messages",
-        )
+    check_history_length(len(messages), settings.max_history_messages)
     converted = []
     for number, message in enumerate(messages, start=offset):
         converted.append(core_message(message, f"messages[{number}]", settings))

@@ -23,7 +23,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from src.errors import InvalidRequestError
 from src.web.errors import HTTPProblem, error_response
+from src.web.protocols import route_path
 
 OPEN_PATHS = frozenset({"/health"})  # the only path answered without the key
 # Paths a person opens in a browser: their 401 asks the browser for a password (the key).
@@ -70,7 +72,7 @@ def unauthorized(path: str):
     challenge = 'Basic realm="Mini-Claude", charset="UTF-8"' if browser else "Bearer"
     message = API_KEY_HELP + (BROWSER_HELP if browser else "")
     return error_response(
-        401, message, "authentication_error", headers={"WWW-Authenticate": challenge}
+        401, message, "authentication_error", headers={"WWW-Authenticate": challenge}, path=path
     )
 
 
@@ -95,14 +97,6 @@ class APIKeyGuard:
             await send({"type": "websocket.close", "code": 1008})  # policy violation
         else:
             await unauthorized(path)(scope, receive, send)
-
-
-def route_path(scope: Scope) -> str:
-    """The path the app routes on (without a deployment's root_path)."""
-    path, root = scope.get("path", "/"), scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root) :] or "/"
-    return path
 
 
 # ---- concurrent replies per client -----------------------------------------------------------
@@ -205,6 +199,16 @@ class SlotStreamingResponse(StreamingResponse):
 
 
 # ---- request limits ------------------------------------------------------------------------
+
+
+def check_history_length(count: int, limit: int) -> None:
+    """400 for a conversation of more messages than MAX_HISTORY_MESSAGES."""
+    if count > limit:
+        raise InvalidRequestError(
+            f"messages: {count} messages is over the limit of {limit} (MAX_HISTORY_MESSAGES); "
+            "send fewer earlier turns",
+            "messages",
+        )
 
 
 def check_chars(field: str, text: str | None, limit: int, param: str | None = None) -> None:

@@ -127,9 +127,26 @@ def session_id(live, http) -> str:
     return new_session(live, http)
 
 
-def check_error_body(response) -> None:
-    """A 4xx names the problem, in the one error shape of the API."""
+ANTHROPIC_ERROR_TYPES = {
+    "invalid_request_error",
+    "authentication_error",
+    "permission_error",
+    "not_found_error",
+    "request_too_large",
+    "rate_limit_error",
+    "timeout_error",
+}
+
+
+def check_error_body(response, path: str) -> None:
+    """A 4xx names the problem, in the error shape of the protocol the path speaks."""
     body = response.json()
+    if path.startswith("/v1/messages"):  # Anthropic's shape: no param, the field leads
+        assert set(body) == {"type", "error"} and body["type"] == "error", body
+        error = body["error"]
+        assert set(error) == {"type", "message"} and error["type"] in ANTHROPIC_ERROR_TYPES, body
+        assert isinstance(error["message"], str) and error["message"].strip(), error
+        return
     assert set(body) == {"error"}, body
     error = body["error"]
     assert set(error) == {"message", "type", "param"}, error
@@ -147,7 +164,11 @@ def check_stream(label: str, response) -> None:
     events = parse_sse(response.text)  # requests has read the whole stream
     assert events, "empty stream"
     assert all(event != "error" and not data.startswith('{"error"') for event, data in events)
-    if label == "POST /chat/stream":
+    if label.startswith("POST /v1/messages"):
+        kinds = [json.loads(data)["type"] for _, data in events]
+        assert kinds[0] == "message_start" and kinds[-1] == "message_stop", kinds
+        assert [event for event, _ in events] == kinds  # each event named as its data says
+    elif label == "POST /chat/stream":
         assert events[-1][0] == "done", events
         ChatResponse.model_validate_json(events[-1][1])
     else:
@@ -173,7 +194,7 @@ def check_response(label: str, case, response) -> None:
     case.validate_response(response, checks=CHECKS)
     status = response.status_code
     if 400 <= status < 500:
-        check_error_body(response)
+        check_error_body(response, label.split(" ", 1)[1])
     elif status == 200 and "text/event-stream" in response.headers.get("content-type", [""])[0]:
         check_stream(label, response)
 
@@ -373,7 +394,7 @@ def post_raw(live, http, path: str, body: bytes, content_type: str, name: str) -
     try:
         assert response.status_code < 500, response.text
         if response.status_code >= 400:
-            check_error_body(response)
+            check_error_body(response, path)
         elif "text/event-stream" in response.headers["content-type"]:
             check_stream(f"POST {path}", response)
     except AssertionError as exc:

@@ -118,6 +118,20 @@ def assert_error(response: httpx.Response, status: int, error_type: str | None =
     return error
 
 
+def assert_protocol_error(
+    response: httpx.Response, status: int, path: str, error_type: str
+) -> None:
+    """An error in the shape of the protocol ``path`` speaks (Anthropic's under /v1/messages,
+    the OpenAI shape elsewhere)."""
+    if path.startswith("/v1/messages"):
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert body["type"] == "error" and body["error"]["type"] == error_type, body
+        assert body["error"]["message"]
+    else:
+        assert_error(response, status, error_type)
+
+
 # ---- API key -----------------------------------------------------------------------------
 
 
@@ -166,6 +180,8 @@ BODIES = {
     "/chat": {"message": "hi"},
     "/chat/stream": {"message": "hi"},
     "/v1/chat/completions": {"messages": [USER]},
+    "/v1/messages": {"model": "any", "max_tokens": 4, "messages": [USER]},
+    "/v1/messages/count_tokens": {"model": "any", "messages": [USER]},
 }
 
 
@@ -189,7 +205,7 @@ def test_every_route_and_the_ui_need_the_key_except_health(tmp_path, tiny_llama_
                         response = http.request(method, url, headers=headers)
                         assert response.status_code == 401, (method, path, headers)
                         if method != "HEAD":
-                            assert_error(response, 401, "authentication_error")
+                            assert_protocol_error(response, 401, path, "authentication_error")
                         assert response.headers["www-authenticate"]
                     for headers in RIGHT_CREDENTIALS:
                         body = BODIES.get(path)
@@ -206,6 +222,8 @@ def test_every_route_and_the_ui_need_the_key_except_health(tmp_path, tiny_llama_
                 ("DELETE", "/sessions/{session_id}"),
                 ("GET", "/v1/models"),
                 ("POST", "/v1/chat/completions"),
+                ("POST", "/v1/messages"),
+                ("POST", "/v1/messages/count_tokens"),
                 ("GET", "/openapi.json"),
                 ("GET", "/docs"),
                 ("GET", "/redoc"),

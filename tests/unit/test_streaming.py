@@ -51,7 +51,7 @@ def test_stop_sequence_split_across_pieces_is_never_shown():
     stops = StopSequenceFilter(["\nUser:"])
     shown = [stops.push(piece) for piece in ["Sure", ", here", "\nUs", "er", ": more"]]
     assert "".join(shown) == "Sure, here"
-    assert stops.stopped
+    assert stops.stopped and stops.matched == "\nUser:"
     assert stops.push("anything") == "" and stops.flush() == ""
 
 
@@ -72,3 +72,4 @@ def test_stop_filter_releases_held_text_at_the_end():
 def test_earliest_of_several_stop_sequences_wins():
     stops = StopSequenceFilter(["END", "\n\n"])
     assert stops.push("one\n\ntwo END") == "one"
+    assert stops.matched == "\n\n"  # which one ended it (Anthropic's stop_sequence)
