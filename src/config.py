@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     debug: bool = False
     api_key: SecretStr | None = None  # when set, every route but /health needs it
     cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser
+    # Observability (README "Operating"): /metrics without the key (for a scraper on a private
+    # network), and the request log's format (one line per request: text, or JSON).
+    metrics_public: bool = False
+    log_format: Literal["text", "json"] = "text"
     data_dir: Path = Path("./data")  # the sessions database lives here
     max_body_bytes: int = Field(1_000_000, ge=1_000, le=100_000_000)
     # Connections (src/web/server.py, served by `python -m src.web`): the request line and
@@ -130,7 +134,7 @@ class Settings(BaseSettings):
     memory_release_seconds: float = Field(5.0, ge=0.0, le=3600.0)
     # Keys and values all decoding batches may hold (the base model's and each adapter's,
     # rows grown to their longest reply); a request that does not fit waits for rows to end.
-    kv_cache_mb: int = Field(192, ge=1, le=1_000_000)
+    kv_cache_mb: int = Field(160, ge=1, le=1_000_000)
     # Prompt tokens (padding included) prefilled together in one pass; one prompt may be longer.
     max_prefill_tokens: int = Field(2048, ge=16, le=1_000_000)
     # While other replies decode, a longer prompt is prefilled this many tokens at a time,
@@ -142,7 +146,7 @@ class Settings(BaseSettings):
     # LoRA adapters kept loaded (each adds its LoRA matrices; the base weights are shared);
     # the least recently used idle one is closed to make room.
     max_loaded_adapters: int = Field(2, ge=1, le=64)
-    prefix_cache_mb: int = Field(48, ge=0, le=1_000_000)  # reused keys/values; 0 disables
+    prefix_cache_mb: int = Field(32, ge=0, le=1_000_000)  # reused keys/values; 0 disables
     # On SIGTERM, replies in flight may finish for this long before they are interrupted;
     # under `docker stop` (SIGKILL 10 s after SIGTERM) the interruption still gets out.
     shutdown_grace_seconds: float = Field(8.0, ge=0.0, le=3600.0)

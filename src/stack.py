@@ -105,11 +105,14 @@ def build_chat_stack(
 
     # Adapters picked by name go on the base model's weights where its engine allows.
     shared_base = service.backend.loaded if isinstance(service.backend, LocalBackend) else None
+
+    def adapter_service(adapter: Path) -> ChatService:
+        loaded = service_for(adapter, shared_base=shared_base)
+        loaded.result_observers = service.result_observers  # one list: metrics see every reply
+        return loaded
+
     adapters = AdapterPool(
-        service,
-        settings.adapters_dir,
-        partial(service_for, shared_base=shared_base),
-        settings.max_loaded_adapters,
+        service, settings.adapters_dir, adapter_service, settings.max_loaded_adapters
     )
     return ChatStack(service, adapters, store)
 

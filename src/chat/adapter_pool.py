@@ -46,6 +46,7 @@ class AdapterPool:
         self._services: OrderedDict[str, ChatService] = OrderedDict()
         self._handed_out: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.loads = 0
         self.evictions = 0
 
     @property
@@ -83,6 +84,7 @@ class AdapterPool:
             if adapter not in self._services:
                 self._make_room()
                 self._services[adapter] = self._load(path)
+                self.loads += 1
             self._services.move_to_end(adapter)
             self._handed_out[adapter] = time.monotonic()
             return self._services[adapter]

@@ -238,6 +238,8 @@ class ReplyStream:
             stop_sequence=reply.stop_sequence,
             **(extras or {}),
         )
+        for observe in self.service.result_observers:
+            observe(self.result)
 
 
 def _dropped(cancelled: threading.Event, release_session: Callable[[], None]) -> None:
@@ -297,6 +299,9 @@ class ChatService:
         self.default_params = default_params or GenerationParams()
         self.default_system_prompt = default_system_prompt
         self.cache = ResponseCache(cache_size)
+        # Called with each finished reply's result (the server's metrics); an adapter's
+        # service shares its base service's list.
+        self.result_observers: list[Callable[[ChatResult], None]] = []
         # Replies started and not ended (for shutdown, and so an adapter in use is not closed);
         # weak, so a stream dropped without being iterated does not count for ever.
         self._streams: weakref.WeakSet[ReplyStream] = weakref.WeakSet()

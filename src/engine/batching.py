@@ -30,7 +30,7 @@ import logging
 import queue
 import threading
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -193,6 +193,7 @@ class BatchingEngine:
         self._eos_tensor = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long)
         self._kv_per_token = kv_bytes_per_token(model) if kv_budget is not None else 0
         self._deferred: deque[_Request] = deque()  # taken from the queue, waiting for room
+        self.batch_sizes: Counter[int] = Counter()  # decoding steps by their number of rows
         self._waiting: queue.Queue[Any] = queue.Queue()
         self._requests: dict[int, _Request] = {}  # admitted, not finished: failed on a crash
         self._closed = False
@@ -247,13 +248,17 @@ class BatchingEngine:
         waiting for a row has no room for them (``max_waiting``): a full queue answers at once
         instead of piling up work that clients would give up on."""
         with self._group:
-            waiting = self._waiting.qsize() + len(self._deferred)
+            waiting = self.waiting_requests()
             if self.max_waiting is not None and waiting + requests > self.max_waiting:
                 raise ServerBusyError(
                     f"the server is busy: {waiting} requests are waiting for the model "
                     f"(MAX_QUEUED_REQUESTS is {self.max_waiting}); try again shortly"
                 )
             yield
+
+    def waiting_requests(self) -> int:
+        """Requests queued or deferred, not yet admitted to a batch."""
+        return self._waiting.qsize() + len(self._deferred)
 
     def _next_item(self, request: _Request, timeout: float | None = None) -> object:
         """The request's next token (or end marker, or error). Without a scheduler thread,
@@ -599,6 +604,7 @@ class BatchingEngine:
         )
         self.stats.steps += 1
         self.stats.rows_decoded += len(batch.requests)
+        self.batch_sizes[len(batch.requests)] += 1
         batch.cache = output.cache
         batch.attention_mask = attention_mask
         batch.positions = batch.positions + 1
@@ -637,6 +643,7 @@ class BatchingEngine:
             )
         self.stats.steps += 1
         self.stats.rows_decoded += 1
+        self.batch_sizes[1] += 1
         self.stats.drafted += len(draft)
         batch.cache = output.cache
         for position in range(count):

@@ -52,6 +52,13 @@ class InferenceModel:
     # The same model without its LoRA adapter, on the same weights (scratch engine only):
     # what other adapters are put on. None when the model has no adapter.
     plain: InferenceModel | None = None
+    # Where the weights came from and how they run (what Ollama's /api/tags and /api/show
+    # describe): the model folder, the loader's source ("bundled", "gguf", "local", ...),
+    # QUANTIZE's outcome, and the adapter folder if there is one.
+    folder: Path | None = None
+    source: str = ""
+    quantization: str = "none"
+    adapter: Path | None = None
 
     def without_adapter(self) -> InferenceModel:
         return self.plain or self
@@ -108,6 +115,8 @@ def load_for_inference(
         loaded.model, settings.int4_kernel, Path(settings.model_cache_dir)
     ):
         loaded.description += " (our AVX-512 BF16 int4 kernel)"
+    loaded.folder, loaded.source, loaded.quantization = folder, source, quantization
+    loaded.adapter = Path(adapter) if adapter is not None else None
     if adapter is not None and loaded.engine == "scratch":
         adapted = put_adapter_on(loaded, Path(adapter), requested)
         return adapted or load_for_inference(settings, model_name, adapter_path, "hf")
@@ -141,6 +150,10 @@ def put_adapter_on(base: InferenceModel, adapter: Path, requested: str) -> Infer
         "scratch",
         f"{base.description}, LoRA adapter {adapter.name} on the shared weights",
         plain=base,
+        folder=base.folder,
+        source=base.source,
+        quantization=base.quantization,
+        adapter=adapter,
     )
 
 

@@ -167,3 +167,18 @@ class Message(BaseModel):
 
 class TokenCount(BaseModel):
     input_tokens: int
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Anthropic's error shape (``src/web/errors.py`` writes it)."""
+
+    type: Literal["error"] = "error"
+    error: ErrorDetail
+
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 502, 503)}

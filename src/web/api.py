@@ -25,8 +25,11 @@ from src.stack import ChatStack, build_chat_stack
 from src.web.errors import RequestLimits, install_error_handlers
 from src.web.lazy_ui import UI_PATH, LazyWebUI
 from src.web.lifecycle import GracefulShutdown, ShutdownGate
-from src.web.routes import anthropic, chat, completions, health, openai
-from src.web.security import APIKeyGuard, ClientSlots
+from src.web.metrics import RequestObserver, ServerMetrics, configure_request_log
+from src.web.routes import anthropic, chat, completions, health, ollama, openai
+from src.web.routes import metrics as metrics_route
+from src.web.routes.metrics import METRICS_PATH
+from src.web.security import OPEN_PATHS, APIKeyGuard, ClientSlots
 
 logger = logging.getLogger(__name__)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the UI never calls home
@@ -55,6 +58,7 @@ def create_app(
         def load() -> None:
             try:
                 stack = factory(settings)
+                stack.service.result_observers.append(metrics.observe_reply)
                 app.state.stack = stack
                 app.state.adapters = stack.adapters
                 app.state.service = stack.service
@@ -96,18 +100,25 @@ def create_app(
     app.state.adapters = None  # an AdapterPool once the model is loaded (used by the UI)
     app.state.load_error = None
     app.state.slots = ClientSlots(settings.max_streams_per_client)
+    metrics = app.state.metrics = ServerMetrics()
+    metrics.watch(app.state)
     install_error_handlers(app)
     # Middleware added last runs first: CORS (answers preflights, labels every answer), then
-    # the shutdown gate (counts requests in flight; 503 once shutting down), then the API key
-    # (before any body is read), then the request's limits (header count, body size and time).
+    # the request observer (an id, metrics and a log line for every request, refused ones
+    # too), then the shutdown gate (counts requests in flight; 503 once shutting down), then
+    # the API key (before any body is read), then the request's limits (header count, body
+    # size and time).
     app.add_middleware(
         RequestLimits,
         max_body_bytes=settings.max_body_bytes,
         max_header_count=settings.max_header_count,
         body_timeout_seconds=settings.body_timeout_seconds,
     )
-    app.add_middleware(APIKeyGuard, api_key=settings.api_key)
+    open_paths = OPEN_PATHS | ({METRICS_PATH} if settings.metrics_public else set())
+    app.add_middleware(APIKeyGuard, api_key=settings.api_key, open_paths=frozenset(open_paths))
     app.add_middleware(ShutdownGate, shutdown=shutdown)
+    app.add_middleware(RequestObserver, metrics=metrics)
+    configure_request_log(settings.log_format)
     if settings.cors_origin_list:
         app.add_middleware(
             CORSMiddleware,
@@ -116,10 +127,12 @@ def create_app(
             allow_headers=["Authorization", "Content-Type", "X-API-Key"],
         )
     app.include_router(health.router)
+    app.include_router(metrics_route.router)
     app.include_router(chat.router)
     app.include_router(openai.router)
     app.include_router(completions.router)
     app.include_router(anthropic.router)
+    app.include_router(ollama.router)
     app.state.ui = mount_web_ui(app, settings) if mount_ui else None
     return app
 

@@ -81,9 +81,12 @@ class APIKeyGuard:
     needs the key, whatever route (or mounted app) would answer it. Being middleware, it
     also covers routes added later, the OpenAPI docs and everything under /ui."""
 
-    def __init__(self, app: ASGIApp, api_key: SecretStr | None) -> None:
+    def __init__(
+        self, app: ASGIApp, api_key: SecretStr | None, open_paths: frozenset[str] = OPEN_PATHS
+    ) -> None:
         self.app = app
         self.api_key = api_key
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.api_key is None or scope["type"] not in ("http", "websocket"):
@@ -91,7 +94,7 @@ class APIKeyGuard:
             return
         path = route_path(scope)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if path in OPEN_PATHS or key_accepted(headers, self.api_key):
+        if path in self.open_paths or key_accepted(headers, self.api_key):
             await self.app(scope, receive, send)
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})  # policy violation

@@ -12,6 +12,7 @@ the reply is abandoned: generation stops after the current token and nothing is 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import AsyncIterator
 
@@ -61,7 +62,9 @@ async def deltas_of(stream: ReplyStream) -> AsyncIterator[Delta]:
             iterator.close()
             hand_over(end)
 
-    threading.Thread(target=produce, name="reply-stream", daemon=True).start()
+    # In the request's context, so that the reply's end is counted for its request's log line.
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(produce,), name="reply-stream", daemon=True).start()
     ended = False
     try:
         while not ended:

@@ -141,6 +141,10 @@ ANTHROPIC_ERROR_TYPES = {
 def check_error_body(response, path: str) -> None:
     """A 4xx names the problem, in the error shape of the protocol the path speaks."""
     body = response.json()
+    if path.startswith("/api/"):  # Ollama's shape: the message alone
+        assert set(body) == {"error"} and isinstance(body["error"], str), body
+        assert body["error"].strip(), body
+        return
     if path.startswith("/v1/messages"):  # Anthropic's shape: no param, the field leads
         assert set(body) == {"type", "error"} and body["type"] == "error", body
         error = body["error"]

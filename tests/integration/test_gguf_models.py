@@ -233,6 +233,7 @@ def test_rope_factors_that_are_not_llama3s_are_refused(tmp_path):
         load_for_inference(settings_for(path))
 
 
+@pytest.mark.slow  # a process of its own (~12 s); GGUF loading is tested in process above
 def test_the_inspection_script_reads_a_gguf_file(gguf_files, tmp_path):
     path = gguf_files["gemma2"]
     result = run_python(

@@ -122,8 +122,11 @@ def assert_protocol_error(
     response: httpx.Response, status: int, path: str, error_type: str
 ) -> None:
     """An error in the shape of the protocol ``path`` speaks (Anthropic's under /v1/messages,
-    the OpenAI shape elsewhere)."""
-    if path.startswith("/v1/messages"):
+    Ollama's under /api, the OpenAI shape elsewhere)."""
+    if path.startswith("/api/"):
+        assert response.status_code == status, response.text
+        assert set(response.json()) == {"error"} and response.json()["error"], response.text
+    elif path.startswith("/v1/messages"):
         assert response.status_code == status, response.text
         body = response.json()
         assert body["type"] == "error" and body["error"]["type"] == error_type, body
@@ -182,6 +185,9 @@ BODIES = {
     "/v1/chat/completions": {"messages": [USER]},
     "/v1/messages": {"model": "any", "max_tokens": 4, "messages": [USER]},
     "/v1/messages/count_tokens": {"model": "any", "messages": [USER]},
+    "/api/chat": {"model": "SERVED", "messages": [USER], "stream": False},
+    "/api/generate": {"model": "SERVED", "prompt": "Hi", "stream": False},
+    "/api/show": {"model": "SERVED"},  # Ollama's routes name the model
 }
 
 
@@ -209,6 +215,8 @@ def test_every_route_and_the_ui_need_the_key_except_health(tmp_path, tiny_llama_
                         assert response.headers["www-authenticate"]
                     for headers in RIGHT_CREDENTIALS:
                         body = BODIES.get(path)
+                        if body is not None and body.get("model") == "SERVED":
+                            body = {**body, "model": app.state.service.model_name}
                         response = http.request(method, url, json=body, headers=headers)
                         assert response.status_code != 401, (method, path, headers)
                         if body is not None:  # a real request: answered
@@ -224,6 +232,12 @@ def test_every_route_and_the_ui_need_the_key_except_health(tmp_path, tiny_llama_
                 ("POST", "/v1/chat/completions"),
                 ("POST", "/v1/messages"),
                 ("POST", "/v1/messages/count_tokens"),
+                ("POST", "/api/chat"),
+                ("POST", "/api/generate"),
+                ("GET", "/api/tags"),
+                ("POST", "/api/show"),
+                ("GET", "/api/ps"),
+                ("GET", "/api/version"),
                 ("GET", "/openapi.json"),
                 ("GET", "/docs"),
                 ("GET", "/redoc"),

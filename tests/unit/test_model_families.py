@@ -66,7 +66,19 @@ def test_each_family_batches_as_alone(tiny_family_paths, kind):
     engine.close()
 
 
-@pytest.mark.parametrize("kind", sorted(TINY_FAMILIES))
+# Each run of the script is a process that imports torch and transformers (about 7 s here);
+# the families' parity itself is checked in process by tests/unit/test_transformer.py, so
+# two families run in every suite and the rest with the slow tests.
+INSPECTED_EVERY_RUN = {"llama3", "qwen2-window"}
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        kind if kind in INSPECTED_EVERY_RUN else pytest.param(kind, marks=pytest.mark.slow)
+        for kind in sorted(TINY_FAMILIES)
+    ],
+)
 def test_the_inspection_script_reports_parity(tiny_family_paths, kind, tmp_path):
     result = run_python(
         [

@@ -12,7 +12,13 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from src.web.anthropic_schemas import CountTokensRequest, Message, MessagesRequest, TokenCount
+from src.web.anthropic_schemas import (
+    ERRORS,
+    CountTokensRequest,
+    Message,
+    MessagesRequest,
+    TokenCount,
+)
 from src.web.anthropic_translate import (
     MessageEvents,
     anthropic_conversation,
@@ -23,7 +29,6 @@ from src.web.anthropic_translate import (
 from src.web.deps import ServiceDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import sse_event, stream_error
 from src.web.openai_schemas import STREAMED
-from src.web.routes.chat import ERRORS
 from src.web.security import SlotStreamingResponse, client_id
 from src.web.streaming import complete_unless_gone, deltas_of
 
