@@ -14,18 +14,21 @@ import base64
 import binascii
 import hmac
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import SecretStr
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from src.errors import InvalidRequestError
 from src.web.errors import HTTPProblem, error_response
 from src.web.protocols import route_path
+
+T = TypeVar("T")
 
 OPEN_PATHS = frozenset({"/health"})  # the only path answered without the key
 # Paths a person opens in a browser: their 401 asks the browser for a password (the key).
@@ -171,6 +174,19 @@ class Slot:
                 return
             self._released = True
         self._slots._release(self._client)
+
+
+async def start_in_slot(
+    slots: ClientSlots, request: Request, start: Callable[..., T], *args: Any
+) -> tuple[T, Slot]:
+    """Take the client's slot (429 when it has none left), then ``start(*args)`` in a worker
+    thread (starting replies builds their prompts); the slot goes back if they cannot start."""
+    slot = slots.acquire(client_id(request))
+    try:
+        return await run_in_threadpool(start, *args), slot
+    except BaseException:
+        slot.release()
+        raise
 
 
 class SlotStreamingResponse(StreamingResponse):

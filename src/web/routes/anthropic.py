@@ -29,7 +29,7 @@ from src.web.anthropic_translate import (
 from src.web.deps import ServiceDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import sse_event, stream_error
 from src.web.openai_schemas import STREAMED
-from src.web.security import SlotStreamingResponse, client_id
+from src.web.security import SlotStreamingResponse, start_in_slot
 from src.web.streaming import complete_unless_gone, deltas_of
 
 router = APIRouter(
@@ -53,14 +53,9 @@ async def create_message(
     conversation = anthropic_conversation(body, settings)
     tools = anthropic_tools(body)
     params = anthropic_params(body, service.default_params, settings.max_length)
-    slot = slots.acquire(client_id(request))
-    try:
-        (stream,) = await run_in_threadpool(
-            service.start_replies, conversation, None, params, 1, tools
-        )
-    except BaseException:
-        slot.release()
-        raise
+    (stream,), slot = await start_in_slot(
+        slots, request, service.start_replies, conversation, None, params, 1, tools
+    )
     message_id = f"msg_{uuid.uuid4().hex}"
     if not body.stream:
         try:

@@ -12,7 +12,7 @@ from src.web.deps import AdapterPoolDep, ServiceDep, SettingsDep, SlotsDep, requ
 from src.web.errors import HTTPProblem, sse_event, stream_error
 from src.web.openai_translate import token_logprob
 from src.web.schemas import ChatRequest, ChatResponse, ErrorResponse, SessionResponse
-from src.web.security import SlotStreamingResponse, check_chars, client_id
+from src.web.security import SlotStreamingResponse, check_chars, client_id, start_in_slot
 from src.web.streaming import complete_unless_gone, deltas_of
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 502, 503)}
@@ -106,12 +106,9 @@ async def chat_stream(
     event with the full ChatResponse. A client that disconnects stops the generation."""
     service = await run_in_threadpool(pool.get, body.adapter)  # may load it the first time
     params, conversation = prepare(body, service, settings)
-    slot = slots.acquire(client_id(request))
-    try:
-        stream = await run_in_threadpool(service.start_reply, conversation, body.message, params)
-    except BaseException:
-        slot.release()
-        raise
+    stream, slot = await start_in_slot(
+        slots, request, service.start_reply, conversation, body.message, params
+    )
 
     async def events():
         try:

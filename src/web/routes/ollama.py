@@ -19,8 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from src.chat.conversation import Conversation
-from src.chat.service import ChatService, ReplyStream
-from src.params import GenerationParams
+from src.chat.service import ReplyStream
 from src.web.deps import AdapterPoolDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import stream_error
 from src.web.ollama_models import (
@@ -50,7 +49,7 @@ from src.web.ollama_translate import (
     ollama_tools,
     tool_calls_out,
 )
-from src.web.security import SlotStreamingResponse, client_id
+from src.web.security import SlotStreamingResponse, start_in_slot
 from src.web.streaming import complete_unless_gone, deltas_of
 
 # The Ollama release whose API these routes follow (clients check it for features).
@@ -77,7 +76,9 @@ async def chat(
     conversation = ollama_conversation(body, settings)
     params = ollama_params(body, service.default_params, settings.max_length)
     tools = ollama_tools(body)
-    stream, slot = await start(service, conversation, params, tools, request, slots)
+    (stream,), slot = await start_in_slot(
+        slots, request, service.start_replies, conversation, None, params, 1, tools
+    )
 
     def scores(tokens) -> dict[str, Any]:
         if not params.logprobs:
@@ -122,17 +123,13 @@ async def generate(
     service = await run_in_threadpool(pool.get, model.adapter)
     params = ollama_params(body, service.default_params, settings.max_length)
     if body.raw:  # the prompt as it is, no chat template (as legacy completions)
-        slot = slots.acquire(client_id(request))
-        try:
-            (stream,) = await run_in_threadpool(service.start_completions, [body.prompt], params)
-        except BaseException:
-            slot.release()
-            raise
+        start, args = service.start_completions, ([body.prompt], params)
     else:
         conversation = Conversation(
             system_prompt=body.system, messages=[{"role": "user", "content": body.prompt}]
         )
-        stream, slot = await start(service, conversation, params, None, request, slots)
+        start, args = service.start_replies, (conversation, None, params, 1, None)
+    (stream,), slot = await start_in_slot(slots, request, start, *args)
 
     def scores(tokens) -> dict[str, Any]:
         if not params.logprobs:
@@ -231,25 +228,6 @@ def version() -> dict[str, str]:
 
 
 # ---- one reply, whole or streamed ------------------------------------------------------------
-
-
-async def start(
-    service: ChatService,
-    conversation: Conversation,
-    params: GenerationParams,
-    tools,
-    request: Request,
-    slots,
-) -> tuple[ReplyStream, Any]:
-    slot = slots.acquire(client_id(request))
-    try:
-        (stream,) = await run_in_threadpool(
-            service.start_replies, conversation, None, params, 1, tools
-        )
-    except BaseException:
-        slot.release()
-        raise
-    return stream, slot
 
 
 async def whole(stream: ReplyStream, slot, request: Request, final) -> JSONResponse:

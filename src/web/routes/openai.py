@@ -8,7 +8,6 @@ import time
 import uuid
 
 from fastapi import APIRouter, Depends, Request
-from starlette.concurrency import run_in_threadpool
 
 from src.chat.service import ChatResult
 from src.web.deps import ServiceDep, SettingsDep, SlotsDep, require_api_key
@@ -37,7 +36,7 @@ from src.web.openai_translate import (
     usage_of,
 )
 from src.web.routes.chat import ERRORS
-from src.web.security import SlotStreamingResponse, client_id
+from src.web.security import SlotStreamingResponse, start_in_slot
 from src.web.streaming import complete_unless_gone, merged_deltas
 
 router = APIRouter(
@@ -64,14 +63,9 @@ async def chat_completions(
     conversation = openai_conversation(body.messages, settings)
     tools = openai_tools(body)
     params = openai_params(body, service.default_params, settings.max_length)
-    slot = slots.acquire(client_id(request))
-    try:
-        streams = await run_in_threadpool(
-            service.start_replies, conversation, None, params, body.n, tools
-        )
-    except BaseException:
-        slot.release()
-        raise
+    streams, slot = await start_in_slot(
+        slots, request, service.start_replies, conversation, None, params, body.n, tools
+    )
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     legacy = bool(body.functions)
