@@ -14,31 +14,13 @@ from anthropic import Anthropic
 from src.web.api import create_app
 from tests.conftest import bundled_settings
 from tests.live_server import LiveServer
+from tests.tool_schemas import CITY_SCHEMA, TIME_TOOL, WEATHER_TOOL, anthropic_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 MODEL = "any-name"  # echoed: the server has one model
-WEATHER = {
-    "name": "get_weather",
-    "description": "The current weather in a city",
-    "input_schema": {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 30},
-            "unit": {"enum": ["celsius", "fahrenheit"]},
-        },
-        "required": ["city"],
-    },
-}
-TIME = {
-    "name": "get_time",
-    "description": "The time now in a timezone",
-    "input_schema": {
-        "type": "object",
-        "properties": {"timezone": {"type": "string", "maxLength": 30}},
-        "required": ["timezone"],
-    },
-}
+WEATHER = anthropic_tool(WEATHER_TOOL)
+TIME = anthropic_tool(TIME_TOOL)
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 # The server samples greedily by default here (DO_SAMPLE=false): today's SDK sends no
@@ -150,15 +132,7 @@ def test_sampling_settings_of_older_clients_are_honoured(client):
 
 
 def test_output_config_format_gives_json_that_validates(client):
-    schema = {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 20},
-            "population": {"type": "integer"},
-        },
-        "required": ["city", "population"],
-        "additionalProperties": False,
-    }
+    schema = CITY_SCHEMA
     for ask in (
         {"output_config": {"format": {"type": "json_schema", "schema": schema}}},
         {"extra_body": {"output_format": {"type": "json_schema", "schema": schema}}},

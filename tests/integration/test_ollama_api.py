@@ -13,6 +13,7 @@ from ollama import Client, ResponseError
 from src.web.api import create_app
 from tests.conftest import bundled_settings
 from tests.live_server import LiveServer
+from tests.tool_schemas import CITY_SCHEMA, WEATHER_TOOL, openai_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -20,18 +21,7 @@ BASE = "smollm2-135m-instruct"
 ADAPTER = "random-lora"
 GREEDY = {"temperature": 0, "num_predict": 30}
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 30}},
-            "required": ["city"],
-        },
-    },
-}
+WEATHER = openai_tool(WEATHER_TOOL)
 
 
 @pytest.fixture(scope="module")
@@ -152,15 +142,7 @@ def test_format_json_and_a_schema(client):
         model=BASE, messages=ask, format="json", options={**GREEDY, "num_predict": 150}
     )
     assert isinstance(json.loads(plain.message.content), dict)
-    schema = {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 20},
-            "population": {"type": "integer"},
-        },
-        "required": ["city", "population"],
-        "additionalProperties": False,
-    }
+    schema = CITY_SCHEMA
     shaped = client.generate(
         model=BASE,
         prompt="Describe Paris as JSON.",

@@ -17,37 +17,13 @@ from openai import OpenAI
 from src.web.api import create_app
 from tests.conftest import bundled_settings
 from tests.live_server import LiveServer
+from tests.tool_schemas import TIME_TOOL, WEATHER_TOOL, openai_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 MODEL = "any-name"  # echoed: the server has one model
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 30},
-                "unit": {"enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city"],
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "description": "The time now in a timezone",
-        "parameters": {
-            "type": "object",
-            "properties": {"timezone": {"type": "string", "maxLength": 30}},
-            "required": ["timezone"],
-        },
-    },
-}
+WEATHER = openai_tool(WEATHER_TOOL)
+TIME = openai_tool(TIME_TOOL)
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
