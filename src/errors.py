@@ -53,6 +53,10 @@ class EngineClosedError(ServerShuttingDownError):
     """The decode engine was closed (the server is shutting down) before a reply ended."""
 
 
+class SessionNotFoundError(InvalidRequestError):
+    """No stored session has this id (the API answers 404)."""
+
+
 class ContextOverflowError(InvalidRequestError):
     """The prompt cannot fit the context window even after dropping all earlier turns."""
 

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     try:
-        return chat_loop(stack.service, args, interactive, schema)
+        return chat_loop(stack.service, args, interactive, schema, settings.sessions_db)
     finally:
         stack.close()
 
@@ -110,9 +110,12 @@ def chat_loop(
     args: argparse.Namespace,
     interactive: bool,
     json_schema: dict | None = None,
+    feedback_db: Path | None = None,
 ) -> int:
-    """Read messages and commands until EOF or /quit."""
+    """Read messages and commands until EOF or /quit; /good, /bad and /edit save to
+    ``feedback_db``."""
     from src.cli.commands import ChatSession
+    from src.cli.judging import ReplyJudge
     from src.cli.reader import read_message
 
     params = service.default_params
@@ -120,11 +123,13 @@ def chat_loop(
         name = args.json_schema.stem
         schema_format = {"type": "json_schema", "json_schema": json_schema, "name": name}
         params = params.updated(response_format=schema_format)
+    judge = ReplyJudge(feedback_db) if feedback_db is not None else None
     session = ChatSession(
         service,
         params=params,
         conversation=service.new_conversation(args.system),
         verbose=args.verbose,
+        judge=judge,
     )
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
@@ -151,6 +156,8 @@ def chat_loop(
             session.say("\n(interrupted; the conversation is unchanged)")
         except Exception as exc:  # a bug must not throw away the user's conversation
             session.say(f"Error: {type(exc).__name__}: {exc} (the conversation is kept)")
+    if judge is not None:
+        judge.close()
     return 0
 
 

@@ -170,6 +170,7 @@ def build_service(
         store=store,
         max_message_chars=settings.max_message_chars,
         max_reply_tokens=settings.max_length,
+        adapter_name=adapter_path.name if adapter_path is not None else None,
     )
 
 

@@ -7,16 +7,15 @@ truncated file gives an error naming the file and the problem instead of a broke
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from src.chat.prompts import Message
 from src.errors import ConversationFileError
+from src.files import write_text_atomically
 
 FILE_FORMAT_VERSION = 1
 
@@ -101,17 +100,7 @@ def save_conversation_file(path: Path, conversation: Conversation, params: dict)
     path = Path(path)
     payload = {"version": FILE_FORMAT_VERSION, **conversation.to_dict(), "params": params}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, then renamed)
-            "w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp"
-        )
-        try:
-            with handle:
-                json.dump(payload, handle, ensure_ascii=False, indent=2)
-            os.replace(handle.name, path)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
+        write_text_atomically(path, json.dumps(payload, ensure_ascii=False, indent=2))
     except OSError as exc:
         raise ConversationFileError(f"Could not save {path}: {exc.strerror or exc}") from None
     except UnicodeEncodeError as exc:  # a lone surrogate cannot be written as UTF-8

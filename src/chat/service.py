@@ -23,11 +23,12 @@ from typing import Any
 from src.chat.cache import CachedReply, ResponseCache, cache_key
 from src.chat.conversation import Conversation
 from src.chat.deltas import Delta, TokenInfo
+from src.chat.feedback import FeedbackStore, Generation
 from src.chat.local import LocalBackend
 from src.chat.remote import RemoteBackend
-from src.chat.store import SessionStore
+from src.chat.store import SessionStore, check_reply_index
 from src.chat.tools import ToolCall, ToolSet
-from src.errors import InvalidRequestError, ServerShuttingDownError
+from src.errors import InvalidRequestError, ServerShuttingDownError, SessionNotFoundError
 from src.params import MAX_NEW_TOKENS, GenerationParams, check_reply_length
 
 
@@ -91,6 +92,10 @@ class ReplyStream:
         # or not). A stream dropped without being iterated stops its generation and gives the
         # session back when collected.
         self._release_session = release_session or (lambda: None)
+        # Set by ``ChatService.start_candidate``: (session id, message index) this reply is
+        # another candidate for, and the id of its record once it has ended.
+        self.candidate_for: tuple[str, int] | None = None
+        self.candidate_id: int | None = None
         weakref.finalize(self, _dropped, self._cancelled, self._release_session)
         self._key = service.cache_key(prompt, params) if cacheable else None
         self._cached = service.cache.get(self._key) if self._key is not None else None
@@ -108,6 +113,11 @@ class ReplyStream:
         if self._cached is not None:
             return self._cached.prompt_tokens
         return self.service.backend.prompt_tokens(self.prompt)
+
+    @property
+    def generation(self) -> Generation:
+        """How this reply is made (recorded with it, so that feedback on it is reproducible)."""
+        return self.service.generation(self.params)
 
     def cancel(self) -> None:
         """Stop after the current token; the partial reply is kept."""
@@ -222,9 +232,21 @@ class ReplyStream:
         if conversation is not None and self.user_message is not None:
             conversation.add_exchange(self.user_message, reply.text)
             if conversation.persistent and self.service.store is not None:
-                self.service.store.append_exchange(conversation, self.user_message, reply.text)
+                record = self.service.feedback.recorder(
+                    conversation.id, conversation.system_prompt, self.generation
+                )
+                self.service.store.append_exchange(
+                    conversation, self.user_message, reply.text, also=record
+                )
         elif conversation is not None:  # the input was already in the conversation
             conversation.messages.append(assistant_message(reply.text, tool_calls))
+        if self.candidate_for is not None:
+            session_id, index = self.candidate_for
+            context = conversation.messages[:-1]  # what it answered: up to the user's turn
+            record = self.service.feedback.add_candidate(
+                session_id, index, reply.text, self.generation, conversation.system_prompt, context
+            )
+            self.candidate_id = record.id
         seconds = time.perf_counter() - self._started_at
         self.result = ChatResult(
             text=reply.text,
@@ -290,8 +312,10 @@ class ChatService:
         store: SessionStore | None = None,
         max_message_chars: int = 16_000,
         max_reply_tokens: int = MAX_NEW_TOKENS,
+        adapter_name: str | None = None,
     ) -> None:
         self.backend = backend
+        self.adapter_name = adapter_name  # the LoRA adapter on the model, if any
         self.max_reply_tokens = max_reply_tokens  # MAX_LENGTH
         self.max_message_chars = max_message_chars
         self.store = store  # where sessions persist (the API's SQLite file); None in the CLI
@@ -363,6 +387,31 @@ class ChatService:
 
     def delete_session(self, session_id: str) -> bool:
         return self.store.delete(session_id) if self.store is not None else False
+
+    def start_candidate(
+        self, session_id: str, index: int, params: GenerationParams | None = None
+    ) -> ReplyStream:
+        """Another reply to the message a session's reply ``index`` answers, from the same
+        context. The session is unchanged: the reply is recorded as a candidate when it ends
+        (``stream.candidate_id``), to be chosen (or not) with feedback."""
+        session = self.get_session(session_id)
+        if session is None:
+            raise SessionNotFoundError(f"session_id: no session {session_id!r}", "session_id")
+        check_reply_index(session.messages, index)
+        earlier = Conversation(session.system_prompt, session.messages[: index - 1])
+        stream = self.start_reply(earlier, session.messages[index - 1]["content"], params)
+        stream.candidate_for = (session_id, index)
+        return stream
+
+    @property
+    def feedback(self) -> FeedbackStore:
+        """Replies and the judgements of them, in the session store's file."""
+        if self.store is None:
+            raise RuntimeError("this ChatService has no session store")
+        return FeedbackStore.of(self.store)
+
+    def generation(self, params: GenerationParams) -> Generation:
+        return Generation(self.model_name, self.adapter_name, params.model_dump(mode="json"))
 
     def start_reply(
         self,

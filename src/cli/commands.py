@@ -11,6 +11,7 @@ from typing import TextIO
 
 from src.chat.conversation import Conversation, load_conversation_file, save_conversation_file
 from src.chat.service import ChatService
+from src.cli.judging import ReplyJudge
 from src.errors import ConversationFileError, InvalidRequestError, MiniClaudeError
 from src.params import GenerationParams, make_params
 
@@ -23,6 +24,9 @@ HELP = """Commands:
   /set NAME VALUE     change a generation parameter, e.g. /set temperature 0.2
   /set json on|off    replies as JSON objects (a grammar guarantees they parse)
   /params             show the generation parameters
+  /good [COMMENT]     mark the last reply as good (saved for preference tuning)
+  /bad [COMMENT]      mark the last reply as bad
+  /edit TEXT          replace the last reply with a better one (kept as preferred to it)
   /save FILE          save the conversation and parameters as JSON
   /load FILE          load a conversation saved with /save
   /quit               exit (Ctrl-D works too)
@@ -52,8 +56,10 @@ class ChatSession:
         out: TextIO = sys.stdout,
         err: TextIO = sys.stderr,
         verbose: bool = False,
+        judge: ReplyJudge | None = None,
     ) -> None:
         self.service = service
+        self.judge = judge  # /good, /bad, /edit (None: nowhere to save them)
         self.params = params
         self.conversation = conversation
         self.out = out
@@ -83,6 +89,9 @@ class ChatSession:
             "/system": self._system,
             "/set": self._set,
             "/params": lambda _: self.say(self.params.model_dump_json(indent=2)),
+            "/good": lambda comment: self._rate("good", comment),
+            "/bad": lambda comment: self._rate("bad", comment),
+            "/edit": self._edit,
             "/save": self._save,
             "/load": self._load,
             "/quit": lambda _: False,
@@ -121,6 +130,8 @@ class ChatSession:
         result = stream.result
         if result is None:
             return False
+        if self.judge is not None:
+            self.judge.replied(self.conversation, stream.generation)
         if result.finish_reason == "cancelled":
             self.say("(stopped; the partial reply is kept; /undo removes it)")
         if result.dropped_messages:
@@ -137,11 +148,36 @@ class ChatSession:
             )
         return True
 
+    def _rate(self, rating: str, comment: str) -> None:
+        self._judged(rating=rating, comment=comment or None)
+
+    def _edit(self, text: str) -> None:
+        if not text:
+            self.say("Usage: /edit TEXT  (the reply you would have wanted)")
+            return
+        self._judged(edit=text)
+
+    def _judged(self, **judgement: str | None) -> None:
+        if self.judge is None:
+            self.say("(feedback is not saved in this session)")
+            return
+        record = self.judge.judge(self.conversation, **judgement)
+        if record is None:
+            self.say("(no reply to judge yet: feedback is about the last reply the model wrote)")
+        elif record.kind == "edit":
+            self.say("(reply replaced; your edit is saved as preferred to the model's)")
+        else:
+            self.say(f"(saved: {record.rating}; `make export-preferences` exports feedback)")
+
     def _reset(self, _: str) -> None:
+        if self.judge is not None:
+            self.judge.forget()
         self.conversation.messages.clear()
         self.say("(conversation cleared)")
 
     def _undo(self, _: str) -> None:
+        if self.judge is not None:
+            self.judge.forget()
         removed = self.conversation.pop_exchange()
         self.say("(removed the last exchange)" if removed else "(nothing to undo)")
 
@@ -203,4 +239,6 @@ class ChatSession:
             raise ConversationFileError(f"{path}: saved params are invalid: {exc}") from None
         # Replace the session only once everything has been read and checked.
         self.conversation, self.params = conversation, params
+        if self.judge is not None:
+            self.judge.forget()
         self.say(f"(loaded {len(conversation.messages)} messages from {path})")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from src.files import write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +106,7 @@ def measure(folder: Path, examples: list[dict[str, list[int]]]) -> MeasuredChoic
 
 def save_choice(choice: MeasuredChoice, path: Path) -> None:
     """Atomically; a cache that cannot be written only costs the next start a measurement."""
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps(asdict(choice), indent=2), encoding="utf-8")
-        os.replace(temporary, path)
+        write_text_atomically(path, json.dumps(asdict(choice), indent=2))
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
         logger.warning("Notice: could not save the QUANTIZE=auto measurement in %s: %s", path, exc)

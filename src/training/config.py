@@ -14,7 +14,6 @@ also says where each value came from, for the dump printed and saved at the star
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from src.config import Settings, load_settings
 from src.errors import TrainingConfigError
+from src.files import write_text_atomically
 from src.validation import describe_validation_error
 
 # The settings that override training keys: Settings field (the variable is its name in
@@ -143,11 +143,8 @@ class ResolvedConfig:
             *(["# Not from the YAML file:", *others] if others else []),
         ]
         body = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False)
-        temporary = path.with_name(path.name + ".tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text("\n".join(header) + "\n" + body, encoding="utf-8")
-            os.replace(temporary, path)
+            write_text_atomically(path, "\n".join(header) + "\n" + body)
         except OSError as exc:
             raise TrainingConfigError(f"Cannot write {path}: {exc.strerror or exc}") from None
         return path

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from src.files import write_text_atomically
 from src.training import checkpoint as ckpt
 from src.training.config import TrainingConfig
 from src.training.data import TokenizedData, collate
@@ -217,9 +217,7 @@ class LoraTrainer:
             except (ValueError, KeyError, TypeError):
                 pass  # a line cut short by a kill while it was being written
         # Written aside and renamed: a kill now leaves the old log or the new one, whole.
-        temporary = self.metrics_path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(temporary, self.metrics_path)
+        write_text_atomically(self.metrics_path, "".join(line + "\n" for line in kept))
 
     # ---- the loop ------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from src.web.errors import RequestLimits, install_error_handlers
 from src.web.lazy_ui import UI_PATH, LazyWebUI
 from src.web.lifecycle import GracefulShutdown, ShutdownGate
 from src.web.metrics import RequestObserver, ServerMetrics, configure_request_log
-from src.web.routes import anthropic, chat, completions, health, ollama, openai
+from src.web.routes import anthropic, chat, completions, health, ollama, openai, sessions
 from src.web.routes import metrics as metrics_route
 from src.web.routes.metrics import METRICS_PATH
 from src.web.security import OPEN_PATHS, APIKeyGuard, ClientSlots
@@ -129,6 +129,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(metrics_route.router)
     app.include_router(chat.router)
+    app.include_router(sessions.router)
     app.include_router(openai.router)
     app.include_router(completions.router)
     app.include_router(anthropic.router)

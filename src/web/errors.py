@@ -26,6 +26,7 @@ from src.errors import (
     ServerBusyError,
     ServerShuttingDownError,
     SessionBusyError,
+    SessionNotFoundError,
     StorageError,
 )
 from src.web.protocols import Protocol, protocol_of, route_path
@@ -118,6 +119,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             exc.status, exc.message, exc.error_type, exc.param, headers, path_of(request)
         )
+
+    @app.exception_handler(SessionNotFoundError)
+    async def _no_session(request: Request, exc: SessionNotFoundError) -> JSONResponse:
+        return error_response(404, str(exc), "not_found", exc.field, path=path_of(request))
 
     @app.exception_handler(InvalidRequestError)
     async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:

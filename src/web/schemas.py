@@ -58,6 +58,15 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def of(cls, result: ChatResult) -> Usage:
+        total = result.prompt_tokens + result.completion_tokens
+        return cls(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=total,
+        )
+
 
 class Timing(BaseModel):
     seconds: float
@@ -83,11 +92,7 @@ class ChatResponse(BaseModel):
             response=result.text,
             session_id=session_id,
             finish_reason=result.finish_reason,
-            usage=Usage(
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                total_tokens=result.prompt_tokens + result.completion_tokens,
-            ),
+            usage=Usage.of(result),
             timing=Timing(
                 seconds=round(result.seconds, 4),
                 first_token_seconds=result.first_token_seconds,

@@ -13,8 +13,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -114,6 +115,21 @@ def client_id(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def may_list_sessions(client_host: str | None, api_key: SecretStr | None) -> bool:
+    """Whether a client may see the list of stored sessions. With API_KEY set, its holder
+    (every request that got this far) may. On an open server (no key), only a client on this
+    machine may: reached over the network, a session stays reachable only by its id (128
+    random bits), as if it were a password."""
+    if api_key is not None:
+        return True
+    if client_host is None:
+        return False
+    try:
+        return ipaddress.ip_address(client_host).is_loopback
+    except ValueError:
+        return client_host == "localhost"
+
+
 class ClientSlots:
     """At most ``limit`` replies being generated at once for each client; the next one gets
     429. A slot is taken before generation starts and given back when the reply ends, fails,
@@ -199,6 +215,19 @@ class SlotStreamingResponse(StreamingResponse):
         super().__init__(content, **kwargs)
         self.slot = slot
         self.replies = replies
+
+    @classmethod
+    def server_sent(
+        cls, events: AsyncIterator[str], slot: Slot, replies: Sequence[Any]
+    ) -> SlotStreamingResponse:
+        """Server-sent events, as every streaming route but Ollama's sends them."""
+        return cls(
+            events,
+            slot,
+            replies=replies,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def watched_receive() -> Message:

@@ -1,13 +1,17 @@
 """Stateful fuzzing of the session routes over real HTTP: Hypothesis draws sequences of
 operations (start a session, continue it plain or streamed, hang up mid-stream, continue with
-a system prompt, read, delete, send a session's history to the OpenAI route) and checks every
-answer against a model of what the server must hold:
+a system prompt, read, delete, send a session's history to the OpenAI route, judge a reply:
+rate it, edit it, or choose a candidate instead) and checks every answer against a model of
+what the server must hold:
 
 - a completed exchange is stored exactly, in order, once; a hung-up reply stores nothing;
 - a deleted session answers 404 on every route, and stays deleted;
 - a session at MAX_HISTORY_MESSAGES answers 409 ``session_full`` and is not changed;
 - a system prompt sent to an existing session is a 400 that changes nothing;
-- the OpenAI route, which keeps no state, changes no session.
+- the OpenAI route, which keeps no state, changes no session;
+- an edit or a chosen candidate replaces exactly the reply judged; a rating changes no
+  message; a judgement of anything but a reply of a live session is a 400 or a 404; every
+  judgement accepted is listed, and none of a deleted session.
 
 Against a real uvicorn on 127.0.0.1 serving a tiny Llama with the real tokenizer, as in
 test_api_fuzz.py. ``FUZZ_EXAMPLES`` scales the number of sequences.
@@ -81,6 +85,7 @@ class Sessions(RuleBasedStateMachine):
         self.http = httpx.Client(base_url=url, timeout=60)
         self.replies_running = replies_running
         self.expected: dict[str, list[dict] | None] = {}
+        self.judgements: dict[str, int] = {}  # session id -> judgements accepted
 
     def teardown(self) -> None:
         self.http.close()
@@ -194,6 +199,58 @@ class Sessions(RuleBasedStateMachine):
         )
         count("stateful", "openai with a history", response.status_code)
         assert response.status_code == 200, response.text
+
+    def judge(self, session: str, index: int, judgement: dict, name: str) -> dict | None:
+        """POST a judgement of message ``index``; the answer, if it had to be accepted."""
+        body = {"message_index": index, **judgement}
+        response = self.http.post(f"/sessions/{session}/feedback", json=body)
+        count("stateful", name, response.status_code)
+        held = self.expected[session]
+        if held is None:
+            assert response.status_code == 404, response.text
+        elif index >= len(held) or index % 2 == 0:
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == "message_index"
+        else:
+            assert response.status_code == 201, response.text
+            self.judgements[session] = self.judgements.get(session, 0) + 1
+            return response.json()
+        return None
+
+    @rule(session=sessions, index=st.integers(0, HISTORY_LIMIT), good=st.booleans())
+    def rate(self, session: str, index: int, good: bool) -> None:
+        self.judge(session, index, {"rating": "good" if good else "bad"}, "rate")
+
+    @rule(session=sessions, index=st.integers(0, HISTORY_LIMIT), text=TEXT)
+    def edit(self, session: str, index: int, text: str) -> None:
+        answer = self.judge(session, index, {"edit": text}, "edit")
+        if answer is not None:
+            self.expected[session][index] = {"role": "assistant", "content": text}
+
+    @rule(session=sessions, seed=st.integers(0, 2**31))
+    def choose_a_candidate(self, session: str, seed: int) -> None:
+        body = {"do_sample": True, "temperature": 1.5, "seed": seed}
+        response = self.http.post(f"/sessions/{session}/candidates", json=body)
+        count("stateful", "candidate", response.status_code)
+        held = self.expected[session]
+        if held is None:
+            assert response.status_code == 404, response.text
+            return
+        assert response.status_code == 201, response.text
+        candidate = response.json()
+        assert self.http.get(f"/sessions/{session}").json()["messages"] == held  # unchanged
+        judgement = {"chosen_candidate": candidate["candidate_id"]}
+        if self.judge(session, candidate["message_index"], judgement, "choose") is not None:
+            held[candidate["message_index"]]["content"] = candidate["content"]
+
+    @invariant()
+    def judgements_are_listed_until_their_session_is_deleted(self) -> None:
+        for session, accepted in self.judgements.items():
+            response = self.http.get(f"/sessions/{session}/feedback")
+            if self.expected[session] is None:
+                assert response.status_code == 404
+            else:
+                assert len(response.json()["feedback"]) == accepted, session
 
     @invariant()
     def sessions_hold_exactly_their_completed_exchanges(self) -> None:

@@ -226,8 +226,13 @@ def test_every_route_and_the_ui_need_the_key_except_health(tmp_path, tiny_llama_
                 ("GET", "/health"),
                 ("POST", "/chat"),
                 ("POST", "/chat/stream"),
+                ("GET", "/sessions"),
                 ("GET", "/sessions/{session_id}"),
+                ("PATCH", "/sessions/{session_id}"),
                 ("DELETE", "/sessions/{session_id}"),
+                ("POST", "/sessions/{session_id}/feedback"),
+                ("GET", "/sessions/{session_id}/feedback"),
+                ("POST", "/sessions/{session_id}/candidates"),
                 ("GET", "/v1/models"),
                 ("POST", "/v1/chat/completions"),
                 ("POST", "/v1/messages"),
@@ -344,9 +349,16 @@ def test_one_session_id_cannot_read_change_or_delete_another(client):
         assert_error(client.post("/chat/stream", json={"message": "x", "session_id": fake}), 404)
         assert_error(client.delete(f"/sessions/{fake}"), 404)
     assert {sid: client.get(f"/sessions/{sid}").json() for sid in (a, b)} == before
-    # No route lists sessions.
-    assert client.get("/sessions").status_code == 404
-    assert client.get("/sessions/").status_code in (307, 404)
+    # An open server lists its sessions only to clients on its own machine: one reached over
+    # the network (here through a local reverse proxy, which uvicorn trusts) gets 403.
+    assert client.get("/sessions").status_code == 200
+    remote = client.get("/sessions", headers={"X-Forwarded-For": "203.0.113.5"})
+    assert_error(remote, 403, "forbidden")
+    assert "API_KEY" in remote.json()["error"]["message"]
+    assert (
+        client.get(f"/sessions/{a}", headers={"X-Forwarded-For": "203.0.113.5"}).json()
+        == (before[a])
+    )
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 
 # Bottom to top; a module may import its own layer and the layers below it.
 LAYERS = [
-    {"src.errors", "src.validation", "src.params"},  # leaves
+    {"src.errors", "src.validation", "src.params", "src.files"},  # leaves
     {"src.config"},  # settings from .env and the environment
     {"src.models"},  # weights in, logits out
     {"src.engine"},  # the one decode loop: token ids in, token ids out

@@ -394,3 +394,16 @@ async def test_a_streams_slot_is_free_as_soon_as_its_client_disconnects():
     # uvicorn speaks ASGI 2.3: Starlette then listens for the disconnect (as in production)
     await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
     assert seen_in_finally == [0] and slots.active("client") == 0
+
+
+def test_sessions_are_listed_to_the_key_holder_or_on_an_open_server_to_this_machine():
+    from pydantic import SecretStr
+
+    from src.web.security import may_list_sessions
+
+    key = SecretStr("k")
+    assert may_list_sessions("203.0.113.5", key) and may_list_sessions(None, key)
+    for local in ("127.0.0.1", "127.8.0.1", "::1", "localhost"):
+        assert may_list_sessions(local, None), local
+    for remote in ("203.0.113.5", "10.0.0.2", "::ffff:8.8.8.8", "testclient", None):
+        assert not may_list_sessions(remote, None), remote

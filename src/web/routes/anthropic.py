@@ -79,13 +79,7 @@ async def create_message(
         for name, data in translate.finish(stream.result):
             yield sse_event(data, name)
 
-    return SlotStreamingResponse(
-        events(),
-        slot,
-        replies=[stream],
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
+    return SlotStreamingResponse.server_sent(events(), slot, replies=[stream])
 
 
 @router.post("/count_tokens", response_model=TokenCount)

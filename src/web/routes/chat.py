@@ -1,38 +1,23 @@
-"""The native chat API: POST /chat, POST /chat/stream, and the sessions they keep."""
+"""The native chat API: POST /chat and POST /chat/stream (sessions: ``sessions.py``)."""
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from src.chat.conversation import Conversation, is_session_id
+from src.chat.conversation import Conversation
 from src.chat.service import ChatService
 from src.config import Settings
 from src.params import GenerationParams
-from src.web.deps import AdapterPoolDep, ServiceDep, SettingsDep, SlotsDep, require_api_key
+from src.web.deps import AdapterPoolDep, SettingsDep, SlotsDep, require_api_key
 from src.web.errors import HTTPProblem, sse_event, stream_error
 from src.web.openai_translate import token_logprob
-from src.web.schemas import ChatRequest, ChatResponse, ErrorResponse, SessionResponse
+from src.web.routes.sessions import check_session_id, no_session
+from src.web.schemas import ChatRequest, ChatResponse, ErrorResponse
 from src.web.security import SlotStreamingResponse, check_chars, client_id, start_in_slot
 from src.web.streaming import complete_unless_gone, deltas_of
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 502, 503)}
 router = APIRouter(tags=["chat"], dependencies=[Depends(require_api_key)], responses=ERRORS)
-
-
-def check_session_id(session_id: str) -> None:
-    """Ids are 22 URL-safe characters (128 random bits); refuse anything else up front."""
-    if not is_session_id(session_id):
-        raise HTTPProblem(
-            400,
-            "session_id: not a session id (session ids are 22 characters: letters, digits, "
-            "'-' and '_')",
-            "invalid_request_error",
-            "session_id",
-        )
-
-
-def no_session(session_id: str) -> HTTPProblem:
-    return HTTPProblem(404, f"session_id: no session {session_id!r}", "not_found", "session_id")
 
 
 def open_session(service: ChatService, body: ChatRequest, settings: Settings) -> Conversation:
@@ -125,31 +110,4 @@ async def chat_stream(
         done = ChatResponse.from_result(stream.result, conversation.id)
         yield sse_event(done.model_dump(), event="done")
 
-    return SlotStreamingResponse(
-        events(),
-        slot,
-        replies=[stream],
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
-
-
-@router.get("/sessions/{session_id}", response_model=SessionResponse, tags=["sessions"])
-def get_session(session_id: str, service: ServiceDep) -> SessionResponse:
-    check_session_id(session_id)
-    conversation = service.get_session(session_id)
-    if conversation is None:
-        raise no_session(session_id)
-    return SessionResponse(
-        session_id=conversation.id,
-        system_prompt=conversation.system_prompt,
-        messages=conversation.messages,
-    )
-
-
-@router.delete("/sessions/{session_id}", status_code=204, tags=["sessions"])
-def delete_session(session_id: str, service: ServiceDep) -> Response:
-    check_session_id(session_id)
-    if not service.delete_session(session_id):
-        raise no_session(session_id)
-    return Response(status_code=204)
+    return SlotStreamingResponse.server_sent(events(), slot, replies=[stream])

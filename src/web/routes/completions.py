@@ -136,13 +136,7 @@ async def completions(
             yield sse_event({**chunk(0, ""), "choices": [], "usage": usage})
         yield sse_event("[DONE]")
 
-    return SlotStreamingResponse(
-        events(),
-        slot,
-        replies=streams,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
+    return SlotStreamingResponse.server_sent(events(), slot, replies=streams)
 
 
 async def forwarded(

@@ -121,13 +121,7 @@ async def chat_completions(
             yield sse_event({**chunk(0, {}), "choices": [], "usage": usage})
         yield sse_event("[DONE]")
 
-    return SlotStreamingResponse(
-        events(),
-        slot,
-        replies=streams,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
+    return SlotStreamingResponse.server_sent(events(), slot, replies=streams)
 
 
 def _choice(index: int, result: ChatResult, legacy: bool, top: int) -> Choice:
