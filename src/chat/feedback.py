@@ -88,7 +88,9 @@ class FeedbackRecord:
     def kind(self) -> Literal["rating", "edit", "choice"]:
         if self.preferred is None:
             return "rating"
-        return "edit" if self.preferred.origin == "edit" else "choice"
+        if "candidate" in (self.reply.origin, self.preferred.origin):
+            return "choice"
+        return "edit"
 
 
 _made_lock = threading.Lock()
@@ -159,13 +161,21 @@ class FeedbackStore:
         comment: str | None = None,
         edit: str | None = None,
         chosen_candidate: int | None = None,
+        rejected_candidate: int | None = None,
     ) -> FeedbackRecord:
         """Record a judgement of the reply a session shows at ``index``: a rating, an edit
-        (kept as the preferred reply and shown from now on), or one of its candidates chosen
-        instead (shown from now on). Exactly one of the three, with an optional comment."""
-        check_one_judgement(rating, edit, chosen_candidate)
+        (kept as the preferred reply and shown from now on), one of its candidates chosen
+        instead (shown from now on), or the reply kept over a candidate. Exactly one of the
+        four, with an optional comment."""
+        check_one_judgement(rating, edit, chosen_candidate, rejected_candidate)
         with self.store.transaction("save the feedback") as db:
             current = self._current(db, session_id, index)
+            if rejected_candidate is not None:  # the reply shown is preferred to it
+                candidate = self._candidate_of(db, current, rejected_candidate, "rejected")
+                feedback_id = self._insert_feedback(
+                    db, candidate, None, current.id, comment, source
+                )
+                return self._feedback(db, feedback_id)
             preferred_id = None
             if edit is not None:
                 preferred_id = self._insert(
@@ -173,7 +183,7 @@ class FeedbackStore:
                     current.system_prompt, current.messages, Generation(None),
                 )  # fmt: skip
             elif chosen_candidate is not None:
-                preferred_id = self._candidate_of(db, current, chosen_candidate)
+                preferred_id = self._candidate_of(db, current, chosen_candidate, "chosen")
             if preferred_id is not None:
                 self._show(db, current, preferred_id)
             feedback_id = self._insert_feedback(
@@ -194,7 +204,7 @@ class FeedbackStore:
     ) -> FeedbackRecord:
         """Judge a reply of a conversation that is not in the store (the CLI's): the reply
         is recorded with its context first."""
-        check_one_judgement(rating, edit, None)
+        check_one_judgement(rating, edit, None, None)
         with self.store.transaction("save the feedback") as db:
             context = (system_prompt, messages)
             reply_id = self._insert(db, None, None, reply, "model", False, *context, generation)
@@ -253,16 +263,21 @@ class FeedbackStore:
         )  # fmt: skip
         return self._reply(db, reply_id)
 
-    def _candidate_of(self, db: sqlite3.Connection, current: ReplyRecord, candidate: int) -> int:
+    def _candidate_of(
+        self, db: sqlite3.Connection, current: ReplyRecord, candidate: int, role: str
+    ) -> int:
+        """``candidate``, checked to be a candidate for ``current``'s turn, not yet shown."""
         row = db.execute(
-            "SELECT session_id, message_index, origin FROM replies WHERE id = ?", (candidate,)
+            "SELECT session_id, message_index, origin, current FROM replies WHERE id = ?",
+            (candidate,),
         ).fetchone()
-        if row is None or tuple(row) != (current.session_id, current.message_index, "candidate"):
+        expected = (current.session_id, current.message_index, "candidate", 0)
+        if row is None or tuple(row) != expected:
             raise InvalidRequestError(
-                f"chosen_candidate: {candidate} is not a candidate for message "
+                f"{role}_candidate: {candidate} is not a candidate for message "
                 f"{current.message_index} of this session (make one with POST "
                 f"/sessions/{{id}}/candidates)",
-                "chosen_candidate",
+                f"{role}_candidate",
             )
         return candidate
 
@@ -358,15 +373,19 @@ class FeedbackStore:
         )
 
 
-def check_one_judgement(rating: str | None, edit: str | None, candidate: int | None) -> None:
-    given = [
-        name
-        for name, value in (("rating", rating), ("edit", edit), ("chosen_candidate", candidate))
-        if value is not None
-    ]
+def check_one_judgement(
+    rating: str | None, edit: str | None, chosen: int | None, rejected: int | None = None
+) -> None:
+    named = {
+        "rating": rating,
+        "edit": edit,
+        "chosen_candidate": chosen,
+        "rejected_candidate": rejected,
+    }
+    given = [name for name, value in named.items() if value is not None]
     if len(given) != 1:
         raise InvalidRequestError(
-            "feedback: give exactly one of rating, edit or chosen_candidate"
+            "feedback: give exactly one of rating, edit, chosen_candidate or rejected_candidate"
             + (f" (got {', '.join(given)})" if given else ""),
             given[-1] if given else "rating",
         )

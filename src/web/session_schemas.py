@@ -43,8 +43,8 @@ class RenameRequest(BaseModel):
 
 
 class FeedbackRequest(BaseModel):
-    """A judgement of one reply: exactly one of ``rating``, ``edit`` or ``chosen_candidate``,
-    with an optional comment."""
+    """A judgement of one reply: exactly one of ``rating``, ``edit``, ``chosen_candidate`` or
+    ``rejected_candidate``, with an optional comment."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -64,6 +64,9 @@ class FeedbackRequest(BaseModel):
         description="The id of a candidate (POST /sessions/{id}/candidates) preferred over the "
         "reply shown, which it replaces.",
     )
+    rejected_candidate: int | None = Field(
+        None, description="The id of a candidate the reply shown is preferred to (it stays)."
+    )
     comment: str | None = Field(None, max_length=MAX_COMMENT_CHARS)
 
 
@@ -73,7 +76,9 @@ class FeedbackResponse(BaseModel):
     message_index: int | None
     rating: Literal["good", "bad", "none"] | None
     comment: str | None
-    reply: str = Field(description="The reply judged (in an edit or a choice: the one replaced).")
+    reply: str = Field(
+        description="The reply judged (in an edit or a choice: the one not preferred)."
+    )
     preferred: str | None = Field(description="The reply preferred to it, if any.")
     model: str | None = Field(description="The model that wrote the judged reply.")
     adapter: str | None

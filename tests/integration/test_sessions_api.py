@@ -117,7 +117,7 @@ def test_bad_feedback_and_session_requests_get_clear_errors(tmp_path, tiny_llama
         assert "0 is not a reply of this session (its replies are at [1])" in error_of(
             http.post(feedback, json={"message_index": 0, "rating": "good"}), 400, "message_index"
         )
-        assert "exactly one of rating, edit or chosen_candidate" in error_of(
+        assert "exactly one of rating, edit, chosen_candidate or rejected_candidate" in error_of(
             http.post(feedback, json={"message_index": 1, "rating": "good", "edit": "x"}),
             400,
             "edit",

@@ -96,6 +96,17 @@ def test_a_candidate_leaves_the_session_until_it_is_chosen(service):
     assert (pair.chosen, pair.rejected) == (candidate, shown)
 
 
+def test_keeping_the_reply_over_a_candidate_is_a_preference_that_changes_nothing(service):
+    session = chat(service)
+    stream = service.start_candidate(session.id, 1, GREEDY.updated(max_new_tokens=2))
+    stream.complete()
+    record = service.feedback.judge(session.id, 1, "ui", rejected_candidate=stream.candidate_id)
+    assert record.kind == "choice" and record.reply.content == stream.result.text
+    assert service.get_session(session.id).messages == session.messages
+    [pair] = preference_pairs(service.feedback.records()).pairs
+    assert (pair.chosen, pair.rejected) == (session.messages[1]["content"], stream.result.text)
+
+
 def test_two_ratings_of_replies_to_one_prompt_make_a_pair_and_a_lone_one_is_counted(service):
     session = chat(service)
     stream = service.start_candidate(session.id, 1, GREEDY.updated(max_new_tokens=3))

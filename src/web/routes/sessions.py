@@ -114,6 +114,7 @@ def add_feedback(session_id: str, body: FeedbackRequest, service: ServiceDep) ->
         comment=body.comment,
         edit=body.edit,
         chosen_candidate=body.chosen_candidate,
+        rejected_candidate=body.rejected_candidate,
     )
     return FeedbackResponse.of(record)
 
