@@ -49,7 +49,7 @@ def build_demo() -> gr.Blocks:
     settings = load_settings()
     # The settings' default model (DialoGPT-medium, from the hub) only when asked for.
     model = settings.model_name if "model_name" in settings.model_fields_set else BUNDLED_MODEL_NAME
-    stack = build_chat_stack(settings, model)
+    stack = build_chat_stack(settings, model, sessions=True)
     return build_chat_page(lambda: stack.adapters, settings)
 
 

@@ -67,9 +67,10 @@ def build_chat_stack(
     """Load the configured model and build the stack around it.
 
     ``model_name``, ``adapter_path`` and ``engine_name`` override MODEL_NAME, ADAPTER_PATH and
-    ENGINE (the CLI's flags). ``sessions=True`` (the API) keeps conversations in SQLite at
-    DATA_DIR/sessions.sqlite3. ``background=False`` (the CLI: one consumer) runs the decode
-    loop in the caller's thread instead of a scheduler thread (see ``BatchingEngine``).
+    ENGINE (the CLI's flags). ``sessions=True`` (the API and the web UI) keeps conversations
+    in SQLite at DATA_DIR/sessions.sqlite3. ``background=False`` (the CLI: one consumer)
+    runs the decode loop in the caller's thread instead of a scheduler thread (see
+    ``BatchingEngine``).
     Raises ``ConfigError`` or ``ModelLoadingError``.
     """
     store = SessionStore(settings.sessions_db) if sessions else None

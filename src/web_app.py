@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = load_settings()
-        stack = build_chat_stack(settings, args.model, args.adapter)
+        stack = build_chat_stack(settings, args.model, args.adapter, sessions=True)
     except MiniClaudeError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2

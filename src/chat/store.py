@@ -172,9 +172,17 @@ class SessionStore:
 
     def truncate(self, session_id: str, keep: int) -> bool:
         """Keep the first ``keep`` messages (an even number: whole exchanges), removing the
-        rest and everything recorded about them; False if the session is gone."""
+        rest and everything recorded about them; False if the session is gone. Refused with
+        ``SessionBusyError`` while a reply to the session is being generated."""
         if keep < 0 or keep % 2:
             raise ValueError(f"keep: {keep} is not a whole number of exchanges")
+        with self._lock:
+            if session_id in self._busy:
+                raise SessionBusyError(
+                    f"session_id: a reply to session {session_id!r} is being generated; remove "
+                    "exchanges once it has ended",
+                    "session_id",
+                )
         with self.transaction("remove the last exchange") as db:
             messages = self.messages_in(db, session_id)
             if messages is None:

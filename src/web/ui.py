@@ -1,103 +1,25 @@
-"""The Gradio chat UI, on the same ChatService as the CLI and the API.
+"""The Gradio chat UI, on the same ChatService and session store as the CLI and the API.
 
 ``build_ui(get_pool)`` takes a function rather than a service because, mounted on the API,
 the UI exists before the model has finished loading. The pool holds the base model's service
 and, when ADAPTERS_DIR has LoRA adapters, one per adapter (a dropdown picks one).
+
+Conversations live in the store (a reload or a restart loses nothing): the sidebar lists them
+(``ui_conversations.py``); replies stream into the open one (``ui_replies.py``); each reply
+can be rated, edited, or compared with another candidate (``ui_feedback.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
-
 import gradio as gr
+from pydantic import SecretStr
 
-from src.chat.adapter_pool import AdapterPool
-from src.chat.service import ChatService
 from src.config import Settings
-from src.errors import MiniClaudeError
-from src.params import MAX_NEW_TOKENS, GenerationParams, make_params
-from src.web.ui_history import history_to_conversation, history_to_messages, messages_to_history
-from src.web.ui_tokens import TOP_ALTERNATIVES, tokens_html
-
-PoolGetter = Callable[[], AdapterPool | None]
-History = list[dict[str, Any]]
-BASE_MODEL_CHOICE = "(base model)"
-
-
-def _service_or_error(get_pool: PoolGetter, adapter: str | None) -> ChatService:
-    pool = get_pool()
-    if pool is None:
-        raise gr.Error("The model is still loading. Try again in a few seconds.")
-    try:
-        return pool.get(None if adapter in (None, "", BASE_MODEL_CHOICE) else adapter)
-    except MiniClaudeError as exc:
-        raise gr.Error(str(exc)) from None
-
-
-def stream_reply(
-    get_pool: PoolGetter,
-    adapter: str | None,
-    message: str,
-    history: History,
-    system_prompt: str,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: float,
-    repetition_penalty: float,
-    json_mode: bool = False,
-    show_tokens: bool = False,
-) -> Iterator[tuple[History, str, str, str]]:
-    """Yield (chat history, textbox value, status line, token view) as the reply grows."""
-    service = _service_or_error(get_pool, adapter)
-    conversation = history_to_conversation(history, system_prompt)
-    try:
-        params = make_params(
-            {
-                **service.default_params.model_dump(),
-                "temperature": temperature,
-                "do_sample": temperature > 0,
-                "top_p": top_p,
-                "max_new_tokens": int(max_new_tokens),
-                "repetition_penalty": repetition_penalty,
-                "response_format": {"type": "json_object"} if json_mode else None,
-                "logprobs": bool(show_tokens),
-                "top_logprobs": TOP_ALTERNATIVES if show_tokens else 0,
-            }
-        )
-        stream = service.start_reply(conversation, message, params)
-    except MiniClaudeError as exc:
-        raise gr.Error(str(exc)) from None
-    shown = messages_to_history(conversation.messages) + [
-        {"role": "user", "content": message},
-        {"role": "assistant", "content": ""},
-    ]
-    iterator = iter(stream)
-    try:
-        for delta in iterator:
-            shown[-1]["content"] += delta
-            yield shown, "", "_writing…_", ""
-    except MiniClaudeError as exc:  # e.g. a remote backend that failed mid-reply
-        raise gr.Error(str(exc)) from None
-    finally:
-        if stream.result is None:  # the Stop button (or a closed tab) ended us early
-            stream.abandon()
-            iterator.close()
-    result = stream.result
-    status = f"**{service.model_name}** · {result.completion_tokens} tokens · "
-    status += f"{result.tokens_per_second:.1f} tokens/s"
-    if result.dropped_messages:
-        status += f" · {result.dropped_messages} oldest messages left out of the context"
-    yield shown, "", status, tokens_html(result.logprobs or [])
-
-
-def last_user_message(history: History) -> tuple[History, str]:
-    """History without its last exchange, and that exchange's user message."""
-    messages = history_to_messages(history)
-    if not messages:
-        raise gr.Error("There is no message to answer again.")
-    return messages_to_history(messages[:-2]), messages[-2]["content"]
-
+from src.params import MAX_NEW_TOKENS, GenerationParams
+from src.web import ui_conversations as conversations
+from src.web import ui_feedback as feedback
+from src.web.ui_context import BASE_MODEL_CHOICE, Controls, PoolGetter, store_or_error
+from src.web.ui_replies import stream_candidate, stream_reply
 
 # Gradio's queue polls for work every 1 ms when idle (10 ms for progress updates): a
 # thousand wake-ups a second, about 3% of a core on an idle server. Under load they preempt
@@ -111,7 +33,7 @@ def build_chat_page(get_pool: PoolGetter, settings: Settings) -> gr.Blocks:
     """The chat page with its event queue, as every entry point serves it (the API at /ui,
     ``src/web_app.py`` and the Spaces ``app.py``): sliders at the settings' generation
     defaults, at most MAX_BATCH_SIZE replies running at once."""
-    page = build_ui(get_pool, settings.generation_defaults(), settings.max_length)
+    page = build_ui(get_pool, settings.generation_defaults(), settings.max_length, settings.api_key)
     return enable_queue(page, settings.max_batch_size)
 
 
@@ -130,13 +52,29 @@ def build_ui(
     get_pool: PoolGetter,
     defaults: GenerationParams | None = None,
     max_reply_tokens: int = MAX_NEW_TOKENS,
+    api_key: SecretStr | None = None,
 ) -> gr.Blocks:
     """The chat page; sliders start at ``defaults`` (the settings' generation defaults), and
-    the reply length goes up to ``max_reply_tokens`` (MAX_LENGTH)."""
+    the reply length goes up to ``max_reply_tokens`` (MAX_LENGTH). ``api_key`` decides who
+    sees the whole list of conversations (see ``ui_conversations``)."""
     defaults = defaults or GenerationParams()
     with gr.Blocks(title="Mini-Claude") as demo:
+        session_id = gr.State(None)  # the open conversation's (None: a new one)
+        candidate_id = gr.State(None)  # the candidate shown beside the last reply
+        mine = gr.BrowserState([], storage_key="mini-claude-conversations")
+
+        with gr.Sidebar(label="Conversations", elem_id="sidebar"):
+            new = gr.Button("New conversation", variant="primary", elem_id="new-conversation")
+            listed = gr.Radio([], label="Conversations", elem_id="conversations")
+            title = gr.Textbox(label="Title", elem_id="title", max_lines=1)
+            with gr.Row():
+                rename = gr.Button("Rename", size="sm", elem_id="rename")
+                delete = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
+
         gr.Markdown(
-            "# Mini-Claude\nA local chatbot: streaming replies from a model on your machine."
+            "# Mini-Claude\nA local chatbot: streaming replies from a model on your machine. "
+            "Rate a reply with the thumbs under it, edit it with the pencil, or ask for another "
+            "reply and keep the better one: your judgements are saved for preference tuning."
         )
         adapter = gr.Dropdown(
             [BASE_MODEL_CHOICE],
@@ -145,7 +83,14 @@ def build_ui(
             visible=False,
             elem_id="adapter",
         )
-        chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot")
+        chatbot = gr.Chatbot(
+            label="Conversation",
+            height=460,
+            elem_id="chatbot",
+            editable="all",
+            feedback_options=["Like", "Dislike"],
+            buttons=["copy", "copy_all"],
+        )
         with gr.Row():
             textbox = gr.Textbox(
                 placeholder="Type a message and press Enter",
@@ -157,13 +102,25 @@ def build_ui(
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
             stop = gr.Button("Stop", scale=1, elem_id="stop")
         with gr.Row():
-            regenerate = gr.Button("Regenerate", size="sm", elem_id="regenerate")
+            regenerate = gr.Button("Another reply", size="sm", elem_id="regenerate")
             undo = gr.Button("Undo", size="sm", elem_id="undo")
-            clear = gr.Button("Clear", size="sm", elem_id="clear")
+        comment = gr.Textbox(
+            label="Comment (optional): saved with your next rating, edit or choice",
+            max_lines=3,
+            elem_id="feedback-comment",
+        )
+        with gr.Group(visible=False, elem_id="candidate-panel") as candidate_panel:
+            gr.Markdown("**Another reply** to your last message:")
+            candidate = gr.Markdown(elem_id="candidate")
+            with gr.Row():
+                keep_candidate = gr.Button("Keep this one", size="sm", elem_id="keep-candidate")
+                keep_shown = gr.Button("Keep the first", size="sm", elem_id="keep-shown")
         status = gr.Markdown("", elem_id="status")
         token_view = gr.HTML("", elem_id="tokens")
         with gr.Accordion("Settings", open=False, elem_id="settings"):
-            system_prompt = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
+            system_prompt = gr.Textbox(
+                label="System prompt (for new conversations)", lines=2, elem_id="system-prompt"
+            )
             temperature = gr.Slider(
                 0.0,
                 2.0,
@@ -186,7 +143,7 @@ def build_ui(
                 label="Show token probabilities (a learner's view of sampling)",
                 elem_id="show-tokens",
             )
-        settings = [
+        controls = [
             system_prompt,
             temperature,
             top_p,
@@ -196,35 +153,141 @@ def build_ui(
             show_tokens,
         ]
 
-        def respond(adapter_name, message, history, *values):
-            yield from stream_reply(get_pool, adapter_name, message, history, *values)
+        def listing(mine_ids, current, request: gr.Request):
+            store = store_or_error(get_pool)
+            return conversations.conversation_list(store, request, api_key, mine_ids, current)
 
-        def again(adapter_name, history, *values):
-            earlier, message = last_user_message(history)
-            yield from stream_reply(get_pool, adapter_name, message, earlier, *values)
+        # ---- replies -------------------------------------------------------------------------
 
-        outputs = [chatbot, textbox, status, token_view]
-        submit_args = {
+        def respond(adapter_name, message, history, current, mine_ids, *values):
+            opened = current
+            for shown, box, line, tokens, opened in stream_reply(
+                get_pool, adapter_name, current, message, history, Controls(*values)
+            ):
+                yield shown, box, line, tokens, opened, gr.skip()
+            yield (
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+                gr.skip(),
+                opened,
+                (conversations.remembered(mine_ids, opened)),
+            )
+
+        def locked_system_prompt(current):
+            """A conversation keeps the system prompt it started with."""
+            store = store_or_error(get_pool)
+            conversation = store.get(current) if current else None
+            if conversation is None:
+                return gr.Textbox(interactive=True)
+            return gr.Textbox(value=conversation.system_prompt or "", interactive=False)
+
+        reply_outputs = [chatbot, textbox, status, token_view, session_id, mine]
+        submit = {
             "fn": respond,
-            "inputs": [adapter, textbox, chatbot, *settings],
-            "outputs": outputs,
+            "inputs": [adapter, textbox, chatbot, session_id, mine, *controls],
+            "outputs": reply_outputs,
         }
-        events = [
-            textbox.submit(**submit_args),
-            send.click(**submit_args),
-            regenerate.click(again, [adapter, chatbot, *settings], outputs),
-        ]
-        stop.click(None, cancels=events)
-        undo.click(lambda history: last_user_message(history)[0], chatbot, chatbot)
-        clear.click(lambda: ([], "", "", ""), None, outputs)
+        replies = [textbox.submit(**submit), send.click(**submit)]
+        for event in replies:
+            event.then(listing, [mine, session_id], listed).then(
+                locked_system_prompt, session_id, system_prompt
+            )
 
-        def on_page_load():
+        def another(adapter_name, current, *values):
+            for text, made, line in stream_candidate(
+                get_pool, adapter_name, current, Controls(*values)
+            ):
+                yield text, made, gr.Group(visible=True), line
+
+        candidate_outputs = [candidate, candidate_id, candidate_panel, status]
+        replies.append(
+            regenerate.click(another, [adapter, session_id, *controls], candidate_outputs)
+        )
+        stop.click(None, cancels=replies)
+
+        # ---- feedback ------------------------------------------------------------------------
+
+        def rate(current, text, data: gr.LikeData):
+            return feedback.rate(get_pool, current, text, data)
+
+        def edit(current, text, data: gr.EditData):
+            return feedback.edit(get_pool, current, text, data)
+
+        chatbot.like(rate, [session_id, comment], [status, comment])
+        chatbot.edit(edit, [session_id, comment], [chatbot, status, comment])
+        choice_outputs = [chatbot, candidate_panel, candidate_id, status, comment]
+        keep_candidate.click(
+            lambda current, made, text: feedback.choose(get_pool, current, made, text, True),
+            [session_id, candidate_id, comment],
+            choice_outputs,
+        )
+        keep_shown.click(
+            lambda current, made, text: feedback.choose(get_pool, current, made, text, False),
+            [session_id, candidate_id, comment],
+            choice_outputs,
+        )
+
+        # ---- conversations -------------------------------------------------------------------
+
+        fresh = [session_id, chatbot, status, token_view, title, candidate_panel]
+
+        def start_new():
+            return None, [], "", "", "", gr.Group(visible=False)
+
+        def open_one(chosen):
+            history, prompt, name = conversations.opened(store_or_error(get_pool), chosen)
+            locked = gr.Textbox(value=prompt or "", interactive=False)
+            return chosen, history, "", "", name, gr.Group(visible=False), locked
+
+        def rename_one(current, name, mine_ids, request: gr.Request):
+            if not current:
+                raise gr.Error("Send a message first: a new conversation has nothing to rename.")
+            if not name.strip():
+                raise gr.Error("A title must not be empty.")
+            store = store_or_error(get_pool)
+            store.rename(current, name.strip()[:200])
+            return conversations.conversation_list(store, request, api_key, mine_ids, current)
+
+        def delete_one(current, mine_ids, request: gr.Request):
+            if not current:
+                raise gr.Error("Nothing to delete: this conversation was never saved.")
+            store = store_or_error(get_pool)
+            store.delete(current)
+            kept = [sid for sid in mine_ids or [] if sid != current]
+            listing_now = conversations.conversation_list(store, request, api_key, kept, None)
+            return (*start_new(), listing_now, kept, gr.Textbox(value="", interactive=True))
+
+        def undo_one(current):
+            history = conversations.undo_last_exchange(store_or_error(get_pool), current)
+            return history, None if not history else current
+
+        def new_one():
+            return (*start_new(), gr.Textbox(value="", interactive=True), gr.Radio(value=None))
+
+        new.click(new_one, None, [*fresh, system_prompt, listed])
+        chatbot.clear(new_one, None, [*fresh, system_prompt, listed])  # its own trash button
+        listed.input(open_one, listed, [*fresh, system_prompt])
+        rename.click(rename_one, [session_id, title, mine], listed)
+        delete.click(delete_one, [session_id, mine], [*fresh, listed, mine, system_prompt])
+        undo.click(undo_one, session_id, [chatbot, session_id]).then(
+            listing, [mine, session_id], listed
+        )
+
+        def on_page_load(mine_ids, request: gr.Request):
             pool = get_pool()
             if pool is None:
-                return "_model loading…_", gr.Dropdown(visible=False)
+                return "_model loading…_", gr.Dropdown(visible=False), gr.skip()
             names = pool.names()  # read on each page load: new adapters show up on refresh
             choices = [BASE_MODEL_CHOICE, *names]
-            return f"**{pool.base.model_name}**", gr.Dropdown(choices=choices, visible=bool(names))
+            store = pool.base.store
+            listing_now = (
+                conversations.conversation_list(store, request, api_key, mine_ids, None)
+                if store is not None
+                else gr.skip()
+            )
+            status_line = f"**{pool.base.model_name}**"
+            return status_line, gr.Dropdown(choices=choices, visible=bool(names)), listing_now
 
-        demo.load(on_page_load, None, [status, adapter])
+        demo.load(on_page_load, mine, [status, adapter, listed])
     return demo

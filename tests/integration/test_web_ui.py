@@ -113,30 +113,38 @@ def test_a_message_gets_a_streamed_reply(browser, server, tmp_path):
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_regenerate_undo_clear_and_errors(browser, server):
+def status_text(driver) -> str:
+    return driver.execute_script("return document.getElementById('status').innerText")
+
+
+def wait_for_status(driver, text: str) -> str:
+    return wait_for(lambda: text in (line := status_text(driver)) and line)
+
+
+def conversation_labels(driver) -> list[str]:
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#conversations label'))"
+        ".map(e => e.innerText.trim())"
+    )
+
+
+def test_another_reply_undo_new_conversation_and_errors(browser, server):
     browser.get(f"{server.url}/ui/")
     send(browser, "Name a planet.")
-    first = wait_for(
-        lambda: (
-            "tokens/s"
-            in browser.execute_script("return document.getElementById('status').innerText")
-            and bot_messages(browser)
-        )
-    )
-    click(browser, "regenerate")
-    time.sleep(0.5)
-    wait_for(
-        lambda: (
-            "tokens/s"
-            in browser.execute_script("return document.getElementById('status').innerText")
-        )
-    )
-    assert bot_messages(browser) == first  # greedy: the same reply again, not a second one
-    click(browser, "undo")
+    wait_for_status(browser, "tokens/s")
+    first = bot_messages(browser)
+    click(browser, "regenerate")  # another reply, beside the first: greedy would repeat it
+    wait_for_status(browser, "Which reply is better?")
+    assert "sampled at temperature" in status_text(browser)
+    assert browser.execute_script("return document.getElementById('candidate').innerText")
+    click(browser, "keep-shown")
+    wait_for_status(browser, "the first reply is preferred")
+    assert bot_messages(browser) == first
+    click(browser, "undo")  # the only exchange: the conversation is gone
     wait_for(lambda: bot_messages(browser) == [])
     send(browser, "Name a planet.")
     wait_for(lambda: len(bot_messages(browser)) == 1)
-    click(browser, "clear")
+    click(browser, "new-conversation")
     wait_for(lambda: bot_messages(browser) == [])
     send(browser, "   ")  # an empty message: a readable error, not a stack trace
     error = wait_for(
@@ -144,6 +152,78 @@ def test_regenerate_undo_clear_and_errors(browser, server):
     )
     assert error
     assert "Traceback" not in browser.execute_script("return document.body.innerText")
+
+
+def test_replies_are_rated_edited_chosen_and_kept_across_a_reload(browser, server):
+    import sqlite3
+
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{server.url}/ui/")
+    send(browser, "Tell me a fact about the moon.")
+    wait_for_status(browser, "tokens/s")
+    original = bot_messages(browser)[-1]
+
+    def chatbot_button(label: str):
+        return wait_for(
+            lambda: browser.find_elements(By.CSS_SELECTOR, f"#chatbot button[aria-label='{label}']")
+        )[-1]
+
+    comment = browser.find_element(By.CSS_SELECTOR, "#feedback-comment textarea")
+    comment.send_keys("true but dull")
+    chatbot_button("Dislike").click()
+    wait_for_status(browser, "Saved: a bad reply. With your comment.")
+    chatbot_button("Edit").click()
+    editor = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chatbot textarea"))[0]
+    editor.clear()
+    editor.send_keys("The Moon is slowly drifting away from the Earth.")
+    chatbot_button("Submit").click()
+    wait_for_status(browser, "your edit is the preferred reply")
+    assert bot_messages(browser)[-1] == "The Moon is slowly drifting away from the Earth."
+
+    send(browser, "Another one?")
+    wait_for(lambda: len(bot_messages(browser)) == 2 and "tokens/s" in status_text(browser))
+    click(browser, "regenerate")
+    wait_for_status(browser, "Which reply is better?")
+    candidate = browser.execute_script("return document.getElementById('candidate').innerText")
+    click(browser, "keep-candidate")
+    wait_for_status(browser, "the new reply is preferred")
+    assert bot_messages(browser)[-1] == candidate.strip()
+
+    # A reload keeps the conversation: it is listed under its first message, and opens.
+    browser.get(f"{server.url}/ui/")
+    label = wait_for(
+        lambda: [x for x in conversation_labels(browser) if x.startswith("Tell me a fact")]
+    )[0]
+    assert bot_messages(browser) == []
+    browser.find_element(
+        By.XPATH, f"//*[@id='conversations']//label[contains(., '{label[:20]}')]"
+    ).click()
+    wait_for(lambda: len(bot_messages(browser)) == 2)
+    assert bot_messages(browser)[0] == "The Moon is slowly drifting away from the Earth."
+    assert bot_messages(browser)[1] == candidate.strip()
+
+    title = browser.find_element(By.CSS_SELECTOR, "#title textarea, #title input")
+    title.clear()
+    title.send_keys("Moon facts")
+    click(browser, "rename")
+    wait_for(lambda: any(x.startswith("Moon facts") for x in conversation_labels(browser)))
+
+    # The judgements are in the database, with the reply's context.
+    with sqlite3.connect(server.app.state.settings.sessions_db) as db:
+        rows = db.execute(
+            "SELECT f.rating, f.comment, f.source, r.content, p.content, p.origin "
+            "FROM feedback f JOIN replies r ON r.id = f.reply_id "
+            "LEFT JOIN replies p ON p.id = f.preferred_id ORDER BY f.id"
+        ).fetchall()
+    assert rows[0] == ("bad", "true but dull", "ui", original, None, None)
+    assert rows[1][3:] == (original, "The Moon is slowly drifting away from the Earth.", "edit")
+    assert rows[2][4:] == (candidate.strip(), "candidate")
+    assert [row[2] for row in rows] == ["ui"] * 3
+
+    click(browser, "delete")
+    wait_for(lambda: not any(x.startswith("Moon facts") for x in conversation_labels(browser)))
+    assert bot_messages(browser) == []
 
 
 def test_json_mode_and_the_token_view(browser, server):
