@@ -6,7 +6,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
 .PHONY: setup setup-dev setup-llamacpp browser chat serve web train bench test test-slow test-all lint format cov download \
-	clean-cache docs-images load-test soak export-preferences
+	clean-cache docs-images load-test soak export-preferences dpo
 
 $(RUNTIME_STAMP): requirements.txt requirements-assets.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,9 @@ download: setup                  ## fetch/prepare MODEL_NAME into MODEL_CACHE_DI
 
 clean-cache: setup               ## list the model cache (ARGS=--yes deletes)
 	$(PY) scripts/clean_cache.py $(ARGS)
+
+dpo: setup                      ## preference-tune a LoRA adapter with DPO (configs/dpo_default.yaml; ARGS="KEY=VALUE ...")
+	$(PY) src/training/train_dpo.py --config configs/dpo_default.yaml $(ARGS)
 
 export-preferences: setup       ## feedback -> preference pairs (DATA_DIR/preferences.jsonl)
 	$(PY) scripts/export_preferences.py $(ARGS)

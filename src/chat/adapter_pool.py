@@ -4,10 +4,11 @@ Each adapter gets its own service (its own engine and caches): requests for diff
 adapters can then be batched and cached separately, without swapping adapters under a running
 batch. On the scratch engine an adapter's model shares every base weight and adds only its
 LoRA matrices (src/models/lora_view.py); on transformers' engine it is a copy of the model
-with the adapter merged in. At most ``max_loaded`` adapters are kept (MAX_LOADED_ADAPTERS):
-loading one more closes the least recently used that has no reply running (its memory goes
-back), and when every loaded adapter is busy the request is refused with ``ServerBusyError``
-(503) rather than going over the limit.
+with the adapter merged in. An adapter written again since it was loaded (trained anew into
+the same folder) is loaded again on its next use. At most ``max_loaded`` adapters are kept
+(MAX_LOADED_ADAPTERS): loading one more closes the least recently used that has no reply
+running (its memory goes back), and when every loaded adapter is busy the request is refused
+with ``ServerBusyError`` (503) rather than going over the limit.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ AdapterLoader = Callable[[Path], ChatService]
 HANDED_OUT_SECONDS = 10.0
 
 
+def adapter_version(folder: Path) -> tuple:
+    """What changes when an adapter is written again: its files' sizes and times."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink())
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
 class AdapterPool:
     def __init__(
         self,
@@ -45,6 +52,7 @@ class AdapterPool:
         # Least recently used first; each with the time it was last handed out.
         self._services: OrderedDict[str, ChatService] = OrderedDict()
         self._handed_out: dict[str, float] = {}
+        self._versions: dict[str, tuple] = {}  # each loaded adapter's files, as loaded
         self._lock = threading.Lock()
         self.loads = 0
         self.evictions = 0
@@ -81,9 +89,18 @@ class AdapterPool:
             )
         path = resolve_adapter(self.adapters_dir, adapter)  # rejects unknown names and paths
         with self._lock:
-            if adapter not in self._services:
+            version = adapter_version(path)
+            loaded = self._services.get(adapter)
+            stale = loaded is not None and self._versions.get(adapter) != version
+            if stale and not loaded.running_replies():
+                # Trained again since it was loaded (make dpo into the same folder): the new
+                # weights are served once no reply is running on the old ones.
+                self._services.pop(adapter).close()
+                loaded = None
+            if loaded is None:
                 self._make_room()
                 self._services[adapter] = self._load(path)
+                self._versions[adapter] = version
                 self.loads += 1
             self._services.move_to_end(adapter)
             self._handed_out[adapter] = time.monotonic()

@@ -119,3 +119,27 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
         return torch.load(path, weights_only=True)
     except (OSError, RuntimeError, EOFError) as exc:
         raise TrainingConfigError(f"checkpoint {checkpoint} is unreadable ({exc})") from None
+
+
+def publish_adapter(save_adapter, output_dir: Path) -> Path:
+    """Write the final adapter into ``output_dir`` so that a server watching ADAPTERS_DIR
+    never loads half of it: ``save_adapter(folder)`` writes into a staging folder, then every
+    file is moved in with ``adapter_config.json`` last (a folder is an adapter once that file
+    is there, and by then its weights are whole)."""
+    from src.models.lora_wrapper import ADAPTER_CONFIG
+
+    output_dir = Path(output_dir)
+    staging = output_dir / ".adapter.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        save_adapter(staging)
+        files = sorted(staging.iterdir(), key=lambda path: path.name == ADAPTER_CONFIG)
+        for path in files:
+            os.replace(path, output_dir / path.name)
+    except (OSError, SafetensorError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise CheckpointError(f"could not write the adapter into {output_dir}: {reason}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir

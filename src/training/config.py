@@ -13,11 +13,13 @@ also says where each value came from, for the dump printed and saved at the star
 
 from __future__ import annotations
 
+import argparse
 import json
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -78,6 +80,8 @@ class TrainingSection(Section):
 
 
 class TrainingConfig(Section):
+    SCRIPT: ClassVar[str] = "src/training/train_lora.py"  # what repeats a run of it
+
     model: str = "smollm2-135m-instruct"
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
@@ -113,7 +117,7 @@ class Assignment:
 class ResolvedConfig:
     """A validated configuration and where each of its values came from."""
 
-    config: TrainingConfig
+    config: Section  # a TrainingConfig, or another schema's (DpoConfig)
     sources: dict[str, str]  # every key, e.g. "training.batch_size" -> YAML, ENVIRONMENT...
     path: Path | None  # the YAML file, if any
 
@@ -137,7 +141,7 @@ class ResolvedConfig:
         others = [f"#   {key}: {source}" for key, source in self.sources.items() if source != YAML]
         header = [
             "# The resolved configuration of a training run, written when it started.",
-            "# Repeat it with: python src/training/train_lora.py --config <this file>",
+            f"# Repeat it with: python {self.config.SCRIPT} --config <this file>",
             "# (BATCH_SIZE, LEARNING_RATE, LORA_RANK and KEY=VALUE arguments still override it)",
             f"# Precedence: {precedence(self.path)}.",
             *(["# Not from the YAML file:", *others] if others else []),
@@ -159,9 +163,13 @@ def load_training_config(
 
 
 def resolve_training_config(
-    path: Path | None = None, overrides: Iterable[str] = (), settings: Settings | None = None
+    path: Path | None = None,
+    overrides: Iterable[str] = (),
+    settings: Settings | None = None,
+    schema: type[Section] = TrainingConfig,
 ) -> ResolvedConfig:
-    """``load_training_config``, and where each value came from."""
+    """``load_training_config``, and where each value came from. ``schema``: the kind of run
+    (LoRA fine-tuning's ``TrainingConfig``, preference tuning's ``DpoConfig``)."""
     assignments = []
     if path is not None:
         assignments.append(Assignment("", read_yaml(Path(path)), YAML))
@@ -174,7 +182,7 @@ def resolve_training_config(
         else:
             values = assignment.value
     try:
-        config = TrainingConfig.model_validate(values)
+        config = schema.model_validate(values)
     except ValidationError as exc:
         where = f"{path}: " if path else ""
         raise TrainingConfigError(where + describe_validation_error(exc)) from None
@@ -251,7 +259,7 @@ def holds(value: Any, parts: list[str]) -> bool:
     return True
 
 
-def flat_values(config: TrainingConfig) -> dict[str, Any]:
+def flat_values(config: Section) -> dict[str, Any]:
     """Every key of ``config`` ("training.batch_size") and its value, sections flattened."""
     flat = {}
     for name, value in config.model_dump(mode="json").items():
@@ -269,3 +277,30 @@ def format_value(value: Any) -> str:
 def precedence(path: Path | None) -> str:
     first = json.dumps(str(path)) if path is not None else "defaults"  # quoted: no newlines
     return f"{first} < {ENVIRONMENT} < {COMMAND_LINE}"
+
+
+def parse_run_arguments(
+    argv: list[str] | None, description: str, default_config: str, example: str
+) -> argparse.Namespace:
+    """A training command's arguments: ``--config``, ``--resume`` and KEY=VALUE overrides."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, default=Path(default_config))
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in training.output_dir",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help=f"override any config key, e.g. {example}",
+    )
+    return parser.parse_args(argv)
+
+
+def at_most(items: Sequence, limit: int | None, seed: int) -> list:
+    """``limit`` of ``items`` drawn at random (reproducibly), or all of them."""
+    if limit and len(items) > limit:
+        return random.Random(seed).sample(list(items), limit)
+    return list(items)

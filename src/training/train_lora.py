@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
 import argparse
-import random
 from typing import TYPE_CHECKING
 
 from src.errors import MiniClaudeError
@@ -30,30 +29,24 @@ if TYPE_CHECKING:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Fine-tune a LoRA adapter.")
-    parser.add_argument("--config", type=Path, default=Path("configs/lora_default.yaml"))
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in training.output_dir",
+    from src.training.config import parse_run_arguments
+
+    return parse_run_arguments(
+        argv,
+        "Fine-tune a LoRA adapter.",
+        "configs/lora_default.yaml",
+        "training.max_steps=50 lora.rank=4",
     )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="override any config key, e.g. training.max_steps=50 lora.rank=4",
-    )
-    return parser.parse_args(argv)
 
 
 def prepare_data(config, tokenizer):
     """The tokenized training and validation examples of ``config`` (a TrainingConfig)."""
     from src.chat.prompts import detect_prompt_format
+    from src.training.config import at_most
     from src.training.data import load_examples, tokenize_examples
 
     examples = load_examples(config.data.source)
-    if config.data.max_examples and len(examples) > config.data.max_examples:
-        examples = random.Random(config.training.seed).sample(examples, config.data.max_examples)
+    examples = at_most(examples, config.data.max_examples, config.training.seed)
     return tokenize_examples(
         examples,
         tokenizer,

@@ -300,7 +300,8 @@ class LoraTrainer:
         if self.accelerator.is_main_process:
             from src.training.plots import plot_loss_curve
 
-            self.accelerator.unwrap_model(self.model).save_pretrained(self.output_dir)
+            model = self.accelerator.unwrap_model(self.model)
+            ckpt.publish_adapter(model.save_pretrained, self.output_dir)
             plot_loss_curve(self.metrics_path, self.output_dir / "loss_curve.png")
         self.accelerator.wait_for_everyone()
         return self.output_dir

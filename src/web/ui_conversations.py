@@ -14,6 +14,7 @@ import gradio as gr
 from pydantic import SecretStr
 
 from src.chat.store import SessionStore, SessionSummary
+from src.errors import MiniClaudeError
 from src.web.security import may_list_sessions
 from src.web.ui_context import History
 from src.web.ui_history import messages_to_history
@@ -77,8 +78,11 @@ def undo_last_exchange(store: SessionStore, session_id: str | None) -> History:
     if conversation is None or not conversation.messages:
         raise gr.Error("There is no exchange to undo.")
     keep = len(conversation.messages) - 2
-    if keep == 0:
-        store.delete(session_id)
-        return []
-    store.truncate(session_id, keep)
+    try:
+        if keep == 0:
+            store.delete(session_id)
+            return []
+        store.truncate(session_id, keep)
+    except MiniClaudeError as exc:  # a reply to it is being written (another tab)
+        raise gr.Error(str(exc)) from None
     return messages_to_history(conversation.messages[:keep])

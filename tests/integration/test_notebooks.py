@@ -13,9 +13,14 @@ from src.config import REPO_ROOT
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
-# With the slow tests, to keep `make test` short: 02 trains for 12 steps (about a minute), 03
-# and 04 decode with several engines (30-45 s each).
-SLOW = {"02_lora_fine_tuning.ipynb", "03_decoding.ipynb", "04_structured_outputs.ipynb"}
+# With the slow tests, to keep `make test` short: 02 and 05 train (a minute or more), 03 and
+# 04 decode with several engines (30-45 s each).
+SLOW = {
+    "02_lora_fine_tuning.ipynb",
+    "03_decoding.ipynb",
+    "04_structured_outputs.ipynb",
+    "05_preference_tuning.ipynb",  # trains for 8 steps
+}
 CASES = [
     pytest.param(path, id=path.name, marks=[pytest.mark.slow] if path.name in SLOW else [])
     for path in NOTEBOOKS
@@ -61,6 +66,8 @@ def test_the_three_notebooks_are_there_and_listed():
         "01_transformer_from_scratch.ipynb",
         "02_lora_fine_tuning.ipynb",
         "03_decoding.ipynb",
+        "04_structured_outputs.ipynb",
+        "05_preference_tuning.ipynb",
     } <= names
     listing = (REPO_ROOT / "notebooks" / "README.md").read_text(encoding="utf-8")
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")

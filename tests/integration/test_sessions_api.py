@@ -109,6 +109,22 @@ def test_sessions_are_listed_renamed_judged_and_exported(tmp_path, tiny_llama_pa
     assert pairs[1]["prompt"][-1] == {"role": "user", "content": "And the sky?"}
     assert pairs[1]["prompt"][1]["content"] == "The sea covers most of the Earth."
 
+    # The file round-trips through TRL's data loading as conversational preference data, and
+    # through the trainer's own reader.
+    from datasets import load_dataset
+    from trl.data_utils import is_conversational
+
+    from src.training.preference_data import load_pairs
+
+    loaded = load_dataset("json", data_files=str(out), split="train")
+    assert loaded.column_names == ["prompt", "chosen", "rejected"] and len(loaded) == 2
+    assert all(is_conversational(row) for row in loaded)
+    assert loaded[0] == pairs[0]
+    assert [pair.chosen for pair in load_pairs(out)] == [
+        "The sea covers most of the Earth.",
+        candidate["content"],
+    ]
+
 
 def test_bad_feedback_and_session_requests_get_clear_errors(tmp_path, tiny_llama_path):
     with serve(tmp_path, tiny_llama_path) as live, live.client() as http:

@@ -101,3 +101,26 @@ def test_the_pool_keeps_at_most_max_loaded_adapters_closing_the_least_recently_u
         pool.get("c")
     assert busy.value.field == "adapter" and pool.loaded() == ["a", "b"]
     assert pool.evictions == 2
+
+
+def test_an_adapter_trained_again_is_loaded_again_once_its_replies_end(tmp_path):
+    folder = tmp_path / "adapters"
+    (folder / "dpo").mkdir(parents=True)
+    (folder / "dpo" / "adapter_config.json").write_text("{}")
+    (folder / "dpo" / "adapter_model.safetensors").write_bytes(b"first")
+    made: list[FakeService] = []
+
+    def load(path):
+        made.append(FakeService(path.name))
+        return made[-1]
+
+    pool = AdapterPool("base service", folder, load)
+    first = pool.get("dpo")
+    assert pool.get("dpo") is first  # unchanged: the loaded one
+    (folder / "dpo" / "adapter_model.safetensors").write_bytes(b"second run")
+    first.running = 1
+    assert pool.get("dpo") is first  # a reply still runs on the old weights: kept for now
+    first.running = 0
+    second = pool.get("dpo")
+    assert second is not first and first.closed and len(made) == 2
+    assert pool.get("dpo") is second
