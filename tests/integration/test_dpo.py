@@ -39,6 +39,7 @@ def pairs_file(tmp_path):
                 }
             )
         )
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -39,7 +39,10 @@ def write(tmp_path, *records) -> str:
             pair(prompt=[USER, {"role": "assistant", "content": "Hm."}]),
             ":2: prompt: must end with the user's turn (it ends with assistant)",
         ),
-        ({"prompt": [USER], "chosen": "Salt water."}, ":2: chosen: must be a non-empty list"),
+        (
+            {**pair(), "chosen": "Salt water."},
+            ":2: chosen: must be a non-empty list of messages",
+        ),
         ({"prompt": [USER], "chosen": []}, ":2: missing field 'rejected'"),
         ({"messages": [USER]}, ":2: missing field 'prompt'"),
         (pair(prompt=[{"role": "robot", "content": "x"}]), ":2: prompt[0]: role 'robot'"),
