@@ -6,6 +6,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Under pytest-xdist two workers share the machine's two cores: one thread each (and for the
+# servers and commands they start), instead of two threads each competing for a core
+# (measured: the unit tests 16% faster). Set before torch starts its thread pool.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
 import torch
 

@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from src.chat import conversation as conversation_module
+from src import files as files_module
 from src.chat.conversation import Conversation
 from src.chat.store import SessionStore
 from src.cli.commands import ChatSession
@@ -175,20 +175,32 @@ def test_cli_save_on_a_full_disk_leaves_the_existing_file_whole(
     chat.handle(f"/save {path}")
     saved = path.read_bytes()
     chat.handle("A second message")
-    real_dump = json.dump
+    real_open = open
 
-    def dump_then_disk_full(obj, handle, **kwargs):
-        handle.write(json.dumps(obj)[:10])
-        handle.flush()
-        raise ENOSPC
+    class DiskFullAfterTenCharacters:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.handle.close()
+
+        def write(self, text):
+            self.handle.write(text[:10])
+            self.handle.flush()
+            raise ENOSPC
+
+    def open_then_disk_full(path, mode="r", **kwargs):
+        return DiskFullAfterTenCharacters(real_open(path, mode, **kwargs))
 
     with monkeypatch.context() as patch:
-        patch.setattr(conversation_module.json, "dump", dump_then_disk_full)
+        patch.setattr(files_module, "open", open_then_disk_full, raising=False)
         assert chat.handle(f"/save {path}") is True  # the session goes on
     assert f"Error: Could not save {path}: No space left on device" in err.getvalue()
     assert path.read_bytes() == saved  # the earlier file, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json"]  # no temporary left
-    assert json.dump is real_dump
     chat.handle(f"/save {path}")
     assert len(json.loads(path.read_text())["messages"]) == 4
 
