@@ -2,14 +2,18 @@
 
 Many concurrent clients, each a thread with its own HTTP connection, loop over a mix of
 requests: ``POST /chat`` (starting and continuing sessions), ``POST /chat/stream`` (SSE),
-and ``POST /v1/chat/completions`` plain and streamed. A fraction of the streamed requests
-disconnect after their first piece of text, as a browser tab closed mid-reply does. The run
+``POST /v1/chat/completions`` plain and streamed (JSON mode, tools), legacy completions,
+tokenize, Anthropic's ``/v1/messages``, Ollama's ``/api/chat``, judgements of the session's
+last reply (``load_routes.py``) and, with adapters, chat through them. A fraction of the
+streamed requests disconnect after their first piece of text, as a browser tab closed
+mid-reply does. The run
 reports what was served, every error by kind (any 5xx, 429 and other unexpected 4xx,
 connection errors and timeouts, streams that end without their last event or carry an
 ``error`` event, replies of the wrong shape), latency percentiles, the server's resident
 memory before (after a warm-up), right after and a while after the run, and finally checks
-every session it kept: each holds exactly the exchanges its client saw completed (nothing from
-a client that disconnected, no half exchange).
+every session it kept: each holds exactly the exchanges its client saw completed, with the
+edits and chosen candidates it made (nothing from a client that disconnected, no half
+exchange).
 
     python scripts/load_test.py --clients 16 --requests 40          # or: make load-test
     tests/integration/test_load.py runs a short version in the test suite.
@@ -29,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
+from src.benchmarks.load_routes import OtherRoutes
 from src.benchmarks.processes import ServerSupervisor, rss_mb
 from src.config import Settings
 
@@ -61,6 +66,9 @@ KINDS = (
     "openai_tools",
     "completions",
     "tokenize",
+    "anthropic",
+    "ollama",
+    "feedback",
     "adapter_chat",
 )
 DISCONNECTING = ("chat_stream_disconnect", "openai_stream_disconnect")
@@ -150,7 +158,7 @@ def percentile(values: list[float], fraction: float) -> float | None:
 
 
 def check_status(response: httpx.Response) -> None:
-    if response.status_code == 200:
+    if response.status_code in (200, 201):
         return
     error_type = None
     try:
@@ -190,7 +198,7 @@ def sse_events(response: httpx.Response):
             yield event
 
 
-class LoadClient:
+class LoadClient(OtherRoutes):
     """One simulated user: a connection of its own and, at times, a session."""
 
     def __init__(self, url: str, config: LoadConfig, state: ClientState) -> None:
@@ -395,6 +403,12 @@ class LoadClient:
         response = self.http.post(route, json=body)
         check_status(response)
         return response.json()
+
+    check = staticmethod(check_status)
+
+    @staticmethod
+    def failed(detail: str) -> RequestFailed:
+        return RequestFailed("bad_response", detail)
 
     def openai_json(self, started: float, first: list[float]) -> str:
         """JSON mode: a reply that ends on its own is a JSON object (the grammar's promise)."""

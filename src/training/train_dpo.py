@@ -56,14 +56,12 @@ def prepare_pairs(config, tokenizer):
 
 
 def policy_model(config, base: Any) -> Any:
-    """A new LoRA adapter on ``base``, or the SFT adapter ``start_adapter`` to go on training
-    (also loaded, frozen, as "ref": TRL's reference model is then that adapter)."""
+    """A new LoRA adapter on ``base``, or the SFT adapter ``start_adapter`` to go on training.
+    TRL's trainer keeps a frozen copy of it as the adapter "ref": the reference model."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if config.start_adapter is not None:
-        model = PeftModel.from_pretrained(base, str(config.start_adapter), is_trainable=True)
-        model.load_adapter(str(config.start_adapter), adapter_name="ref", is_trainable=False)
-        return model
+        return PeftModel.from_pretrained(base, str(config.start_adapter), is_trainable=True)
     lora = config.lora
     return get_peft_model(
         base,
@@ -87,9 +85,9 @@ def reference_of(model: Any):
 def build(config, settings) -> tuple[Any, Any, Any]:
     """(trainer, tokenized pairs, loaded model) for ``config`` (a DpoConfig)."""
     import torch
+    from datasets import Dataset
     from transformers import set_seed
 
-    from datasets import Dataset
     from src.models.loader import load_model
     from src.training.dpo import METRICS_FILE, MetricsLog, PreferenceTrainer, trainer_arguments
 

@@ -201,3 +201,38 @@ def test_an_adapter_appears_only_once_its_weights_are_whole(tmp_path, monkeypatc
     assert seen == [[], [], []]  # not listed while any file was still moving in
     assert list_adapters(adapters) == ["new"]
     assert not (output / ".adapter.partial").exists()
+
+
+def test_training_can_start_from_an_sft_adapter_which_is_then_the_reference(
+    tmp_path, tiny_llama_path
+):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    sft = tmp_path / "sft-adapter"
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(sft)
+    config = config_for(tmp_path, tiny_llama_path, max_steps=3)
+    config = config.model_copy(update={"start_adapter": sft})
+    trainer, data, loaded = build(config, settings_for(tmp_path))
+    model = trainer.model
+    assert set(model.peft_config) == {"default", "ref"}
+    pad_id = loaded.tokenizer.pad_token_id
+    before = reply_logps(model, data.held_out, pad_id)
+    with reference_of(model):
+        reference = reply_logps(model, data.held_out, pad_id)
+    torch.testing.assert_close(before, reference)  # the SFT adapter is the starting point
+    with model.disable_adapter():
+        base_only = reply_logps(model, data.held_out, pad_id)
+    assert not torch.allclose(base_only, reference)  # ... and not the bare base model
+    trainer.train()
+    with reference_of(model):
+        torch.testing.assert_close(reply_logps(model, data.held_out, pad_id), reference)
+    assert not torch.allclose(reply_logps(model, data.held_out, pad_id), reference)
+    saved = tmp_path / "published"
+    publish_adapter(lambda to: model.save_pretrained(to, selected_adapters=["default"]), saved)
+    assert not (saved / "ref").exists()
+    weights = load_file(saved / "adapter_model.safetensors")
+    assert weights and all("lora_" in name for name in weights)

@@ -27,6 +27,7 @@ from src.web.streaming import complete_unless_gone
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
 router = APIRouter(tags=["sessions"], dependencies=[Depends(require_api_key)], responses=ERRORS)
 MAX_LISTED = 1_000
+MAX_OFFSET = 10**9  # past any real store; SQLite's integers end at 2**63
 
 
 def check_session_id(session_id: str) -> None:
@@ -51,7 +52,7 @@ def list_sessions(
     service: ServiceDep,
     settings: SettingsDep,
     limit: int = Query(100, ge=1, le=MAX_LISTED),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> SessionListResponse:
     """The stored conversations, most recently updated first. With API_KEY set, for its
     holder; without one, only for clients on this machine (403 for others)."""
