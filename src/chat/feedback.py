@@ -15,15 +15,18 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from src.chat.feedback_records import (
+    FeedbackRecord,
+    Generation,
+    Origin,
+    Rating,
+    ReplyRecord,
+    Source,
+)
 from src.chat.store import SessionStore, check_reply_index
 from src.errors import InvalidRequestError, SessionNotFoundError
-
-Rating = Literal["good", "bad", "none"]
-Origin = Literal["model", "candidate", "edit"]
-Source = Literal["api", "ui", "cli"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS replies (
@@ -51,46 +54,6 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 CREATE INDEX IF NOT EXISTS feedback_by_reply ON feedback (reply_id);
 """
-
-
-@dataclass(frozen=True)
-class Generation:
-    """How a reply was made: by which model and adapter, with which parameters."""
-
-    model: str | None
-    adapter: str | None = None
-    params: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class ReplyRecord:
-    id: int
-    session_id: str | None
-    message_index: int | None
-    content: str
-    origin: Origin
-    system_prompt: str | None
-    messages: list[dict]  # the conversation before the reply (ends with the user's turn)
-    generation: Generation
-
-
-@dataclass(frozen=True)
-class FeedbackRecord:
-    id: int
-    reply: ReplyRecord  # the reply judged; in a preference, the one not chosen
-    rating: Rating | None
-    preferred: ReplyRecord | None
-    comment: str | None
-    source: Source
-    created: float
-
-    @property
-    def kind(self) -> Literal["rating", "edit", "choice"]:
-        if self.preferred is None:
-            return "rating"
-        if "candidate" in (self.reply.origin, self.preferred.origin):
-            return "choice"
-        return "edit"
 
 
 _made_lock = threading.Lock()

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from src.chat.feedback import FeedbackRecord, ReplyRecord
+from src.chat.feedback_records import FeedbackRecord, ReplyRecord
 
 NO_BAD_COUNTERPART = "a 'good' rating with no 'bad' reply to the same prompt"
 NO_GOOD_COUNTERPART = "a 'bad' rating with no 'good' reply to the same prompt"

@@ -23,7 +23,8 @@ from typing import Any
 from src.chat.cache import CachedReply, ResponseCache, cache_key
 from src.chat.conversation import Conversation
 from src.chat.deltas import Delta, TokenInfo
-from src.chat.feedback import FeedbackStore, Generation
+from src.chat.feedback import FeedbackStore
+from src.chat.feedback_records import Generation
 from src.chat.local import LocalBackend
 from src.chat.remote import RemoteBackend
 from src.chat.store import SessionStore, check_reply_index

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.chat.conversation import Conversation
-from src.chat.feedback import FeedbackRecord, FeedbackStore, Generation
+from src.chat.feedback import FeedbackStore
+from src.chat.feedback_records import FeedbackRecord, Generation
 from src.chat.store import SessionStore
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from src.chat.feedback import FeedbackRecord
+from src.chat.feedback_records import FeedbackRecord
 from src.chat.store import SessionSummary
 from src.web.schemas import GenerationOverrides, Usage
 

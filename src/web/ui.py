@@ -189,10 +189,15 @@ def build_ui(
             "outputs": reply_outputs,
         }
         replies = [textbox.submit(**submit), send.click(**submit)]
+
+        def no_candidate():
+            """A candidate answers the last message: a new exchange leaves it behind."""
+            return gr.Group(visible=False), None
+
         for event in replies:
             event.then(listing, [mine, session_id], listed).then(
                 locked_system_prompt, session_id, system_prompt
-            )
+            ).then(no_candidate, None, [candidate_panel, candidate_id])
 
         def another(adapter_name, current, *values):
             for text, made, line in stream_candidate(
@@ -272,7 +277,7 @@ def build_ui(
         delete.click(delete_one, [session_id, mine], [*fresh, listed, mine, system_prompt])
         undo.click(undo_one, session_id, [chatbot, session_id]).then(
             listing, [mine, session_id], listed
-        )
+        ).then(no_candidate, None, [candidate_panel, candidate_id])
 
         def on_page_load(mine_ids, request: gr.Request):
             pool = get_pool()

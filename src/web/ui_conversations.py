@@ -79,10 +79,9 @@ def undo_last_exchange(store: SessionStore, session_id: str | None) -> History:
         raise gr.Error("There is no exchange to undo.")
     keep = len(conversation.messages) - 2
     try:
-        if keep == 0:
-            store.delete(session_id)
-            return []
-        store.truncate(session_id, keep)
-    except MiniClaudeError as exc:  # a reply to it is being written (another tab)
+        store.truncate(session_id, keep)  # refused while a reply to it is being written
+    except MiniClaudeError as exc:
         raise gr.Error(str(exc)) from None
+    if keep == 0:
+        store.delete(session_id)
     return messages_to_history(conversation.messages[:keep])

@@ -7,7 +7,7 @@ from typing import Any
 
 import gradio as gr
 
-from src.chat.feedback import FeedbackRecord, Rating
+from src.chat.feedback_records import FeedbackRecord, Rating
 from src.errors import MiniClaudeError
 from src.web.ui_context import History, PoolGetter, service_or_error
 from src.web.ui_history import messages_to_history, text_of

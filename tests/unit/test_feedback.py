@@ -6,7 +6,8 @@ import sqlite3
 
 import pytest
 
-from src.chat.feedback import FeedbackStore, Generation
+from src.chat.feedback import FeedbackStore
+from src.chat.feedback_records import Generation
 from src.chat.preferences import (
     ALREADY_PAIRED,
     DUPLICATE,
