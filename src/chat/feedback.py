@@ -81,15 +81,23 @@ class FeedbackStore:
 
     # ---- recording replies ---------------------------------------------------------------------
 
-    def recorder(self, session_id: str, system_prompt: str | None, generation: Generation) -> Any:
+    def recorder(
+        self,
+        session_id: str,
+        system_prompt: str | None,
+        context: list[dict],
+        generation: Generation,
+    ) -> Any:
         """What ``SessionStore.append_exchange`` runs with a new exchange (``also``): the
-        reply just appended is recorded with the context it answered, as the session's."""
+        reply just appended is recorded as the session's, with ``context``, the messages it was
+        generated from (a reply edited meanwhile shows in the session, not in what this reply
+        answered)."""
 
         def record(db: sqlite3.Connection, messages: list[dict]) -> None:
             index = len(messages) - 1
             self._insert(
                 db, session_id, index, messages[index]["content"], "model", True,
-                system_prompt, messages[:index], generation,
+                system_prompt, context, generation,
             )  # fmt: skip
 
         return record

@@ -233,8 +233,9 @@ class ReplyStream:
         if conversation is not None and self.user_message is not None:
             conversation.add_exchange(self.user_message, reply.text)
             if conversation.persistent and self.service.store is not None:
+                answered = conversation.messages[:-1]  # up to the user's message
                 record = self.service.feedback.recorder(
-                    conversation.id, conversation.system_prompt, self.generation
+                    conversation.id, conversation.system_prompt, answered, self.generation
                 )
                 self.service.store.append_exchange(
                     conversation, self.user_message, reply.text, also=record

@@ -249,3 +249,16 @@ def test_the_cli_saves_good_bad_and_edits_of_its_last_reply(tiny_llama_path, tmp
     [pair] = preference_pairs([rating, edit]).pairs
     assert (pair.chosen, pair.rejected) == ("Hello! How can I help?", reply)
     store.close()
+
+
+def test_a_reply_records_the_context_it_was_generated_from_even_if_edited_meanwhile(service):
+    session = chat(service)
+    original = session.messages[1]["content"]
+    stream = service.start_reply(session, "And then?", GREEDY.updated(max_new_tokens=4))
+    service.feedback.judge(session.id, 1, "api", edit="Edited while the next reply ran.")
+    stream.complete()
+    stored = service.get_session(session.id)
+    assert stored.messages[1]["content"] == "Edited while the next reply ran."
+    assert len(stored.messages) == 4  # the continuation was saved after the edit
+    record = service.feedback.judge(session.id, 3, "api", rating="good").reply
+    assert record.messages[1]["content"] == original  # what that reply actually answered
