@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import httpx
 
@@ -160,14 +161,38 @@ def percentile(values: list[float], fraction: float) -> float | None:
 def check_status(response: httpx.Response) -> None:
     if response.status_code in (200, 201):
         return
-    error_type = None
     try:
         response.read()
-        error = response.json()["error"]
-        message, error_type = error["message"], error["type"]
+        body = response.json()
     except Exception:
-        message = response.text[:200] if response.is_stream_consumed else ""
+        body = None
+    message, error_type = error_message_and_type(response, body)
     raise RequestFailed(f"http_{response.status_code}", message, error_type)
+
+
+def error_message_and_type(response: httpx.Response, body: Any) -> tuple[str, str | None]:
+    """The message of an error in any of the protocols' shapes, and the server's own error
+    type. OpenAI's shape carries that type; Anthropic's names only the protocol's kind
+    (``overloaded_error`` for every 503) and Ollama's none, so for those a 503 is told apart
+    by what a client sees: Retry-After (busy), or its message (loading, shutting down)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        message = error["message"]
+        if body.get("type") != "error":  # OpenAI's shape (Anthropic's says "type": "error")
+            return message, error.get("type")
+    elif isinstance(error, str):
+        message = error
+    else:
+        return (response.text[:200] if response.is_stream_consumed else ""), None
+    if response.status_code != 503:
+        return message, None
+    if "Retry-After" in response.headers:
+        return message, "server_busy"
+    if "still loading" in message:
+        return message, "service_unavailable"
+    if "shutting down" in message or "engine was closed" in message:
+        return message, "server_shutdown"
+    return message, None
 
 
 class SSEReader:

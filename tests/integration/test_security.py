@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from src.benchmarks.load import error_message_and_type
 from src.chat.conversation import is_session_id
 from src.chat.store import SessionStore
 from src.config import load_settings
@@ -730,6 +731,16 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(tmp_path, tiny_llama_
                     error = assert_error(response, 503, "server_busy")
                     assert "MAX_QUEUED_REQUESTS" in error["message"]
                     assert response.headers["retry-after"] == "1"
+                # Anthropic's and Ollama's shapes say so too: the load test reads "busy".
+                for route, request in (
+                    ("/v1/messages", {"model": "any", "max_tokens": 2, "messages": [USER]}),
+                    ("/api/chat", {"model": "tiny-llama0", "messages": [USER], "stream": False}),
+                ):
+                    response = http.post(route, json=request)
+                    assert response.status_code == 503, response.text
+                    assert response.headers["retry-after"] == "1"
+                    message, error_type = error_message_and_type(response, response.json())
+                    assert "MAX_QUEUED_REQUESTS" in message and error_type == "server_busy"
         finally:
             release.set()
             del engine.model.forward  # the class's own again
