@@ -26,6 +26,10 @@ from src.models.model_info import eos_token_ids, max_positions
 from src.params import GenerationParams
 from src.stack import ChatStack, build_chat_stack, build_service
 
+# The count of fuzz cases tried, printed after any run that includes them (a plugin here, at
+# the root, so that a pytest-xdist controller adds up its workers' counts).
+pytest_plugins = ["tests.fuzz.cases"]
+
 # The real model cache of the repository: the bundled model is converted there once per
 # machine (about 25 s) and then loads in about a second, for the tests and the CLI alike.
 REPO_MODEL_CACHE = REPO_ROOT / "models"

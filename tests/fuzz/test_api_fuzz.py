@@ -45,7 +45,8 @@ from src.web.api import create_app
 from src.web.openai_schemas import ChatCompletion
 from src.web.schemas import ChatResponse
 from tests.conftest import GREEDY, make_service, stack_around
-from tests.fuzz.conftest import count, examples
+from tests.fuzz.cases import count
+from tests.fuzz.conftest import examples
 from tests.live_server import LiveServer
 
 # The schema does not depend on the settings: defaults, without reading the environment.

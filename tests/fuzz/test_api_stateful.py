@@ -39,7 +39,8 @@ from src.chat.store import SessionStore
 from src.config import load_settings
 from src.web.api import create_app
 from tests.conftest import GREEDY, make_service, stack_around
-from tests.fuzz.conftest import count, examples
+from tests.fuzz.cases import count
+from tests.fuzz.conftest import examples
 from tests.live_server import LiveServer, read_sse
 
 HISTORY_LIMIT = 6  # MAX_HISTORY_MESSAGES: a session is full after three exchanges

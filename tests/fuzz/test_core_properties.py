@@ -41,7 +41,8 @@ from src.params import GenerationParams, make_params
 from src.training.config import TrainingConfig, load_training_config, no_settings
 from src.training.data import load_examples
 from tests.conftest import GREEDY, make_service
-from tests.fuzz.conftest import count, examples
+from tests.fuzz.cases import count
+from tests.fuzz.conftest import examples
 
 EXAMPLES = examples(60)
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(max(300, EXAMPLES))]
