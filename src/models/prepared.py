@@ -31,9 +31,21 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 def prepared_path(
     folder: Path, dtype: torch.dtype, quantization: Quantization, cache_dir: Path
 ) -> Path:
-    """Where the prepared model for these sources and settings lives."""
-    name = f"{folder.name}-{DTYPE_NAMES[dtype]}-{quantization}-{source_digest(folder)}"
+    """Where the prepared model for these sources and settings lives. Int4 weights are
+    saved in PyTorch's packing, which depends on the CPU's instruction sets (64-column blocks
+    on AVX-512, 32 on AVX2): the file names the packing, so a cache shared between machines
+    (a container image, a network folder) never hands one CPU another's layout."""
+    method = quantization
+    if quantization == "int4":
+        method += f"-{int4_packing()}"
+    name = f"{folder.name}-{DTYPE_NAMES[dtype]}-{method}-{source_digest(folder)}"
     return Path(cache_dir) / "prepared" / f"{name}.safetensors"
+
+
+def int4_packing() -> str:
+    """The layout ``aten._convert_weight_to_int4pack_for_cpu`` writes on this machine, named
+    by the instruction set PyTorch dispatches to (``avx512``, ``avx2``, ``default``...)."""
+    return torch.backends.cpu.get_cpu_capability().lower()
 
 
 def source_digest(folder: Path) -> str:

@@ -85,8 +85,11 @@ def test_the_prepared_model_is_cached_reused_and_rebuilt_when_damaged(
     with torch.no_grad():
         assert torch.equal(rebuilt(ids).logits, expected)
     assert path.stat().st_size > 1e6
-    # Another setting is another file.
+    # Another setting is another file, and so is another CPU's packing of int4 weights.
     assert prepared_path(bundled_model_path, torch.float32, "none", tmp_path) != path
+    assert torch.backends.cpu.get_cpu_capability().lower() in path.name
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "OTHER")
+    assert prepared_path(bundled_model_path, torch.bfloat16, "int4", tmp_path) != path
 
 
 def test_the_next_turn_reuses_the_conversation_so_far(bundled_service, bundled_model_path):
