@@ -51,7 +51,14 @@ def unavailable_reason() -> str | None:
     if flags is None:
         return "cannot read /proc/cpuinfo"
     missing = [feature for feature in CPU_FEATURES if feature not in flags]
-    return f"this CPU lacks {', '.join(missing)}" if missing else None
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    # The kernel reads PyTorch's AVX-512 packing of the weights; PyTorch packs for the
+    # instruction set it dispatches to, which ATEN_CPU_CAPABILITY can lower.
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return f"PyTorch packs int4 weights for {capability} here, and the kernel reads AVX512's"
+    return None
 
 
 def compiler() -> str | None:

@@ -83,6 +83,21 @@ def test_shapes_outside_whole_64_column_blocks_keep_pytorchs_kernel():
     assert not can_run(64, 48)
 
 
+def test_it_runs_only_where_the_cpu_has_the_instructions_and_pytorch_packs_for_avx512(
+    monkeypatch,
+):
+    flags = ["fpu", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"]
+    monkeypatch.setattr(int4_kernel.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(int4_kernel.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(int4_kernel, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert unavailable_reason() is None
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert "packs int4 weights for AVX2" in unavailable_reason()
+    monkeypatch.setattr(int4_kernel, "cpu_flags", lambda: flags[:3])  # an AVX2 CPU
+    assert unavailable_reason() == "this CPU lacks avx512bw, avx512vl, avx512_bf16"
+
+
 def test_a_failed_build_falls_back_to_pytorchs_kernel(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(int4_kernel, "unavailable_reason", lambda: None)
     monkeypatch.setattr(int4_kernel, "compiler", lambda: "/bin/false")  # exits 1, builds nothing
