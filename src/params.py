@@ -69,7 +69,7 @@ class GenerationParams(BaseModel):
         description="Most tokens to generate (0: only score the prompt).",
     )
     temperature: float = Field(
-        0.7, ge=0.0, le=5.0, description="0 means greedy; otherwise at least 0.01."
+        0.7, ge=0.0, le=5.0, description="0 means greedy (and so does anything below 0.01)."
     )
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 disables.")
     top_k: int = Field(50, ge=0, le=10_000, description="Keep the k likeliest tokens; 0 disables.")
@@ -130,11 +130,12 @@ class GenerationParams(BaseModel):
 
     @field_validator("temperature")
     @classmethod
-    def _temperature_zero_or_usable(cls, value: float) -> float:
-        # Dividing logits by a near-zero temperature overflows to inf and sampling fails.
-        if 0.0 < value < MIN_TEMPERATURE:
-            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
-        return value
+    def _near_zero_temperature_is_greedy(cls, value: float) -> float:
+        # Dividing logits by a near-zero temperature overflows to inf and sampling fails; the
+        # distribution it asks for is the greedy choice anyway. OpenAI's, Anthropic's and
+        # Ollama's APIs accept any temperature from 0, so such a request is served greedily
+        # (as vLLM does below its own threshold), not refused.
+        return 0.0 if value < MIN_TEMPERATURE else value
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -41,6 +41,7 @@ from schemathesis.specs.openapi.checks import (
 
 from src.chat.store import SessionStore
 from src.config import Settings, load_settings
+from src.web.anthropic_schemas import Message
 from src.web.api import create_app
 from src.web.openai_schemas import ChatCompletion
 from src.web.schemas import ChatResponse
@@ -249,7 +250,7 @@ def test_operation(label, mode, live, http, session_id):
 TEXT = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40).filter(str.strip)
 STOP = st.text(st.characters(codec="utf-8"), min_size=1, max_size=8)
 SAMPLING = {
-    "temperature": st.just(0.0) | st.floats(0.01, 5.0),
+    "temperature": st.just(0.0) | st.floats(0.0, 5.0),
     "top_p": st.floats(0.0, 1.0, exclude_min=True),
     "repetition_penalty": st.floats(0.05, 10.0),
     "seed": st.integers(0, 2**63 - 1),
@@ -286,12 +287,75 @@ def openai_bodies(draw) -> dict:
     return draw(st.fixed_dictionaries({"messages": st.just(messages)}, optional=optional))
 
 
+def conversation(draw) -> list[dict]:
+    """Alternating turns of arbitrary unicode, ending with the user's."""
+    messages = []
+    for _ in range(draw(st.integers(0, 2))):
+        messages += [{"role": r, "content": draw(TEXT)} for r in ("user", "assistant")]
+    return [*messages, {"role": "user", "content": draw(TEXT)}]
+
+
+@st.composite
+def anthropic_bodies(draw) -> dict:
+    """In-range Messages API requests (Anthropic's), streamed or not."""
+    optional = {
+        "system": TEXT,
+        "temperature": st.floats(0.0, 1.0),
+        "top_p": st.floats(0.0, 1.0, exclude_min=True),
+        "top_k": st.integers(1, 10_000),
+        "stop_sequences": st.lists(STOP, max_size=4),
+        "stream": st.booleans(),
+    }
+    required = {
+        "model": st.text(min_size=1, max_size=10),
+        "max_tokens": st.integers(1, 24),
+        "messages": st.just(conversation(draw)),
+    }
+    return draw(st.fixed_dictionaries(required, optional=optional))
+
+
+@st.composite
+def ollama_bodies(draw, model: str) -> dict:
+    """In-range /api/chat requests (Ollama's) for the served ``model``, streamed or not."""
+    options = st.fixed_dictionaries(
+        {},
+        optional={
+            "num_predict": st.integers(1, 24),
+            "temperature": st.floats(0.0, 5.0),
+            "top_k": st.integers(0, 10_000),
+            "top_p": st.floats(0.0, 1.0),
+            "seed": st.integers(0, 2**63 - 1),
+            "stop": st.lists(STOP, max_size=4),
+            "repeat_penalty": st.floats(0.05, 10.0),
+        },
+    )
+    required = {"model": st.just(model), "messages": st.just(conversation(draw))}
+    return draw(
+        st.fixed_dictionaries(required, optional={"stream": st.booleans(), "options": options})
+    )
+
+
 def check_success(path: str, response) -> None:
     """200 with a body of the documented shape; or a prompt too long for the window."""
     if response.status_code == 400:
-        assert response.json()["error"]["type"] == "context_length_exceeded", response.text
+        body = response.json()
+        if path.startswith("/api/"):  # Ollama's and Anthropic's shapes name no error type
+            assert "context window" in body["error"], response.text
+        elif path.startswith("/v1/messages"):
+            assert "context window" in body["error"]["message"], response.text
+        else:
+            assert body["error"]["type"] == "context_length_exceeded", response.text
         return
     assert response.status_code == 200, response.text
+    if path == "/api/chat":
+        lines = [json.loads(line) for line in response.text.splitlines() if line.strip()]
+        assert lines and all("error" not in line for line in lines), response.text
+        assert lines[-1]["done"] is True and not any(line["done"] for line in lines[:-1])
+        assert lines[-1]["done_reason"] in ("stop", "length"), lines[-1]
+        return
+    if path == "/v1/messages" and "text/event-stream" not in response.headers["content-type"]:
+        Message.model_validate_json(response.text)
+        return
     if "text/event-stream" not in response.headers["content-type"]:
         model = ChatCompletion if path.startswith("/v1") else ChatResponse
         model.model_validate_json(response.text)
@@ -309,9 +373,14 @@ def check_success(path: str, response) -> None:
         ("/chat", CHAT_BODIES),
         ("/chat/stream", CHAT_BODIES),
         ("/v1/chat/completions", openai_bodies()),
+        ("/v1/messages", anthropic_bodies()),
+        ("/api/chat", None),  # for the served model, named when the server is up
     ],
 )
 def test_valid_requests_succeed(path, bodies, live, http):
+    if bodies is None:
+        bodies = ollama_bodies(http.get(f"{live.url}/api/tags").json()["models"][0]["name"])
+
     @FUZZ_SETTINGS
     @given(body=bodies)
     def run(body: dict) -> None:

@@ -28,7 +28,6 @@ def test_defaults_are_valid_and_sampled():
         ({"response_format": {"type": "json_schema"}}, "needs a JSON schema object"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"repetition_penalty": 0}, "repetition_penalty=0"),
-        ({"temperature": 1e-40}, "must be 0 \\(greedy\\) or at least 0.01"),
         ({"seed": -3}, "seed=-3"),
         ({"temprature": 0.5}, "temprature: unknown parameter"),
         ({"stop": [""]}, "must not be empty"),
@@ -39,6 +38,13 @@ def test_defaults_are_valid_and_sampled():
 def test_invalid_parameters_are_named(values, expected):
     with pytest.raises(InvalidRequestError, match=expected):
         make_params(values)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 0.009])
+def test_a_near_zero_temperature_is_greedy(temperature):
+    params = make_params({"temperature": temperature, "do_sample": True})
+    assert params.temperature == 0.0 and params.is_greedy
+    assert make_params({"temperature": 0.01}).temperature == 0.01
 
 
 def test_cli_strings_are_parsed_and_a_single_stop_string_is_a_list():
