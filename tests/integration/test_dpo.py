@@ -117,6 +117,7 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+@pytest.mark.slow  # three training runs; the LoRA trainer's resume is tested in make test
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_llama_path):
     whole_config = config_for(tmp_path / "whole", tiny_llama_path)
     whole, _, _ = build(whole_config, settings_for(tmp_path))

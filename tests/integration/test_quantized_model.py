@@ -43,6 +43,7 @@ def test_engine_hf_quantises_the_transformers_model_too(bundled_model_path):
     assert "Paris" in reply.text
 
 
+@pytest.mark.slow  # 84 s on an AVX2 CPU; make bench and QUANTIZE=auto measure it too
 def test_int4_perplexity_is_within_two_percent_of_fp32(bundled_service, bundled_exact_service):
     held_out = calibration_examples(bundled_exact_service.backend.tokenizer, conversations=12)
     exact = held_out_perplexity(bundled_exact_service.backend.engine.model, held_out)

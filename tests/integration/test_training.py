@@ -317,6 +317,7 @@ def test_compare_adapter_shows_base_and_adapter_side_by_side(tiny_llama_path, tm
     assert left and right and left != right  # the adapter changes the reply
 
 
+@pytest.mark.slow  # a training run, a merge and a chat in three processes
 def test_merge_adapter_script_writes_a_model_that_chats(tiny_llama_path, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
