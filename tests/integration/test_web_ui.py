@@ -21,7 +21,9 @@ README_SCREENSHOT = REPO_ROOT / "docs" / "images" / "web_ui.png"
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(server):
+    # Depends on the server so that it quits first: a page left open holds Gradio's streams,
+    # and the server would wait for them when it stops.
     if CHROMEDRIVER is None:
         pytest.skip("chromedriver not installed (make test installs chromium-driver)")
     from selenium import webdriver
