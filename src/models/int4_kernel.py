@@ -55,9 +55,11 @@ def unavailable_reason() -> str | None:
         return f"this CPU lacks {', '.join(missing)}"
     # The kernel reads PyTorch's AVX-512 packing of the weights; PyTorch packs for the
     # instruction set it dispatches to, which ATEN_CPU_CAPABILITY can lower.
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512":
-        return f"PyTorch packs int4 weights for {capability} here, and the kernel reads AVX512's"
+    from src.models.quantize import int4_packing
+
+    packing = int4_packing()
+    if packing != "avx512":
+        return f"PyTorch packs int4 weights for {packing.upper()} here; the kernel reads AVX512's"
     return None
 
 

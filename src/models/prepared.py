@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from src.models.gguf_import import four_bit_file, keep_file_codes
-from src.models.quantize import Quantization, quantize_model
+from src.models.quantize import Quantization, int4_packing, quantize_model
 from src.models.transformer import Transformer
 
 logger = logging.getLogger(__name__)
@@ -40,12 +40,6 @@ def prepared_path(
         method += f"-{int4_packing()}"
     name = f"{folder.name}-{DTYPE_NAMES[dtype]}-{method}-{source_digest(folder)}"
     return Path(cache_dir) / "prepared" / f"{name}.safetensors"
-
-
-def int4_packing() -> str:
-    """The layout ``aten._convert_weight_to_int4pack_for_cpu`` writes on this machine, named
-    by the instruction set PyTorch dispatches to (``avx512``, ``avx2``, ``default``...)."""
-    return torch.backends.cpu.get_cpu_capability().lower()
 
 
 def source_digest(folder: Path) -> str:

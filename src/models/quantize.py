@@ -178,6 +178,12 @@ class Int4Linear(QuantizedLinear):
         )
 
 
+def int4_packing() -> str:
+    """The layout ``aten._convert_weight_to_int4pack_for_cpu`` writes on this machine, named
+    by the instruction set PyTorch dispatches to (``avx512``, ``avx2``, ``default``...)."""
+    return torch.backends.cpu.get_cpu_capability().lower()
+
+
 INT4_REFITS = 4  # least-squares refits of a group's scale and minimum to its codes
 
 
