@@ -28,8 +28,9 @@ COPY src/ src/
 COPY scripts/ scripts/
 COPY configs/ configs/
 
-# Our int4 kernel (src/models/int4_kernel.py) is C, compiled once: build it now, then drop
-# the compiler. It runs where the CPU has AVX-512 BF16; elsewhere PyTorch's kernel serves.
+# Our int4 kernels (src/models/int4_kernel.py) are C, compiled once: build them now, then drop
+# the compiler. They run where the CPU has AVX-512 BF16 or AVX2 + FMA; elsewhere PyTorch's
+# kernel serves.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && MODEL_CACHE_DIR=/app/models python -m src.models.int4_kernel \
     && apt-get purge -y gcc libc6-dev && rm -rf /var/lib/apt/lists/*

@@ -8,7 +8,7 @@ from pathlib import Path
 
 # The flags that decide which kernels can run here, and which crash llama.cpp's native
 # build (AMX: see README "Performance"), as /proc/cpuinfo names them.
-RELEVANT_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
                   "amx_tile", "amx_bf16", "amx_int8")  # fmt: skip
 
 

@@ -77,6 +77,7 @@ def load_for_inference(
     on its weights instead of loading them again. ``calibration`` makes the conversations
     QUANTIZE=auto measures perplexity on (without it, auto keeps such a model exact). Raises
     ``ModelLoadingError``."""
+    from src.models.int4_kernel import kernel_source
     from src.models.loader import inference_dtype, resolve_model
     from src.models.quantize import resolve_quantization, use_int4_kernel
 
@@ -114,7 +115,7 @@ def load_for_inference(
     if quantization == "int4" and use_int4_kernel(
         loaded.model, settings.int4_kernel, Path(settings.model_cache_dir)
     ):
-        loaded.description += " (our AVX-512 BF16 int4 kernel)"
+        loaded.description += f" (our {kernel_source().instructions} int4 kernel)"
     loaded.folder, loaded.source, loaded.quantization = folder, source, quantization
     loaded.adapter = Path(adapter) if adapter is not None else None
     if adapter is not None and loaded.engine == "scratch":

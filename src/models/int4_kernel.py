@@ -1,19 +1,23 @@
-"""INT4_KERNEL=auto: our own int4 matrix kernel, built from C on first use.
+"""INT4_KERNEL=auto: our own int4 matrix kernels, built from C on first use.
 
-``src/models/kernels/int4_bf16.c`` multiplies bf16 rows by the int4 weights of
-``Int4Linear`` (the same packed buffers PyTorch's kernel reads) on the CPU's AVX-512 BF16
-dot-product instructions. Its numbers are PyTorch's kernel's up to the order of fp32
-additions; in the model's decoding step it is as fast for one row and 1.3x faster for 8
-rows, 1.6x for 16 and for prompts, where PyTorch's kernel is limited by arithmetic. The C file
-explains how.
+Two kernels multiply bf16 rows by the int4 weights of ``Int4Linear`` (the same packed buffers
+PyTorch's kernel reads, whose layout depends on the CPU: PyTorch packs them for the
+instruction set it dispatches to), each with the scale and offset of a group taken out of
+the inner sum:
 
-It needs an x86-64 CPU with AVX-512 BF16 (AMD Zen 4 and later, Intel Cooper Lake and
-Sapphire Rapids and later) and, once, a C compiler (``gcc``, or ``$CC``): the library is
-compiled (under a second) into MODEL_CACHE_DIR/kernels/, named by a digest of the source
-and flags, and later starts load it (``python -m src.models.int4_kernel`` builds it ahead,
-as the Dockerfile does). Where the CPU lacks the instructions, or the library is not built
-and cannot be, ``load_int4_kernel`` says why in the log and returns None, and the layers
-keep PyTorch's kernel: never an error.
+- ``kernels/int4_bf16.c`` for CPUs with AVX-512 BF16 (AMD Zen 4 and later, Intel Cooper Lake
+  and Sapphire Rapids and later), on its bf16 dot-product instructions: as fast as PyTorch's
+  kernel for one row, 1.3x for 8 rows and 1.6x for 16 and for prompts;
+- ``kernels/int4_avx2.c`` for the other x86-64 CPUs with AVX2 and FMA, on fp32 FMAs:
+  1.3-1.5x PyTorch's AVX2 kernel for every row count.
+
+Their numbers are PyTorch's kernel's up to the order of fp32 additions; the C files explain
+how. They need, once, a C compiler (``gcc``, or ``$CC``): the library is compiled (under a
+second) into MODEL_CACHE_DIR/kernels/, named by a digest of the source and flags, and later
+starts load it (``python -m src.models.int4_kernel`` builds both ahead, as the Dockerfile
+does). Where the CPU lacks the instructions, or the library is not built and cannot be,
+``load_int4_kernel`` says why in the log and returns None, and the layers keep PyTorch's
+kernel: never an error.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import platform
 import shutil
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,31 +40,71 @@ from src.models.cpu_info import cpu_flags
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "kernels" / "int4_bf16.c"
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp",
-         "-shared", "-fPIC")  # fmt: skip
-CPU_FEATURES = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")  # as /proc/cpuinfo names them
-
 Int4Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+KERNELS_DIR = Path(__file__).parent / "kernels"
+SHARED_LIBRARY_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """One C kernel: the packing of PyTorch's it reads, and what building and running it take."""
+
+    packing: str  # as int4_packing() names it
+    instructions: str  # what it multiplies with, for the log
+    source: Path
+    flags: tuple[str, ...]
+    cpu_features: tuple[str, ...]  # as /proc/cpuinfo names them
+    block_columns: int  # PyTorch packs output columns in blocks of this many
+
+    @property
+    def name(self) -> str:
+        return self.source.stem
+
+
+AVX512_BF16 = KernelSource(
+    packing="avx512",
+    instructions="AVX-512 BF16",
+    source=KERNELS_DIR / "int4_bf16.c",
+    flags=("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
+    cpu_features=("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
+    block_columns=64,
+)
+AVX2_FMA = KernelSource(
+    packing="avx2",
+    instructions="AVX2 + FMA",
+    source=KERNELS_DIR / "int4_avx2.c",
+    flags=("-mavx2", "-mfma"),
+    cpu_features=("avx2", "fma"),
+    block_columns=32,
+)
+KERNEL_SOURCES = {kernel.packing: kernel for kernel in (AVX512_BF16, AVX2_FMA)}
+
+
+def kernel_source() -> KernelSource | None:
+    """The kernel that reads the packing PyTorch writes on this machine, if we have one."""
+    from src.models.quantize import int4_packing
+
+    return KERNEL_SOURCES.get(int4_packing())
 
 
 def unavailable_reason() -> str | None:
-    """Why the kernel cannot run on this machine, or None if it can."""
+    """Why no kernel of ours can run on this machine, or None if one can."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"it is for x86-64 Linux, not {platform.system()} {platform.machine()}"
+        return f"they are for x86-64 Linux, not {platform.system()} {platform.machine()}"
     flags = cpu_flags()
     if flags is None:
         return "cannot read /proc/cpuinfo"
-    missing = [feature for feature in CPU_FEATURES if feature not in flags]
+    # PyTorch packs for the instruction set it dispatches to, which ATEN_CPU_CAPABILITY can
+    # lower; each kernel reads one packing.
+    kernel = kernel_source()
+    if kernel is None:
+        from src.models.quantize import int4_packing
+
+        ours = " and ".join(packing.upper() for packing in KERNEL_SOURCES)
+        return f"PyTorch packs int4 weights for {int4_packing().upper()} here; ours read {ours}'s"
+    missing = [feature for feature in kernel.cpu_features if feature not in flags]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
-    # The kernel reads PyTorch's AVX-512 packing of the weights; PyTorch packs for the
-    # instruction set it dispatches to, which ATEN_CPU_CAPABILITY can lower.
-    from src.models.quantize import int4_packing
-
-    packing = int4_packing()
-    if packing != "avx512":
-        return f"PyTorch packs int4 weights for {packing.upper()} here; the kernel reads AVX512's"
     return None
 
 
@@ -67,17 +112,18 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
 
 
-def library_path(cache_dir: Path) -> Path:
+def library_path(cache_dir: Path, kernel: KernelSource) -> Path:
     """Where the library for this source and these flags lives (built or not)."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()
-    return Path(cache_dir) / "kernels" / f"int4_bf16-{digest[:16]}.so"
+    flags = " ".join(SHARED_LIBRARY_FLAGS + kernel.flags)
+    digest = hashlib.sha256(kernel.source.read_bytes() + flags.encode()).hexdigest()
+    return Path(cache_dir) / "kernels" / f"{kernel.name}-{digest[:16]}.so"
 
 
-def build(cache_dir: Path) -> Path:
+def build(cache_dir: Path, kernel: KernelSource) -> Path:
     """The compiled library, built now if this source and these flags have none yet (a
     machine that has it, a container image say, needs no compiler). Raises RuntimeError
     without a compiler, OSError or subprocess.CalledProcessError if the build fails."""
-    library = library_path(cache_dir)
+    library = library_path(cache_dir, kernel)
     if library.is_file():
         return library
     cc = compiler()
@@ -85,9 +131,9 @@ def build(cache_dir: Path) -> Path:
         raise RuntimeError("no C compiler (gcc, or $CC) to build it with")
     library.parent.mkdir(parents=True, exist_ok=True)
     temporary = library.with_suffix(f".tmp{os.getpid()}")  # renamed into place: atomic
+    command = [cc, *SHARED_LIBRARY_FLAGS, *kernel.flags, "-o", str(temporary), str(kernel.source)]
     try:
-        subprocess.run([cc, *FLAGS, "-o", str(temporary), str(SOURCE)],
-                       check=True, capture_output=True, text=True, timeout=120)  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
         os.replace(temporary, library)
     finally:
         temporary.unlink(missing_ok=True)
@@ -101,7 +147,8 @@ def load_int4_kernel(cache_dir: Path) -> Int4Kernel | None:
     reason = unavailable_reason()
     if reason is None:
         try:
-            function = ctypes.CDLL(str(build(Path(cache_dir)))).int4_bf16_matmul
+            library = build(Path(cache_dir), kernel_source())
+            function = ctypes.CDLL(str(library)).int4_bf16_matmul
         except subprocess.CalledProcessError as exc:
             reason = f"the build failed: {exc.stderr.strip()[-500:]}"
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -129,14 +176,16 @@ def load_int4_kernel(cache_dir: Path) -> Int4Kernel | None:
 
 
 def can_run(out_features: int, in_features: int) -> bool:
-    """Shapes the C kernel takes: whole 64-column blocks (PyTorch's AVX-512 packing of a
-    partial block differs) and whole groups of 32 inputs."""
-    return out_features % 64 == 0 and in_features % 32 == 0
+    """Shapes our kernel takes: whole blocks of output columns (PyTorch packs a partial
+    block differently) and whole groups of 32 inputs."""
+    kernel = kernel_source()
+    return kernel is not None and out_features % kernel.block_columns == 0 and in_features % 32 == 0
 
 
 if __name__ == "__main__":
-    # python -m src.models.int4_kernel: build the library into MODEL_CACHE_DIR now (the
-    # Dockerfile does, so that the image needs no compiler); any CPU can build it.
+    # python -m src.models.int4_kernel: build both libraries into MODEL_CACHE_DIR now (the
+    # Dockerfile does, so that the image needs no compiler); any x86-64 CPU can build them.
     from src.config import load_settings
 
-    print(build(Path(load_settings().model_cache_dir)))
+    for kernel in KERNEL_SOURCES.values():
+        print(build(Path(load_settings().model_cache_dir), kernel))

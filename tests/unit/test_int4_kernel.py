@@ -1,4 +1,5 @@
-"""Our int4 kernel (src/models/kernels/int4_bf16.c): the same products as PyTorch's int4
+"""Our int4 kernels (src/models/kernels/: int4_bf16.c for AVX-512 BF16, int4_avx2.c for AVX2
+and FMA, whichever reads the packing PyTorch writes here): the same products as PyTorch's int4
 kernel on the same packed weights, for one row up to many; INT4_KERNEL picks it per layer;
 and a machine that cannot build or run it falls back to PyTorch's kernel, never an error."""
 
@@ -26,14 +27,20 @@ def pytorch_product(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
     )
 
 
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory):
+    """One cache folder for the product tests: the library is built once for all of them."""
+    return tmp_path_factory.mktemp("kernel_cache")
+
+
 @needs_kernel
 @pytest.mark.parametrize(("in_features", "out_features"), [(576, 960), (1536, 576), (64, 128)])
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 37])
-def test_our_kernel_multiplies_like_pytorchs(tmp_path, in_features, out_features, rows):
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 37])
+def test_our_kernel_multiplies_like_pytorchs(kernel_cache, in_features, out_features, rows):
     torch.manual_seed(rows)
     layer = Int4Linear.from_linear(nn.Linear(in_features, out_features, bias=False))
     x = (torch.randn(rows, in_features) * 3).bfloat16()
-    kernel = load_int4_kernel(tmp_path)
+    kernel = load_int4_kernel(kernel_cache)
     ours = kernel(x, layer.packed, layer.scales_and_offsets, out_features).float()
     theirs = pytorch_product(layer, x).float()
     # Both round fp32 sums of the same products to bf16, summed in another order: at most
@@ -48,7 +55,7 @@ def test_our_kernel_multiplies_like_pytorchs(tmp_path, in_features, out_features
 @needs_kernel
 def test_the_library_is_built_once_and_then_reused(tmp_path):
     load_int4_kernel(tmp_path)
-    built = sorted((tmp_path / "kernels").glob("int4_bf16-*.so"))
+    built = sorted((tmp_path / "kernels").glob(f"{int4_kernel.kernel_source().name}-*.so"))
     assert len(built) == 1
     modified = built[0].stat().st_mtime_ns
     load_int4_kernel.cache_clear()  # a new process: finds the library instead of building
@@ -77,25 +84,43 @@ def test_int4_kernel_setting_picks_the_kernel_of_each_layer(tmp_path):
     assert torch.allclose(ours.float(), mlp_up(x).float(), rtol=2**-7, atol=1e-3)
 
 
-def test_shapes_outside_whole_64_column_blocks_keep_pytorchs_kernel():
-    assert can_run(960, 576) and can_run(64, 32)
-    assert not can_run(48, 576)  # PyTorch packs a partial 64-column block differently
-    assert not can_run(64, 48)
+@pytest.mark.parametrize(("capability", "block"), [("AVX512", 64), ("AVX2", 32)])
+def test_shapes_outside_whole_column_blocks_keep_pytorchs_kernel(monkeypatch, capability, block):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert can_run(15 * block, 576) and can_run(block, 32)
+    assert not can_run(block + 16, 576)  # PyTorch packs a partial block differently
+    assert not can_run(block, 48)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert not can_run(15 * block, 576)  # a packing no kernel of ours reads
 
 
-def test_it_runs_only_where_the_cpu_has_the_instructions_and_pytorch_packs_for_avx512(
+def test_each_packing_gets_the_kernel_that_reads_it_where_the_cpu_has_its_instructions(
     monkeypatch,
 ):
-    flags = ["fpu", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"]
+    avx2_cpu = ["fpu", "avx2", "fma"]
+    avx512_cpu = [*avx2_cpu, "avx512f", "avx512bw", "avx512vl", "avx512_bf16"]
     monkeypatch.setattr(int4_kernel.platform, "system", lambda: "Linux")
     monkeypatch.setattr(int4_kernel.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(int4_kernel, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(int4_kernel, "cpu_flags", lambda: avx512_cpu)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert unavailable_reason() is None
+    assert int4_kernel.kernel_source().name == "int4_bf16"
+    # ATEN_CPU_CAPABILITY=avx2 on the same CPU: PyTorch packs AVX2's layout, which the AVX2
+    # kernel reads.
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert "packs int4 weights for AVX2" in unavailable_reason()
-    monkeypatch.setattr(int4_kernel, "cpu_flags", lambda: flags[:3])  # an AVX2 CPU
-    assert unavailable_reason() == "this CPU lacks avx512bw, avx512vl, avx512_bf16"
+    assert unavailable_reason() is None
+    assert int4_kernel.kernel_source().name == "int4_avx2"
+    monkeypatch.setattr(int4_kernel, "cpu_flags", lambda: avx512_cpu[:2])  # no FMA
+    assert unavailable_reason() == "this CPU lacks fma"
+    monkeypatch.setattr(int4_kernel, "cpu_flags", lambda: avx2_cpu)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert unavailable_reason() == "this CPU lacks avx512f, avx512bw, avx512vl, avx512_bf16"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert "packs int4 weights for DEFAULT here; ours read AVX512 and AVX2's" in (
+        unavailable_reason()
+    )
+    monkeypatch.setattr(int4_kernel.platform, "machine", lambda: "aarch64")
+    assert "x86-64 Linux" in unavailable_reason()
 
 
 def test_a_failed_build_falls_back_to_pytorchs_kernel(tmp_path, monkeypatch, caplog):
@@ -120,9 +145,9 @@ def test_without_a_compiler_a_built_library_is_still_used(tmp_path, monkeypatch,
         assert load_int4_kernel(tmp_path) is None  # nothing built in tmp_path yet
     assert "no C compiler" in caplog.text
     monkeypatch.undo()
-    built = int4_kernel.build(tmp_path)  # e.g. at image build time
+    built = int4_kernel.build(tmp_path, int4_kernel.kernel_source())  # at image build
     monkeypatch.setattr(int4_kernel, "compiler", lambda: None)
     load_int4_kernel.cache_clear()
     assert load_int4_kernel(tmp_path) is not None
-    assert int4_kernel.library_path(tmp_path) == built
+    assert int4_kernel.library_path(tmp_path, int4_kernel.kernel_source()) == built
     load_int4_kernel.cache_clear()
