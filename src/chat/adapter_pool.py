@@ -23,6 +23,7 @@ from src.chat.service import ChatService
 from src.engine.memory import release_free_memory
 from src.errors import InvalidRequestError, ServerBusyError
 from src.models.adapters import list_adapters, resolve_adapter
+from src.models.lora_wrapper import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS
 
 AdapterLoader = Callable[[Path], ChatService]
 
@@ -31,10 +32,19 @@ AdapterLoader = Callable[[Path], ChatService]
 HANDED_OUT_SECONDS = 10.0
 
 
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_SAFETENSORS, ADAPTER_PICKLE)
+
+
 def adapter_version(folder: Path) -> tuple:
-    """What changes when an adapter is written again: its files' sizes and times."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink())
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    """What changes when an adapter is written again: the sizes and times of the files that
+    make the adapter. A training run's other files in the same folder (metrics.jsonl growing
+    every step, its plots and reports) are not the adapter and do not make it load again."""
+    files = [folder / name for name in ADAPTER_FILES]
+    return tuple(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in files
+        if p.is_file() and not p.is_symlink()
+    )
 
 
 class AdapterPool:

@@ -76,11 +76,13 @@ class TrainingSection(Section):
     eval_batches: int = Field(8, ge=1)
     save_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    output_dir: Path = Path("outputs/adapters/chitchat-lora")
+    # Left out or null: ADAPTERS_DIR / ADAPTER_NAME, set when the configuration is resolved.
+    output_dir: Path | None = None
 
 
 class TrainingConfig(Section):
     SCRIPT: ClassVar[str] = "src/training/train_lora.py"  # what repeats a run of it
+    ADAPTER_NAME: ClassVar[str] = "chitchat-lora"  # its folder in ADAPTERS_DIR by default
 
     model: str = "smollm2-135m-instruct"
     data: DataConfig = DataConfig()
@@ -170,10 +172,11 @@ def resolve_training_config(
 ) -> ResolvedConfig:
     """``load_training_config``, and where each value came from. ``schema``: the kind of run
     (LoRA fine-tuning's ``TrainingConfig``, preference tuning's ``DpoConfig``)."""
+    settings = load_settings() if settings is None else settings
     assignments = []
     if path is not None:
         assignments.append(Assignment("", read_yaml(Path(path)), YAML))
-    assignments += settings_assignments(load_settings() if settings is None else settings)
+    assignments += settings_assignments(settings)
     assignments += [parse_override(override) for override in overrides]
     values: dict = {}
     for assignment in assignments:
@@ -181,6 +184,10 @@ def resolve_training_config(
             set_dotted(values, assignment.key, assignment.value)
         else:
             values = assignment.value
+    default_output = default_output_dir(values, settings, schema)
+    if default_output is not None:
+        assignments.append(default_output)
+        set_dotted(values, default_output.key, default_output.value)
     try:
         config = schema.model_validate(values)
     except ValidationError as exc:
@@ -219,6 +226,18 @@ def settings_assignments(settings: Settings) -> list[Assignment]:
         for field, key in SETTINGS_KEYS.items()
         if field in settings.model_fields_set and getattr(settings, field) is not None
     ]
+
+
+def default_output_dir(
+    values: dict, settings: Settings, schema: type[Section]
+) -> Assignment | None:
+    """``training.output_dir`` left out or null: the run's own folder in ADAPTERS_DIR, where
+    a running server offers the adapter by name."""
+    training = values.get("training", {})
+    if not isinstance(training, dict) or training.get("output_dir") is not None:
+        return None  # set (or a wrong shape, which validation names)
+    folder = Path(settings.adapters_dir) / schema.ADAPTER_NAME  # type: ignore[attr-defined]
+    return Assignment("training.output_dir", str(folder), "ADAPTERS_DIR")
 
 
 def parse_override(override: str) -> Assignment:

@@ -43,11 +43,13 @@ class DpoTrainingSection(Section):
     eval_every: int = Field(15, ge=1)
     save_every: int = Field(15, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    output_dir: Path = Path("outputs/adapters/dpo-demo")
+    # Left out or null: ADAPTERS_DIR / ADAPTER_NAME, set when the configuration is resolved.
+    output_dir: Path | None = None
 
 
 class DpoConfig(Section):
     SCRIPT: ClassVar[str] = "src/training/train_dpo.py"
+    ADAPTER_NAME: ClassVar[str] = "dpo-demo"  # its folder in ADAPTERS_DIR by default
 
     model: str = "smollm2-135m-instruct"
     start_adapter: Path | None = None

@@ -117,6 +117,11 @@ def test_an_adapter_trained_again_is_loaded_again_once_its_replies_end(tmp_path)
     pool = AdapterPool("base service", folder, load)
     first = pool.get("dpo")
     assert pool.get("dpo") is first  # unchanged: the loaded one
+    # A training run's own files beside the adapter (its log grows every step, its plots and
+    # report come after the adapter) are not the adapter: no reload for them.
+    for name in ("metrics.jsonl", "dpo_curves.png", "preference_report.json"):
+        (folder / "dpo" / name).write_text("written after the adapter")
+    assert pool.get("dpo") is first and len(made) == 1
     (folder / "dpo" / "adapter_model.safetensors").write_bytes(b"second run")
     first.running = 1
     assert pool.get("dpo") is first  # a reply still runs on the old weights: kept for now

@@ -147,3 +147,26 @@ def test_the_run_prints_and_saves_the_resolved_config(env_file, tmp_path, capsys
     # The saved file gives the same run back, whatever .env and the environment say then.
     assert yaml.safe_load(text)["lora"]["rank"] == 16
     assert load_training_config(saved, settings=no_settings()) == resolved.config
+
+
+@pytest.mark.parametrize(
+    ("config_path", "name"),
+    [(DEFAULT_YAML, "chitchat-lora"), (REPO_ROOT / "configs" / "dpo_default.yaml", "dpo-demo")],
+)
+def test_the_adapter_goes_into_adapters_dir_unless_output_dir_says_otherwise(
+    tmp_path, config_path, name
+):
+    from src.training.config import TrainingConfig
+    from src.training.dpo_config import DpoConfig
+
+    schema = DpoConfig if "dpo" in config_path.name else TrainingConfig
+    settings = Settings.model_construct(adapters_dir=tmp_path / "my-adapters")
+    resolved = resolve_training_config(config_path, settings=settings, schema=schema)
+    assert resolved.config.training.output_dir == tmp_path / "my-adapters" / name
+    assert resolved.sources["training.output_dir"] == "ADAPTERS_DIR"
+    chosen = tmp_path / "elsewhere"
+    resolved = resolve_training_config(
+        config_path, [f"training.output_dir={chosen}"], settings=settings, schema=schema
+    )
+    assert resolved.config.training.output_dir == chosen
+    assert resolved.sources["training.output_dir"] == "command line"
