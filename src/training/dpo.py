@@ -133,12 +133,12 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> torc
 class PreferenceReport:
     accuracy: float  # how often the implicit reward prefers chosen (ties count half)
     margin: float  # mean reward(chosen) - reward(rejected)
-    loss: float
+    loss: float  # the DPO paper's (sigmoid) loss, whichever dpo.loss_type trains
 
     def describe(self) -> str:
         return (
             f"preference accuracy {self.accuracy:.2f}, reward margin {self.margin:+.3f}, "
-            f"DPO loss {self.loss:.4f}"
+            f"DPO (sigmoid) loss {self.loss:.4f}"
         )
 
 

@@ -118,17 +118,21 @@ def held_out_logps(model, data, pad_id: int, reference: bool = False):
         return reply_logps(model, data.held_out, pad_id)
 
 
-def log_start(metrics: Path, before) -> None:
-    """A new metrics.jsonl, whose first line is step 0: the held-out pairs before training."""
+def log_start(metrics: Path, before, loss_type: str) -> None:
+    """A new metrics.jsonl, whose first line is step 0: the held-out pairs before training,
+    in the columns TRL's evaluations write later. (Its accuracy counts a tie as half where
+    TRL's counts it as 0; every pair is a tie at step 0 and none is after training, so the
+    column means one thing: how often chosen wins, 0.5 being chance.)"""
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.unlink(missing_ok=True)
     if before is not None:
         record = {
             "step": 0,
-            "eval_loss": before.loss,
             "eval_rewards/margins": before.margin,
             "eval_rewards/accuracies": before.accuracy,
         }
+        if loss_type == "sigmoid":  # TRL's eval_loss is the loss it trains with
+            record["eval_loss"] = before.loss
         metrics.write_text(json.dumps(record) + "\n", encoding="utf-8")
 
 
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not resume:
         print("(no checkpoint to resume from: starting from the beginning)")
     if not resume:  # a new run's log starts with the held-out pairs as they were
-        log_start(config.training.output_dir / METRICS_FILE, before)
+        log_start(config.training.output_dir / METRICS_FILE, before, config.dpo.loss_type)
     trainer.train(resume_from_checkpoint=True if resume else None)
     if data.held_out:
         after = preference_report(held_out_logps(model, data, pad_id), reference, beta)
