@@ -172,13 +172,17 @@ class FeedbackStore:
         rating: Rating | None = None,
         comment: str | None = None,
         edit: str | None = None,
+        reply_id: int | None = None,
     ) -> FeedbackRecord:
         """Judge a reply of a conversation that is not in the store (the CLI's): the reply
-        is recorded with its context first."""
+        is recorded with its context the first time (``reply_id`` None); later judgements of
+        the same reply pass the record's id (``FeedbackRecord.reply.id``), so that, as for a
+        session's reply, the latest rating of a reply is the one that counts."""
         check_one_judgement(rating, edit, None, None)
         with self.store.transaction("save the feedback") as db:
             context = (system_prompt, messages)
-            reply_id = self._insert(db, None, None, reply, "model", False, *context, generation)
+            if reply_id is None:
+                reply_id = self._insert(db, None, None, reply, "model", False, *context, generation)
             preferred_id = None
             if edit is not None:
                 by_hand = Generation(None)

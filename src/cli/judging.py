@@ -3,7 +3,7 @@ its feedback (DATA_DIR/sessions.sqlite3), so ``scripts/export_preferences.py`` f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from src.chat.conversation import Conversation
@@ -20,6 +20,7 @@ class LastReply:
     messages: list[dict]
     text: str
     generation: Generation
+    record_id: int | None = None  # its record in the store, once judged
 
 
 class ReplyJudge:
@@ -51,8 +52,9 @@ class ReplyJudge:
             return None
         record = self._feedback().judge_unsaved(
             last.system_prompt, last.messages, last.text, last.generation, "cli",
-            rating=rating, comment=comment, edit=edit,
+            rating=rating, comment=comment, edit=edit, reply_id=last.record_id,
         )  # fmt: skip
+        self.last = replace(last, record_id=record.reply.id)  # judged again: the same reply
         if edit is not None:
             conversation.messages[-1] = {"role": "assistant", "content": edit}
             self.forget()  # the reply shown is the user's now, not the model's

@@ -246,8 +246,11 @@ def test_the_cli_saves_good_bad_and_edits_of_its_last_reply(tiny_llama_path, tmp
     assert rating.reply.system_prompt == "Terse."
     assert rating.reply.generation.params["max_new_tokens"] == 5
     assert edit.kind == "edit" and edit.preferred.content == "Hello! How can I help?"
-    [pair] = preference_pairs([rating, edit]).pairs
+    assert edit.reply.id == rating.reply.id  # two judgements of one reply, not two replies
+    exported = preference_pairs([rating, edit])
+    [pair] = exported.pairs
     assert (pair.chosen, pair.rejected) == ("Hello! How can I help?", reply)
+    assert exported.skipped == {ALREADY_PAIRED: 1}  # the rating: the edit made its pair
     store.close()
 
 
