@@ -230,10 +230,13 @@ class ReplyStream:
             )
         conversation = self.conversation
         tool_calls = (extras or {}).get("tool_calls") or []
+        # What the reply answered: the messages its prompt held (the oldest may have been
+        # left out to fit the context window), up to the user's turn.
+        seen = self.prompt.dropped_messages
         if conversation is not None and self.user_message is not None:
             conversation.add_exchange(self.user_message, reply.text)
             if conversation.persistent and self.service.store is not None:
-                answered = conversation.messages[:-1]  # up to the user's message
+                answered = conversation.messages[seen:-1]
                 record = self.service.feedback.recorder(
                     conversation.id, conversation.system_prompt, answered, self.generation
                 )
@@ -244,7 +247,7 @@ class ReplyStream:
             conversation.messages.append(assistant_message(reply.text, tool_calls))
         if self.candidate_for is not None:
             session_id, index = self.candidate_for
-            context = conversation.messages[:-1]  # what it answered: up to the user's turn
+            context = conversation.messages[seen:-1]
             record = self.service.feedback.add_candidate(
                 session_id, index, reply.text, self.generation, conversation.system_prompt, context
             )

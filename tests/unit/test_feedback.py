@@ -60,6 +60,24 @@ def test_a_saved_reply_is_recorded_with_its_context_model_and_parameters(service
     assert reply.generation.params["seed"] == 3 and reply.generation.params["max_new_tokens"] == 6
 
 
+def test_a_reply_records_only_the_messages_its_prompt_held(tiny_llama_path, store):
+    """Oldest turns left out to fit the context window are not part of what a reply answered:
+    a pair exported from it is the prompt the model saw."""
+    service = make_service(tiny_llama_path, context_window=90, default_params=GREEDY, store=store)
+    session = service.new_session("Be brief.")
+    for number in range(4):
+        stream = service.start_reply(
+            session, f"question number {number} " * 4, GREEDY.updated(max_new_tokens=6)
+        )
+        result = stream.complete()
+    service.close()
+    assert result.dropped_messages >= 2
+    messages = service.get_session(session.id).messages
+    record = service.feedback.judge(session.id, len(messages) - 1, "api", rating="good").reply
+    assert record.messages == messages[result.dropped_messages : -1]
+    assert record.messages[0]["role"] == "user" and record.system_prompt == "Be brief."
+
+
 def test_an_edit_is_preferred_to_the_reply_and_shown_from_then_on(service):
     session = chat(service)
     original = session.messages[1]["content"]
