@@ -28,11 +28,11 @@ COPY src/ src/
 COPY scripts/ scripts/
 COPY configs/ configs/
 
-# Our int4 kernels (src/models/int4_kernel.py) are C, compiled once: build them now, then drop
-# the compiler. They run where the CPU has AVX-512 BF16 or AVX2 + FMA; elsewhere PyTorch's
-# kernel serves.
+# Our C kernels (src/models/native.py: the int4 products, RMSNorm) are compiled once: build
+# them now, then drop the compiler. The int4 ones run where the CPU has AVX-512 BF16 or
+# AVX2 + FMA; elsewhere PyTorch's kernel serves.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && MODEL_CACHE_DIR=/app/models python -m src.models.int4_kernel \
+    && MODEL_CACHE_DIR=/app/models python -m src.models.native \
     && apt-get purge -y gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 
 # A user without root rights owns the model cache (the prepared-weights cache is written on

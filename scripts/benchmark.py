@@ -74,6 +74,7 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     )
     from src.benchmarks.llama_cpp import RowFailed
     from src.models.gguf_import import keep_file_codes
+    from src.models.norm_kernel import use_norm_kernel
     from src.models.perplexity import held_out_perplexity
     from src.models.quantize import quantize_model, use_int4_kernel
     from src.models.transformer import Transformer
@@ -87,12 +88,13 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         return quantize_model(model, quantization)
 
-    def scratch(dtype: torch.dtype, quantization: str = "none", int4_kernel: str = "pytorch"):
+    def scratch(dtype: torch.dtype, quantization: str = "none", kernels: str = "auto"):
         model = Transformer.from_hf(hf(dtype))
         if quantization == "int4":  # as served: the GGUF file's own 4-bit codes
             keep_file_codes(model, folder)
         model = quantize_model(model, quantization)
-        use_int4_kernel(model, int4_kernel, folder.parent)  # the INT4_KERNEL setting
+        use_int4_kernel(model, kernels, folder.parent)  # the INT4_KERNEL setting
+        use_norm_kernel(model, kernels, folder.parent)  # and NORM_KERNEL
         return model
 
     # (name, model factory); PRECISION / QUANTIZE / ENGINE select each row in the app.
@@ -104,10 +106,10 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         ("scratch engine fp32", lambda: scratch(torch.float32)),
         ("scratch engine bf16", lambda: scratch(torch.bfloat16)),
         (
-            "scratch engine bf16 + int4, PyTorch's int4 kernel",
-            lambda: scratch(torch.bfloat16, "int4"),
+            "scratch engine bf16 + int4, PyTorch's kernels",
+            lambda: scratch(torch.bfloat16, "int4", "pytorch"),
         ),
-        ("scratch engine bf16 + int4 (default)", lambda: scratch(torch.bfloat16, "int4", "auto")),
+        ("scratch engine bf16 + int4 (default)", lambda: scratch(torch.bfloat16, "int4")),
     ]
 
     def perplexity_of(model):
@@ -163,7 +165,7 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         )
     # Speculative decoding by prompt lookup on the default engine: a reply that repeats its
     # input (a text to copy out) and one that does not (the story above).
-    default_model = scratch(torch.bfloat16, "int4", "auto")
+    default_model = scratch(torch.bfloat16, "int4")
     copy_prompt = long_prompt_for(
         tokenizer, prompt_format, COPY_PROMPT_TOKENS, "Repeat this conversation word for word:"
     )

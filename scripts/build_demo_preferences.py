@@ -7,6 +7,12 @@ corpus's human answer as ``chosen`` and the bundled model's own greedy reply as 
 preference data that needs no network and no rating by hand, so the whole cycle (judge, export,
 ``make dpo``, chat with the result) runs on a fresh machine. The file in the repository was
 made by this script; running it again gives the same file.
+
+A reply that reached the token limit is cut back to its last whole sentence (and left out if
+it has none, or if the cut leaves a code block open): otherwise most rejected replies would
+end mid-word, and DPO would learn to prefer replies that are not cut off, which says nothing
+about the replies a user sees. What the set still teaches is the corpus's short, direct
+answers over the model's longer ones.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,8 +37,19 @@ from src.stack import build_chat_stack
 from src.training.data import read_chatterbot
 
 DEMO_FILE = REPO_ROOT / "assets" / "demo_preferences.jsonl"
-REPLY_TOKENS = 48
+REPLY_TOKENS = 64
 SEED = 7
+SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def whole_sentences(text: str) -> str | None:
+    """``text`` up to the end of its last whole sentence; None if it has none or the cut
+    leaves a code block open."""
+    ends = [match.end() for match in SENTENCE_END.finditer(text)]
+    if not ends:
+        return None
+    kept = text[: ends[-1]].strip()
+    return kept if kept.count("```") % 2 == 0 else None
 
 
 def questions(count: int) -> list[tuple[str, str]]:
@@ -60,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     service = stack.service
     greedy = GenerationParams(do_sample=False, temperature=0.0, max_new_tokens=REPLY_TOKENS)
 
-    def reply(question: str) -> str:
-        return service.reply(service.new_conversation(), question, greedy).text.strip()
+    def reply(question: str) -> str | None:
+        result = service.reply(service.new_conversation(), question, greedy)
+        text = result.text.strip()
+        return whole_sentences(text) if result.finish_reason == "length" else text
 
     chosen = questions(args.pairs)
     try:
@@ -71,13 +91,18 @@ def main(argv: list[str] | None = None) -> int:
             )
     finally:
         stack.close()
-    lines = []
+    lines, left_out = [], 0
     for (question, answer), model_reply in zip(chosen, replies, strict=True):
         if model_reply and model_reply.lower() != answer.lower():
             pair = PreferencePair([{"role": "user", "content": question}], answer, model_reply)
             lines.append(json.dumps(pair.to_json(), ensure_ascii=False) + "\n")
+        else:
+            left_out += 1
     write_text_atomically(args.out, "".join(lines))
-    print(f"{len(lines)} pairs written to {args.out}")
+    print(
+        f"{len(lines)} pairs written to {args.out}; {left_out} questions left out (a reply "
+        "cut off with no whole sentence, or the same as the human answer)"
+    )
     return 0
 
 

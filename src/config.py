@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     # built once with gcc; src/models/int4_kernel.py) where this CPU and a compiler allow,
     # else PyTorch's; "pytorch" always uses PyTorch's. Same numbers up to fp32 rounding.
     int4_kernel: Literal["auto", "pytorch"] = "auto"
+    # NORM_KERNEL: "auto" computes the RMSNorms of a bf16 model in one C call each when
+    # decoding (src/models/norm_kernel.py; any CPU, a compiler once), "pytorch" in PyTorch's
+    # operations. The same steps in the same precision.
+    norm_kernel: Literal["auto", "pytorch"] = "auto"
     huggingface_token: SecretStr | None = None
 
     # Backend: "local" runs the model above on this machine; "remote" sends generation to an

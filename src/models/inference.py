@@ -79,6 +79,7 @@ def load_for_inference(
     ``ModelLoadingError``."""
     from src.models.int4_kernel import kernel_source
     from src.models.loader import inference_dtype, resolve_model
+    from src.models.norm_kernel import use_norm_kernel
     from src.models.quantize import resolve_quantization, use_int4_kernel
 
     adapter = adapter_path or settings.adapter_path
@@ -116,6 +117,8 @@ def load_for_inference(
         loaded.model, settings.int4_kernel, Path(settings.model_cache_dir)
     ):
         loaded.description += f" (our {kernel_source().instructions} int4 kernel)"
+    if use_norm_kernel(loaded.model, settings.norm_kernel, Path(settings.model_cache_dir)):
+        loaded.description += " (RMSNorm in C)"
     loaded.folder, loaded.source, loaded.quantization = folder, source, quantization
     loaded.adapter = Path(adapter) if adapter is not None else None
     if adapter is not None and loaded.engine == "scratch":

@@ -12,24 +12,18 @@ the inner sum:
   1.3-1.5x PyTorch's AVX2 kernel for every row count.
 
 Their numbers are PyTorch's kernel's up to the order of fp32 additions; the C files explain
-how. They need, once, a C compiler (``gcc``, or ``$CC``): the library is compiled (under a
-second) into MODEL_CACHE_DIR/kernels/, named by a digest of the source and flags, and later
-starts load it (``python -m src.models.int4_kernel`` builds both ahead, as the Dockerfile
-does). Where the CPU lacks the instructions, or the library is not built and cannot be,
-``load_int4_kernel`` says why in the log and returns None, and the layers keep PyTorch's
-kernel: never an error.
+how. Building one takes a C compiler once (src/models/native.py; ``python -m
+src.models.native`` builds every C kernel of ours ahead, as the Dockerfile does). Where the
+CPU lacks the instructions, or the library is not built and cannot be, ``load_int4_kernel``
+says why in the log and returns None, and the layers keep PyTorch's kernel: never an error.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
 import platform
-import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,28 +31,21 @@ from pathlib import Path
 import torch
 
 from src.models.cpu_info import cpu_flags
+from src.models.native import KERNELS_DIR, CSource, load_function
 
 logger = logging.getLogger(__name__)
 
 Int4Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-KERNELS_DIR = Path(__file__).parent / "kernels"
-SHARED_LIBRARY_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 
 
 @dataclass(frozen=True)
-class KernelSource:
-    """One C kernel: the packing of PyTorch's it reads, and what building and running it take."""
+class KernelSource(CSource):
+    """One int4 kernel: the packing of PyTorch's it reads, and what running it takes."""
 
-    packing: str  # as int4_packing() names it
-    instructions: str  # what it multiplies with, for the log
-    source: Path
-    flags: tuple[str, ...]
-    cpu_features: tuple[str, ...]  # as /proc/cpuinfo names them
-    block_columns: int  # PyTorch packs output columns in blocks of this many
-
-    @property
-    def name(self) -> str:
-        return self.source.stem
+    packing: str = ""  # as int4_packing() names it
+    instructions: str = ""  # what it multiplies with, for the log
+    cpu_features: tuple[str, ...] = ()  # as /proc/cpuinfo names them
+    block_columns: int = 64  # PyTorch packs output columns in blocks of this many
 
 
 AVX512_BF16 = KernelSource(
@@ -108,52 +95,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
-
-
-def library_path(cache_dir: Path, kernel: KernelSource) -> Path:
-    """Where the library for this source and these flags lives (built or not)."""
-    flags = " ".join(SHARED_LIBRARY_FLAGS + kernel.flags)
-    digest = hashlib.sha256(kernel.source.read_bytes() + flags.encode()).hexdigest()
-    return Path(cache_dir) / "kernels" / f"{kernel.name}-{digest[:16]}.so"
-
-
-def build(cache_dir: Path, kernel: KernelSource) -> Path:
-    """The compiled library, built now if this source and these flags have none yet (a
-    machine that has it, a container image say, needs no compiler). Raises RuntimeError
-    without a compiler, OSError or subprocess.CalledProcessError if the build fails."""
-    library = library_path(cache_dir, kernel)
-    if library.is_file():
-        return library
-    cc = compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler (gcc, or $CC) to build it with")
-    library.parent.mkdir(parents=True, exist_ok=True)
-    temporary = library.with_suffix(f".tmp{os.getpid()}")  # renamed into place: atomic
-    command = [cc, *SHARED_LIBRARY_FLAGS, *kernel.flags, "-o", str(temporary), str(kernel.source)]
-    try:
-        subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
-        os.replace(temporary, library)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return library
-
-
 @functools.cache
 def load_int4_kernel(cache_dir: Path) -> Int4Kernel | None:
     """Our kernel as a function ``(x, packed, scales_and_offsets, out_features) -> y``, or
     None (logged) where it cannot run. Built at most once per process and cache folder."""
     reason = unavailable_reason()
     if reason is None:
-        try:
-            library = build(Path(cache_dir), kernel_source())
-            function = ctypes.CDLL(str(library)).int4_bf16_matmul
-        except subprocess.CalledProcessError as exc:
-            reason = f"the build failed: {exc.stderr.strip()[-500:]}"
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            reason = f"the build failed: {exc}"
-    if reason is not None:
+        function, reason = load_function(Path(cache_dir), kernel_source(), "int4_bf16_matmul")
+    if reason:
         logger.info("INT4_KERNEL: using PyTorch's int4 kernel (ours cannot run: %s)", reason)
         return None
     function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -180,12 +129,3 @@ def can_run(out_features: int, in_features: int) -> bool:
     block differently) and whole groups of 32 inputs."""
     kernel = kernel_source()
     return kernel is not None and out_features % kernel.block_columns == 0 and in_features % 32 == 0
-
-
-if __name__ == "__main__":
-    # python -m src.models.int4_kernel: build both libraries into MODEL_CACHE_DIR now (the
-    # Dockerfile does, so that the image needs no compiler); any x86-64 CPU can build them.
-    from src.config import load_settings
-
-    for kernel in KERNEL_SOURCES.values():
-        print(build(Path(load_settings().model_cache_dir), kernel))

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,7 +315,13 @@ class RMSNorm(nn.Module):
         self.eps, self.style = eps, style
         self.weight = nn.Parameter(torch.ones(width) if style == "llama" else torch.zeros(width))
 
+    # The same norm in one C call (src/models/norm_kernel.py, NORM_KERNEL), set for bf16
+    # norms with Llama's weighting; used when decoding, without gradients.
+    kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            return self.kernel(x, self.weight, self.eps)
         # x / sqrt(mean(x^2) + eps), computed in fp32 whatever the input dtype, as in Llama.
         # PyTorch's fused rms_norm gives the same numbers as writing it out in five operations,
         # in one: this runs twice per layer for every token.

@@ -39,7 +39,7 @@ def test_decode_section_writes_json_markdown_and_chart(converted_bundled_model, 
     assert ("llama.cpp Q4_1 GGUF (llama-cpp-python)" in names) == with_llama_cpp
     assert ("no llama.cpp row" in result.stdout) != with_llama_cpp
     assert "HF engine bf16 + int4" in names and "scratch engine bf16 + int4 (default)" in names
-    assert "scratch engine bf16 + int4, PyTorch's int4 kernel" in names
+    assert "scratch engine bf16 + int4, PyTorch's kernels" in names
     rows = data["decode"]["rows"]
     fp32_rows = [row for row in rows if "fp32" in row["name"]]
     assert all(row["same_tokens"] for row in fp32_rows)  # fp32 engines: identical greedy tokens

@@ -178,10 +178,13 @@ def test_replies_are_rated_edited_chosen_and_kept_across_a_reload(browser, serve
     chatbot_button("Edit").click()
     editor = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#chatbot textarea"))[0]
     editor.clear()
-    editor.send_keys("The Moon is slowly drifting away from the Earth.")
+    editor.send_keys("The Moon is **slowly** drifting away from the `Earth`.")
     chatbot_button("Submit").click()
     wait_for_status(browser, "your edit is the preferred reply")
+    # Markdown is rendered: the reply reads as text, with bold and code elements.
     assert bot_messages(browser)[-1] == "The Moon is slowly drifting away from the Earth."
+    assert browser.find_elements(By.CSS_SELECTOR, "#chatbot .bot strong, #chatbot strong")
+    assert browser.find_elements(By.CSS_SELECTOR, "#chatbot code")
 
     send(browser, "Another one?")
     wait_for(lambda: len(bot_messages(browser)) == 2 and "tokens/s" in status_text(browser))
@@ -210,6 +213,8 @@ def test_replies_are_rated_edited_chosen_and_kept_across_a_reload(browser, serve
     title.send_keys("Moon facts")
     click(browser, "rename")
     wait_for(lambda: any(x.startswith("Moon facts") for x in conversation_labels(browser)))
+    chatbot_button("Like").click()  # the kept candidate, rated good
+    wait_for_status(browser, "Saved: a good reply.")
 
     # The judgements are in the database, with the reply's context.
     with sqlite3.connect(server.app.state.settings.sessions_db) as db:
@@ -222,9 +227,11 @@ def test_replies_are_rated_edited_chosen_and_kept_across_a_reload(browser, serve
     # whitespace a sampled reply may end with, so compare the visible text.
     visible = [tuple(x.strip() if isinstance(x, str) else x for x in row) for row in rows]
     assert visible[0] == ("bad", "true but dull", "ui", original, None, None)
-    assert visible[1][3:] == (original, "The Moon is slowly drifting away from the Earth.", "edit")
+    edit = "The Moon is **slowly** drifting away from the `Earth`."  # stored as typed
+    assert visible[1][3:] == (original, edit, "edit")
     assert visible[2][4:] == (candidate.strip(), "candidate")
-    assert [row[2] for row in rows] == ["ui"] * 3
+    assert (visible[3][0], visible[3][3]) == ("good", candidate.strip())
+    assert [row[2] for row in rows] == ["ui"] * 4
 
     click(browser, "delete")
     wait_for(lambda: not any(x.startswith("Moon facts") for x in conversation_labels(browser)))

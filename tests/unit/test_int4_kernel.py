@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from src.models import int4_kernel
+from src.models import int4_kernel, native
 from src.models.int4_kernel import can_run, load_int4_kernel, unavailable_reason
 from src.models.quantize import Int4Linear, quantize_model, use_int4_kernel
 from src.models.transformer import Transformer, TransformerConfig
@@ -125,7 +125,7 @@ def test_each_packing_gets_the_kernel_that_reads_it_where_the_cpu_has_its_instru
 
 def test_a_failed_build_falls_back_to_pytorchs_kernel(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(int4_kernel, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(int4_kernel, "compiler", lambda: "/bin/false")  # exits 1, builds nothing
+    monkeypatch.setattr(native, "compiler", lambda: "/bin/false")  # exits 1, builds nothing
     load_int4_kernel.cache_clear()
     with caplog.at_level(logging.INFO, logger="src.models.int4_kernel"):
         assert load_int4_kernel(tmp_path) is None
@@ -139,15 +139,15 @@ def test_a_failed_build_falls_back_to_pytorchs_kernel(tmp_path, monkeypatch, cap
 
 @needs_kernel
 def test_without_a_compiler_a_built_library_is_still_used(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(int4_kernel, "compiler", lambda: None)
+    monkeypatch.setattr(native, "compiler", lambda: None)
     load_int4_kernel.cache_clear()
     with caplog.at_level(logging.INFO, logger="src.models.int4_kernel"):
         assert load_int4_kernel(tmp_path) is None  # nothing built in tmp_path yet
     assert "no C compiler" in caplog.text
     monkeypatch.undo()
-    built = int4_kernel.build(tmp_path, int4_kernel.kernel_source())  # at image build
-    monkeypatch.setattr(int4_kernel, "compiler", lambda: None)
+    built = native.build(tmp_path, int4_kernel.kernel_source())  # at image build
+    monkeypatch.setattr(native, "compiler", lambda: None)
     load_int4_kernel.cache_clear()
     assert load_int4_kernel(tmp_path) is not None
-    assert int4_kernel.library_path(tmp_path, int4_kernel.kernel_source()) == built
+    assert native.library_path(tmp_path, int4_kernel.kernel_source()) == built
     load_int4_kernel.cache_clear()

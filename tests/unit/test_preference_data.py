@@ -103,6 +103,16 @@ def test_long_replies_are_cut_and_prompts_that_do_not_fit_are_dropped(tmp_path, 
 
 
 def test_the_bundled_demonstration_set_is_valid_and_human_answers_are_chosen():
+    from src.training.data import read_chatterbot
+
     pairs = load_pairs(DEMO_PREFERENCES)
     assert len(pairs) >= 300
     assert all(len(p.messages) == 1 and p.chosen != p.rejected for p in pairs)
+    # chosen: the corpus's human answer to the question; rejected: the model's reply, never
+    # cut off mid-sentence (a reply that ran out of tokens keeps its whole sentences).
+    answers: dict[str, set[str]] = {}
+    for example in read_chatterbot():
+        question, answer = (m["content"] for m in example.messages[:2])
+        answers.setdefault(question.lower(), set()).add(answer)
+    assert all(p.chosen in answers[p.messages[0]["content"].lower()] for p in pairs)
+    assert all(p.rejected.count("```") % 2 == 0 for p in pairs)

@@ -1,0 +1,93 @@
+"""Our C kernels (src/models/kernels/*.c): built once per machine, loaded with ctypes.
+
+A kernel's library is compiled (under a second) into MODEL_CACHE_DIR/kernels/, named by a
+digest of its source and flags, and later starts load it; a machine that has the library (a
+container image, say: ``python -m src.models.native`` builds them all ahead) needs no
+compiler. Where one cannot be built, ``load_function`` says why and the caller keeps
+PyTorch's version of the operation: never an error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+KERNELS_DIR = Path(__file__).parent / "kernels"
+SHARED_LIBRARY_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+
+
+@dataclass(frozen=True)
+class CSource:
+    """A C file and the compiler flags it needs beyond ``SHARED_LIBRARY_FLAGS``."""
+
+    source: Path
+    flags: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.source.stem
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
+
+
+def library_path(cache_dir: Path, kernel: CSource) -> Path:
+    """Where the library for this source and these flags lives (built or not)."""
+    flags = " ".join(SHARED_LIBRARY_FLAGS + kernel.flags)
+    digest = hashlib.sha256(kernel.source.read_bytes() + flags.encode()).hexdigest()
+    return Path(cache_dir) / "kernels" / f"{kernel.name}-{digest[:16]}.so"
+
+
+def build(cache_dir: Path, kernel: CSource) -> Path:
+    """The compiled library, built now if this source and these flags have none yet. Raises
+    RuntimeError without a compiler, OSError or subprocess.CalledProcessError if the build
+    fails."""
+    library = library_path(cache_dir, kernel)
+    if library.is_file():
+        return library
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc, or $CC) to build it with")
+    library.parent.mkdir(parents=True, exist_ok=True)
+    temporary = library.with_suffix(f".tmp{os.getpid()}")  # renamed into place: atomic
+    command = [cc, *SHARED_LIBRARY_FLAGS, *kernel.flags, "-o", str(temporary), str(kernel.source)]
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+        os.replace(temporary, library)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return library
+
+
+def load_function(cache_dir: Path, kernel: CSource, name: str) -> tuple[object | None, str]:
+    """The C function ``name`` of ``kernel``'s library (built now if need be), or None and
+    why not."""
+    try:
+        return getattr(ctypes.CDLL(str(build(Path(cache_dir), kernel))), name), ""
+    except subprocess.CalledProcessError as exc:
+        return None, f"the build failed: {exc.stderr.strip()[-500:]}"
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
+        return None, f"the build failed: {exc}"
+
+
+def our_kernels() -> list[CSource]:
+    """Every C kernel of the project (each module that has one lists its sources)."""
+    from src.models.int4_kernel import KERNEL_SOURCES
+    from src.models.norm_kernel import RMS_NORM_SOURCE
+
+    return [*KERNEL_SOURCES.values(), RMS_NORM_SOURCE]
+
+
+if __name__ == "__main__":
+    # python -m src.models.native: build every library into MODEL_CACHE_DIR now (the
+    # Dockerfile does, so that the image needs no compiler); any x86-64 CPU can build them.
+    from src.config import load_settings
+
+    for kernel in our_kernels():
+        print(build(Path(load_settings().model_cache_dir), kernel))
