@@ -50,33 +50,24 @@ static inline __attribute__((always_inline)) void rows_times_columns(
     const int64_t groups = K / GROUP;
     const int64_t n[2] = {n_low, n_low + 16};
     float total[2][MAX_ROWS][8] __attribute__((aligned(32))) = {{{0}}};
-    /* An FMA waits for the one before it on the same sum (4-5 cycles) while 2 can start per
-     * cycle: with few rows, `phases` sums per column vector and row take turns over k. */
-    const int phases = MAX_ROWS / rows;
+    /* Each row's sums run over k in the same order whatever the number of rows beside it,
+     * so a row's result never depends on the batch it is in. */
     for (int64_t g = 0; g < groups; g++) {
-        __m256 sums[MAX_ROWS][2][MAX_ROWS];
-        for (int p = 0; p < phases; p++)
-            for (int v = 0; v < 2; v++)
-                for (int r = 0; r < rows; r++) sums[p][v][r] = _mm256_setzero_ps();
-        for (int64_t k0 = g * GROUP; k0 < (g + 1) * GROUP; k0 += phases) {
+        __m256 sums[2][MAX_ROWS];
+        for (int v = 0; v < 2; v++)
+            for (int r = 0; r < rows; r++) sums[v][r] = _mm256_setzero_ps();
+        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k++) {
             /* The weights stream from memory: ask for them 512 rows (8 KB) ahead. */
-            _mm_prefetch((const char *)(strip + (k0 + 512) * 16), _MM_HINT_T0);
-            for (int p = 0; p < phases; p++) {
-                const int64_t k = k0 + p;
-                __m256i bytes =
-                    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(strip + k * 16)));
-                __m256 w[2] = {_mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15))),
-                               _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4))};
-                for (int r = 0; r < rows; r++) {
-                    __m256 x_k = _mm256_broadcast_ss(x + r * K + k);
-                    for (int v = 0; v < 2; v++)
-                        sums[p][v][r] = _mm256_fmadd_ps(w[v], x_k, sums[p][v][r]);
-                }
+            _mm_prefetch((const char *)(strip + (k + 512) * 16), _MM_HINT_T0);
+            __m256i bytes =
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(strip + k * 16)));
+            __m256 w[2] = {_mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15))),
+                           _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4))};
+            for (int r = 0; r < rows; r++) {
+                __m256 x_k = _mm256_broadcast_ss(x + r * K + k);
+                for (int v = 0; v < 2; v++) sums[v][r] = _mm256_fmadd_ps(w[v], x_k, sums[v][r]);
             }
         }
-        for (int p = 1; p < phases; p++)
-            for (int v = 0; v < 2; v++)
-                for (int r = 0; r < rows; r++) sums[0][v][r] = _mm256_add_ps(sums[0][v][r], sums[p][v][r]);
         /* 8 (scale, offset) bf16 pairs per vector: one 32-bit lane each, scale in the low
          * half; bf16 -> fp32 is a shift into the high half. */
         for (int v = 0; v < 2; v++) {
@@ -86,7 +77,7 @@ static inline __attribute__((always_inline)) void rows_times_columns(
                 _mm256_and_si256(pair, _mm256_set1_epi32((int)0xFFFF0000u)));
             __m256 weight_of_zero = _mm256_fmadd_ps(_mm256_set1_ps(-8.0f), scale, offset);
             for (int r = 0; r < rows; r++) {
-                __m256 t = _mm256_fmadd_ps(sums[0][v][r], scale, _mm256_load_ps(total[v][r]));
+                __m256 t = _mm256_fmadd_ps(sums[v][r], scale, _mm256_load_ps(total[v][r]));
                 _mm256_store_ps(total[v][r], _mm256_fmadd_ps(
                     _mm256_set1_ps(x_sums[r * groups + g]), weight_of_zero, t));
             }
