@@ -38,9 +38,11 @@ def compiler() -> str | None:
 
 
 def library_path(cache_dir: Path, kernel: CSource) -> Path:
-    """Where the library for this source and these flags lives (built or not)."""
+    """Where the library for this source, the headers beside it and these flags lives (built
+    or not)."""
     flags = " ".join(SHARED_LIBRARY_FLAGS + kernel.flags)
-    digest = hashlib.sha256(kernel.source.read_bytes() + flags.encode()).hexdigest()
+    headers = b"".join(path.read_bytes() for path in sorted(kernel.source.parent.glob("*.h")))
+    digest = hashlib.sha256(kernel.source.read_bytes() + headers + flags.encode()).hexdigest()
     return Path(cache_dir) / "kernels" / f"{kernel.name}-{digest[:16]}.so"
 
 

@@ -91,3 +91,14 @@ def test_a_failed_build_keeps_pytorchs_norm(tmp_path, monkeypatch, caplog):
         assert not use_norm_kernel(tiny_model().to(torch.bfloat16), "auto", tmp_path)
     assert "the build failed" in caplog.text
     load_norm_kernel.cache_clear()
+
+
+def test_a_changed_header_makes_a_new_library(tmp_path):
+    """The kernels share bf16.h: a library built before the header changed is not reused."""
+    source = tmp_path / "kernel.c"
+    source.write_text('#include "bf16.h"\n')
+    header = tmp_path / "bf16.h"
+    header.write_text("/* one */\n")
+    before = native.library_path(tmp_path, native.CSource(source))
+    header.write_text("/* two */\n")
+    assert native.library_path(tmp_path, native.CSource(source)) != before

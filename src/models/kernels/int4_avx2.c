@@ -22,23 +22,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define GROUP 32   /* weights per (scale, offset) pair */
 #define MAX_ROWS 4 /* rows of x multiplied per unpacked weight vector (16 registers) */
-
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float value;
-    memcpy(&value, &wide, sizeof value);
-    return value;
-}
-
-/* Round to nearest even, as PyTorch's conversion does (NaN stays NaN). */
-static inline uint16_t float_to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((bits >> 16) | 0x40);
-    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
 
 /* `rows` rows (at most MAX_ROWS) times 16 output columns: the 8 whose codes are the low
  * nibbles of 8 bytes of each k's 16 (`strip` points at them for k = 0), starting at
