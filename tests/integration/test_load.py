@@ -35,7 +35,7 @@ def test_concurrent_clients_mixing_every_route_get_no_errors(converted_bundled_m
         config = LoadConfig(
             clients=clients,
             requests=10,
-            duration=30,  # bounded in time on a slow or busy machine: fewer requests, no more
+            duration=15,  # bounded in time on a slow or busy machine: fewer requests, no more
             disconnect_fraction=0.15,
             max_new_tokens=8,
             warmup_requests=1,

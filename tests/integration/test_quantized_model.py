@@ -33,6 +33,7 @@ def test_default_service_runs_the_scratch_engine_with_int4_layers_in_bf16(bundle
     assert "Paris" in reply.text
 
 
+@pytest.mark.slow  # about 20 s: ENGINE=hf loads and quantises transformers' model
 def test_engine_hf_quantises_the_transformers_model_too(bundled_model_path):
     settings = bundled_settings()
     service = build_service(settings, engine_name="hf")

@@ -248,6 +248,7 @@ def test_distributed_data_parallel_with_two_cpu_processes(tiny_llama_path, datas
     assert len([r for r in losses(tmp_path / "ddp") if "loss" in r]) == 3
 
 
+@pytest.mark.slow  # about 20 s: two runs of the script, each a process importing torch
 def test_setup_training_checks_and_writes_a_starter_config(tiny_llama_path, dataset, tmp_path):
     output = tmp_path / "configs" / "mine.yaml"
     ready = run_python(
