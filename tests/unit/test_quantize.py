@@ -141,10 +141,12 @@ def test_a_lora_adapter_is_merged_before_quantising(tiny_llama_path):
     assert (actual - expected).norm() / expected.norm() < 0.05
 
 
-def test_the_output_layer_quantises_each_row_on_its_own():
-    """Several rows (a batched decoding step): int8 activations with one scale per row,
-    summed exactly in int32, so each request gets exactly the logits that row alone gives.
-    One row (a single stream): the weight-only int8 product, exact bf16 activations."""
+def test_the_output_layer_quantises_each_row_on_its_own(monkeypatch):
+    """Several rows (a batched decoding step) on a CPU with int8 dot products: int8
+    activations with one scale per row, summed exactly in int32, so each request gets exactly
+    the logits that row alone gives. One row (a single stream): the weight-only int8 product,
+    exact bf16 activations."""
+    monkeypatch.setattr("src.models.quantize.int8_dot_products", lambda: True)
     torch.manual_seed(0)
     layer = nn.Linear(64, 96, bias=False)
     quantised = Int8DynamicLinear.from_linear(layer)
@@ -160,3 +162,13 @@ def test_the_output_layer_quantises_each_row_on_its_own():
     assert not torch.equal(together, weight_only(rows))  # really the int8-activation product
     one_row = rows[:1]
     assert torch.equal(quantised(one_row), weight_only(one_row))
+
+
+def test_without_int8_dot_products_the_output_layer_keeps_bf16_activations(monkeypatch):
+    """Without VNNI, PyTorch's int8-by-int8 product is the slow one: every row count then
+    takes the weight-only product."""
+    monkeypatch.setattr("src.models.quantize.int8_dot_products", lambda: False)
+    layer = nn.Linear(64, 96, bias=False)
+    quantised, weight_only = Int8DynamicLinear.from_linear(layer), Int8Linear.from_linear(layer)
+    rows = torch.randn(INT8_ACTIVATION_MIN_ROWS + 4, 64, dtype=torch.bfloat16)
+    assert torch.equal(quantised(rows), weight_only(rows))
