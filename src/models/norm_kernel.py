@@ -58,8 +58,8 @@ def use_norm_kernel(model: nn.Module, setting: str, cache_dir: Path) -> bool:
     from src.models.transformer import RMSNorm
 
     norms = [module for module in model.modules() if isinstance(module, RMSNorm)]
-    eligible = [n for n in norms if n.style == "llama" and n.weight.dtype == torch.bfloat16]
-    kernel = load_norm_kernel(Path(cache_dir)) if setting == "auto" and eligible else None
+    applies = {id(n) for n in norms if n.style == "llama" and n.weight.dtype == torch.bfloat16}
+    kernel = load_norm_kernel(Path(cache_dir)) if setting == "auto" and applies else None
     for norm in norms:
-        norm.kernel = kernel if norm in eligible else None
+        norm.kernel = kernel if id(norm) in applies else None
     return kernel is not None
