@@ -87,8 +87,15 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)  # the kernels' input dtype
-        y = self.matmul(flat).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        # Conversions only where the dtypes differ: a no-op .to() still costs a dispatch, and
+        # a decoding step runs this four times per layer.
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != torch.bfloat16:
+            flat = flat.to(torch.bfloat16)  # the kernels' input dtype
+        y = self.matmul(flat)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
