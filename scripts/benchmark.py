@@ -74,9 +74,9 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
     )
     from src.benchmarks.llama_cpp import RowFailed
     from src.models.gguf_import import keep_file_codes
-    from src.models.norm_kernel import use_norm_kernel
+    from src.models.native import use_kernels
     from src.models.perplexity import held_out_perplexity
-    from src.models.quantize import quantize_model, use_int4_kernel
+    from src.models.quantize import quantize_model
     from src.models.transformer import Transformer
     from src.training.calibration import calibration_examples
 
@@ -93,8 +93,7 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         if quantization == "int4":  # as served: the GGUF file's own 4-bit codes
             keep_file_codes(model, folder)
         model = quantize_model(model, quantization)
-        use_int4_kernel(model, kernels, folder.parent)  # the INT4_KERNEL setting
-        use_norm_kernel(model, kernels, folder.parent)  # and NORM_KERNEL
+        use_kernels(model, kernels, kernels, kernels, folder.parent)  # INT4/NORM/ROPE_KERNEL
         return model
 
     # (name, model factory); PRECISION / QUANTIZE / ENGINE select each row in the app.

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     # decoding (src/models/norm_kernel.py; any CPU, a compiler once), "pytorch" in PyTorch's
     # operations. The same steps in the same precision.
     norm_kernel: Literal["auto", "pytorch"] = "auto"
+    # ROPE_KERNEL: "auto" rotates q and k and writes the KV cache of a bf16 decoding step in
+    # one C call per layer (src/models/rope_kernel.py; any CPU, a compiler once), "pytorch" in
+    # PyTorch's operations. The same numbers, bit for bit.
+    rope_kernel: Literal["auto", "pytorch"] = "auto"
     huggingface_token: SecretStr | None = None
 
     # Backend: "local" runs the model above on this machine; "remote" sends generation to an

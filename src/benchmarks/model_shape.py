@@ -61,8 +61,8 @@ def measure_model_shape(
     """Rows as in the decode section (tokens/s, first token, first token after
     ``long_prompt``) plus each model's weight memory. One model in memory at a time: each row
     is made from the previous one (fp32, then bf16, then int4 in place)."""
-    from src.models.norm_kernel import use_norm_kernel
-    from src.models.quantize import quantize_model, use_int4_kernel
+    from src.models.native import use_kernels
+    from src.models.quantize import quantize_model
     from src.models.transformer import Transformer
 
     rows = []
@@ -95,8 +95,7 @@ def measure_model_shape(
     ours = ours.to(torch.bfloat16)
     measure("scratch engine bf16", ours, engine=True)
     quantize_model(ours, "int4")
-    use_int4_kernel(ours, "auto", kernel_cache_dir)
-    use_norm_kernel(ours, "auto", kernel_cache_dir)
+    use_kernels(ours, "auto", "auto", "auto", kernel_cache_dir)
     measure("scratch engine bf16 + int4", ours, engine=True)
     return {
         "shape": dict(shape),

@@ -77,10 +77,9 @@ def load_for_inference(
     on its weights instead of loading them again. ``calibration`` makes the conversations
     QUANTIZE=auto measures perplexity on (without it, auto keeps such a model exact). Raises
     ``ModelLoadingError``."""
-    from src.models.int4_kernel import kernel_source
     from src.models.loader import inference_dtype, resolve_model
-    from src.models.norm_kernel import use_norm_kernel
-    from src.models.quantize import resolve_quantization, use_int4_kernel
+    from src.models.native import use_kernels
+    from src.models.quantize import resolve_quantization
 
     adapter = adapter_path or settings.adapter_path
     requested = engine_name or settings.engine
@@ -113,12 +112,9 @@ def load_for_inference(
     loaded.description += "; " + choices_explained(
         settings, requested, kind, loaded.engine, why_not, file_quantization(folder), measured
     )
-    if quantization == "int4" and use_int4_kernel(
-        loaded.model, settings.int4_kernel, Path(settings.model_cache_dir)
-    ):
-        loaded.description += f" (our {kernel_source().instructions} int4 kernel)"
-    if use_norm_kernel(loaded.model, settings.norm_kernel, Path(settings.model_cache_dir)):
-        loaded.description += " (RMSNorm in C)"
+    for kernel in use_kernels(loaded.model, settings.int4_kernel, settings.norm_kernel,
+                              settings.rope_kernel, Path(settings.model_cache_dir)):  # fmt: skip
+        loaded.description += f" ({kernel})"
     loaded.folder, loaded.source, loaded.quantization = folder, source, quantization
     loaded.adapter = Path(adapter) if adapter is not None else None
     if adapter is not None and loaded.engine == "scratch":

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 KERNELS_DIR = Path(__file__).parent / "kernels"
 SHARED_LIBRARY_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
@@ -82,8 +83,29 @@ def our_kernels() -> list[CSource]:
     """Every C kernel of the project (each module that has one lists its sources)."""
     from src.models.int4_kernel import KERNEL_SOURCES
     from src.models.norm_kernel import RMS_NORM_SOURCE
+    from src.models.rope_kernel import ROPE_CACHE_SOURCE
 
-    return [*KERNEL_SOURCES.values(), RMS_NORM_SOURCE]
+    return [*KERNEL_SOURCES.values(), RMS_NORM_SOURCE, ROPE_CACHE_SOURCE]
+
+
+def use_kernels(
+    model: Any, int4_kernel: str, norm_kernel: str, rope_kernel: str, cache_dir: Path
+) -> list[str]:
+    """The settings INT4_KERNEL, NORM_KERNEL and ROPE_KERNEL applied to ``model``: each layer
+    gets our C kernel where the setting is "auto" and it can run. What is in use, described."""
+    from src.models.int4_kernel import kernel_source
+    from src.models.norm_kernel import use_norm_kernel
+    from src.models.quantize import use_int4_kernel
+    from src.models.rope_kernel import use_rope_kernel
+
+    in_use = []
+    if use_int4_kernel(model, int4_kernel, cache_dir):
+        in_use.append(f"our {kernel_source().instructions} int4 kernel")
+    if use_norm_kernel(model, norm_kernel, cache_dir):
+        in_use.append("RMSNorm in C")
+    if use_rope_kernel(model, rope_kernel, cache_dir):
+        in_use.append("rotary embedding and KV-cache write in C")
+    return in_use
 
 
 if __name__ == "__main__":

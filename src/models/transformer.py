@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.models.rope_kernel import RopeKernel
 from src.models.single_steps import in_single_steps
 
 # ------------------------------------------------------------------------------------------
@@ -472,17 +473,28 @@ class KVCache:
                 self._values = grow(values, length, kv_capacity(length))
                 self._key_length = self._value_length = length
                 return self.keys, self.values
+            key_buffer, value_buffer, start = self.reserve(keys.shape[2])
+            key_buffer[:, :, start : start + keys.shape[2]] = keys
+            value_buffer[:, :, start : start + keys.shape[2]] = values
+            return self.advance(keys.shape[2])
+
+        def reserve(self, count: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+            """The key and value buffers (B, nkv, capacity, hs), with room for ``count`` more
+            positions from the returned start (the cache must hold some already); write them,
+            then ``advance``."""
             length = self._key_length
-            new_length = length + keys.shape[2]
+            new_length = length + count
             if new_length > min(self._keys.shape[2], self._values.shape[2]):
                 # Full: move to buffers a quarter larger (amortised O(1) per token; the
                 # batching engine rebuilds its cache whenever a row joins or leaves anyway).
                 capacity = kv_capacity(max(length + length // 4, new_length))
                 self._keys = grow(self._keys, length, capacity)
                 self._values = grow(self._values, length, capacity)
-            self._keys[:, :, length:new_length] = keys
-            self._values[:, :, length:new_length] = values
-            self._key_length = self._value_length = new_length
+            return self._keys, self._values, length
+
+        def advance(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Count ``count`` positions written after ``reserve``; all keys and values so far."""
+            self._key_length = self._value_length = self._key_length + count
             return self.keys, self.values
 
     def __init__(self, n_layer: int) -> None:
@@ -571,6 +583,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         qkv = self.qkv(x)
+        if self.rotates_into_cache(qkv, rotary, cache, written_out):
+            q, k, v = self.rope_kernel(qkv, *rotary, cache.layers[self.layer_index],
+                                       self.n_head, self.n_kv_head)  # fmt: skip
+            return self.attend(q, k, v, mask, written_out=False)
         heads = self.n_head + self.n_kv_head
         q_and_k = qkv[..., : q_width + kv_width].view(B, T, heads, self.head_dim)
         if self.qk_norm:
@@ -587,6 +603,43 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)  # (B, nkv, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, nkv, S, hs)
+        return self.attend(q, k, v, mask, written_out)
+
+    # The rotation and the cache write of a decoding step in one C call
+    # (src/models/rope_kernel.py, ROPE_KERNEL), set where this layer's rotation covers whole
+    # heads and it has no per-head norms.
+    rope_kernel: RopeKernel | None = None
+
+    def rotates_into_cache(
+        self,
+        qkv: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        written_out: bool,
+    ) -> bool:
+        """Whether this step's rotation and cache write go to the C function: bf16, no
+        gradients, and positions added to our cache's existing buffers."""
+        return (
+            self.rope_kernel is not None
+            and rotary is not None
+            and isinstance(cache, KVCache)
+            and cache.layers[self.layer_index].length > 0
+            and qkv.dtype == torch.bfloat16
+            and not written_out
+            and not torch.is_grad_enabled()
+        )
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        written_out: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of q (B, nh, T, hs) to all keys and values (B, nkv, S, hs), through the
+        output projection: (B, T, C), and the weights where written out."""
+        B, _, T, _ = q.shape
         group = self.n_head // self.n_kv_head
         if written_out:
             # GQA: each key/value head serves n_head // n_kv_head consecutive query heads.
