@@ -111,12 +111,12 @@ def load_int4_kernel(cache_dir: Path) -> Int4Kernel | None:
     def int4_matmul(
         x: torch.Tensor, packed: torch.Tensor, scales_and_offsets: torch.Tensor, n: int
     ) -> torch.Tensor:
-        """x (M, K) bf16 times the (n, K) int4 weights: (M, n) bf16."""
+        """x (..., K) bf16 times the (n, K) int4 weights: (..., n) bf16."""
         x = x.contiguous()
-        out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-        rows, threads = x.shape[0], torch.get_num_threads()
+        out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+        rows, threads = x.numel() // x.shape[-1], torch.get_num_threads()
         status = function(x.data_ptr(), packed.data_ptr(), scales_and_offsets.data_ptr(),
-                          out.data_ptr(), rows, n, x.shape[1], threads)  # fmt: skip
+                          out.data_ptr(), rows, n, x.shape[-1], threads)  # fmt: skip
         if status != 0:
             raise MemoryError("int4 kernel: out of memory")
         return out

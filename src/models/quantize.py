@@ -192,6 +192,13 @@ class Int4Linear(QuantizedLinear):
     # Our C kernel (src/models/int4_kernel.py), set by use_int4_kernel; None: PyTorch's.
     kernel: Int4Kernel | None = None
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.dtype == torch.bfloat16 and self.bias is None:
+            # Our kernel takes any leading shape: no reshape and view around it (each a
+            # dispatch, four layers per decoding step).
+            return self.kernel(x, self.packed, self.scales_and_offsets, self.out_features)
+        return super().forward(x)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             return self.kernel(x, self.packed, self.scales_and_offsets, self.out_features)

@@ -54,6 +54,22 @@ def test_our_kernel_multiplies_like_pytorchs(kernel_cache, in_features, out_feat
 
 
 @needs_kernel
+def test_a_layer_with_our_kernel_takes_any_leading_shape(kernel_cache):
+    """The layer hands (B, T, K) inputs to the kernel as they are: the same numbers as the
+    rows one by one, in the input's shape (the kernel must read K from the last dimension)."""
+    torch.manual_seed(0)
+    layer = Int4Linear.from_linear(nn.Linear(576, 960, bias=False))
+    layer.kernel = load_int4_kernel(kernel_cache)
+    x = torch.randn(2, 3, 576).bfloat16()
+    y = layer(x)
+    assert y.shape == (2, 3, 960) and y.dtype == torch.bfloat16
+    rows = layer.kernel(x.reshape(6, 576), layer.packed, layer.scales_and_offsets, 960)
+    assert torch.equal(y, rows.reshape(2, 3, 960))
+    torch.testing.assert_close(y.float(), pytorch_product(layer, x.reshape(6, 576)).reshape(
+        2, 3, 960).float(), rtol=2**-7, atol=1e-3)  # fmt: skip
+
+
+@needs_kernel
 def test_the_library_is_built_once_and_then_reused(tmp_path):
     load_int4_kernel(tmp_path)
     built = sorted((tmp_path / "kernels").glob(f"{int4_kernel.kernel_source().name}-*.so"))
