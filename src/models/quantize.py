@@ -196,7 +196,7 @@ class Int4Linear(QuantizedLinear):
         if self.kernel is not None and x.dtype == torch.bfloat16 and self.bias is None:
             # Our kernel takes any leading shape: no reshape and view around it (each a
             # dispatch, four layers per decoding step).
-            return self.kernel(x, self.packed, self.scales_and_offsets, self.out_features)
+            return self.matmul(x)
         return super().forward(x)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
