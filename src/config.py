@@ -71,9 +71,10 @@ class Settings(BaseSettings):
     # so int4 stores them exactly; fp32 + none (exact) for every other model.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     quantize: Literal["auto", "none", "int8", "int4"] = "auto"
-    # INT4_KERNEL: "auto" multiplies int4 layers with our C kernels (AVX-512 BF16 or AVX2 + FMA,
+    # INT4_KERNEL: "auto" multiplies int4 layers with our C kernels (AVX-512 BF16 or AVX2,
     # built once with gcc; src/models/int4_kernel.py) where this CPU and a compiler allow,
-    # else PyTorch's; "pytorch" always uses PyTorch's. Same numbers up to fp32 rounding.
+    # else PyTorch's; "pytorch" always uses PyTorch's. Same numbers up to rounding below
+    # bf16's.
     int4_kernel: Literal["auto", "pytorch"] = "auto"
     # NORM_KERNEL: "auto" computes the RMSNorms of a bf16 model in one C call each when
     # decoding (src/models/norm_kernel.py; any CPU, a compiler once), "pytorch" in PyTorch's

@@ -8,14 +8,18 @@ the inner sum:
 - ``kernels/int4_bf16.c`` for CPUs with AVX-512 BF16 (AMD Zen 4 and later, Intel Cooper Lake
   and Sapphire Rapids and later), on its bf16 dot-product instructions: as fast as PyTorch's
   kernel for one row, 1.3x for 8 rows and 1.6x for 16 and for prompts;
-- ``kernels/int4_avx2.c`` for the other x86-64 CPUs with AVX2 and FMA, on fp32 FMAs:
-  1.3-1.5x PyTorch's AVX2 kernel for every row count.
+- ``kernels/int4_avx2.c`` for the other x86-64 CPUs with AVX2 and FMA, on 16-bit integer
+  multiply-adds (activations written as int16 numbers times a power of two per group of
+  32, exact for all but the ones far below the group's largest): 1.8-2.3x PyTorch's AVX2
+  kernel for one row, 1.5-1.8x for more.
 
-Their numbers are PyTorch's kernel's up to the order of fp32 additions; the C files explain
-how. Building one takes a C compiler once (src/models/native.py; ``python -m
-src.models.native`` builds every C kernel of ours ahead, as the Dockerfile does). Where the
-CPU lacks the instructions, or the library is not built and cannot be, ``load_int4_kernel``
-says why in the log and returns None, and the layers keep PyTorch's kernel: never an error.
+Their numbers are PyTorch's kernel's up to the order of fp32 additions and, for the AVX2
+one, that rounding of small activations, which moves results less than bf16's rounding of
+them does; the C files explain how. Building one takes a C compiler once
+(src/models/native.py; ``python -m src.models.native`` builds every C kernel of ours ahead,
+as the Dockerfile does). Where the CPU lacks the instructions, or the library is not built
+and cannot be, ``load_int4_kernel`` says why in the log and returns None, and the layers
+keep PyTorch's kernel: never an error.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ AVX512_BF16 = KernelSource(
 )
 AVX2_FMA = KernelSource(
     packing="avx2",
-    instructions="AVX2 + FMA",
+    instructions="AVX2 integer",
     source=KERNELS_DIR / "int4_avx2.c",
     flags=("-mavx2", "-mfma"),
     cpu_features=("avx2", "fma"),

@@ -18,8 +18,9 @@ activations by packed low-bit weights directly, without materialising the bf16 m
 With several rows (a batched decoding step, a prompt) the int4 product is limited by
 arithmetic rather than memory, and PyTorch's kernel is slow there: our own C kernel
 (INT4_KERNEL=auto, ``src/models/int4_kernel.py``) replaces it where the CPU has AVX-512 BF16
-or AVX2 + FMA, with the same numbers up to fp32 rounding, and a row's result never depends on
-the rows beside it.
+or AVX2, with the same numbers up to fp32 rounding (the AVX2 one also rounds activations far
+below their group's largest to 16-bit integers: below bf16's own rounding of the result), and
+a row's result never depends on the rows beside it.
 
 Only the activations that enter these kernels are bf16; the layer returns the dtype it was
 given, so the rest of the model keeps PRECISION. The output layer is the exception: it is

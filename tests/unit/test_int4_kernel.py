@@ -1,7 +1,8 @@
 """Our int4 kernels (src/models/kernels/: int4_bf16.c for AVX-512 BF16, int4_avx2.c for AVX2
 and FMA, whichever reads the packing PyTorch writes here): the same products as PyTorch's int4
-kernel on the same packed weights, for one row up to many; INT4_KERNEL picks it per layer;
-and a machine that cannot build or run it falls back to PyTorch's kernel, never an error."""
+kernel on the same packed weights, for one row up to many, and as close to the exact product
+as a bf16 result allows; INT4_KERNEL picks it per layer; and a machine that cannot build or
+run it falls back to PyTorch's kernel, never an error."""
 
 import logging
 
@@ -43,14 +44,77 @@ def test_our_kernel_multiplies_like_pytorchs(kernel_cache, in_features, out_feat
     kernel = load_int4_kernel(kernel_cache)
     ours = kernel(x, layer.packed, layer.scales_and_offsets, out_features).float()
     theirs = pytorch_product(layer, x).float()
-    # Both round fp32 sums of the same products to bf16, summed in another order: at most
-    # one bf16 step apart, and almost always equal.
+    # Both round fp32 sums of the same products to bf16 (summed in another order; the AVX2
+    # kernel also rounds the smallest activations to 16-bit integers): at most one bf16 step
+    # apart, and almost always equal.
     assert torch.allclose(ours, theirs, rtol=2**-7, atol=1e-3)
     assert (ours != theirs).float().mean() < 0.05
     # Each row on its own gives the same numbers as within the batch, wherever it sits.
     for row in range(rows):
         alone = kernel(x[row : row + 1], layer.packed, layer.scales_and_offsets, out_features)
         assert torch.equal(alone.float(), ours[row : row + 1])
+
+
+def layer_with_known_weights(in_features: int, out_features: int, seed: int):
+    """An Int4Linear from random codes, scales and minimums, and its weights exactly as the
+    kernels read them, in fp64: w = (q - 8) * scale + offset, with the stored bf16 scale and
+    offset of each group."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (out_features, in_features), generator=generator)
+    groups = in_features // 32
+    scale = torch.rand(out_features, groups, generator=generator) * 0.02 + 0.001
+    low = -8 * scale + torch.randn(out_features, groups, generator=generator) * 0.002
+    layer = Int4Linear(in_features, out_features, bias=False)
+    layer.store_groups(codes, scale, low)
+    stored = layer.scales_and_offsets.double()  # (K / 32, N, 2)
+    scales, offsets = (stored[..., i].T.repeat_interleave(32, dim=1) for i in (0, 1))
+    return layer, (codes.double() - 8) * scales + offsets
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_our_kernel_is_as_exact_as_a_bf16_result_allows(kernel_cache, rows):
+    """Against the exact product (fp64) of the weights as stored, with activations whose
+    magnitudes span 2^20 within each group of 32 (the AVX2 kernel writes a group as 16-bit
+    integers times a power of two, so it rounds the smallest ones): every result is within
+    half a bf16 step of the exact one, plus 2^-15 of each group's largest activation times
+    its weights' magnitudes (that rounding), plus fp32 rounding. Activations rounded to 8
+    bits, or a power of two one too large, would be far outside."""
+    layer, weight = layer_with_known_weights(576, 960, seed=rows)
+    torch.manual_seed(rows)
+    magnitudes = 2.0 ** torch.randint(-20, 1, (rows, 576)).float()
+    x = (torch.randn(rows, 576) * magnitudes).bfloat16()
+    ours = load_int4_kernel(kernel_cache)(x, layer.packed, layer.scales_and_offsets, 960)
+    exact = x.double() @ weight.T
+    largest = x.double().abs().reshape(rows, -1, 32).amax(dim=-1)  # (rows, K / 32)
+    activation_rounding = (largest * 2**-15) @ weight.abs().reshape(960, -1, 32).sum(-1).T
+    fp32_rounding = 2**-16 * (x.double().abs() @ weight.abs().T)
+    bound = exact.abs() * 2**-8 + (activation_rounding + fp32_rounding) * 1.01
+    assert ((ours.double() - exact).abs() <= bound).all()
+
+
+@needs_kernel
+def test_our_kernel_keeps_zeros_nans_and_extreme_magnitudes(kernel_cache):
+    layer, weight = layer_with_known_weights(576, 128, seed=0)
+    torch.manual_seed(0)
+    x = torch.randn(5, 576)
+    x[0] = 0.0
+    x[1, 100] = float("nan")
+    x[4, 7] = float("inf")
+    x[2] *= 1e-33  # activations near the bottom of bf16's range
+    x[3] *= 1e36  # and near its top
+    x = x.bfloat16()
+    ours = load_int4_kernel(kernel_cache)(x, layer.packed, layer.scales_and_offsets, 128)
+    assert torch.equal(ours[0], torch.zeros(128, dtype=torch.bfloat16))
+    assert ours[1].isnan().all()  # a NaN spoils its own row, as in PyTorch's kernel
+    theirs = pytorch_product(layer, x)
+    assert torch.equal(ours[4].isinf(), theirs[4].isinf()) and ours[4].isinf().all()
+    exact = x.double() @ weight.T
+    for row in (2, 3):
+        scale = exact[row].abs().max()
+        torch.testing.assert_close(
+            ours[row].double(), exact[row], rtol=2**-7, atol=float(scale) * 2**-7
+        )
 
 
 @needs_kernel

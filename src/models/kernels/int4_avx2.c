@@ -1,13 +1,25 @@
 /*
- * y = x W^T for int4 weights and several bf16 rows of x, with AVX2 and FMA: the kernel for
- * x86-64 CPUs without AVX-512 BF16 (int4_bf16.c is the one for those with it).
+ * y = x W^T for int4 weights and several bf16 rows of x, with AVX2 integer multiply-adds:
+ * the kernel for x86-64 CPUs without AVX-512 BF16 (int4_bf16.c is the one for those with it).
  *
  * Why it exists: PyTorch's AVX2 kernel for int4 weights (_weight_int4pack_mm_for_cpu)
- * dequantises every weight, scale and offset included, before its multiply-add. Here the
- * scale and offset of a group of 32 weights are taken out of the sum, as in int4_bf16.c:
- *     sum_k x_k w_k = scale * sum_k x_k q_k + (offset - 8 scale) * sum_k x_k
- * with q_k the 4-bit code, so the inner loop only turns codes into fp32 numbers (exact) and
- * multiplies: the same numbers as dequantising first, summed in another order.
+ * dequantises every weight, scale and offset included, before an fp32 multiply-add. Here:
+ *
+ * 1. The scale and offset of a group of 32 weights are taken out of the sum, as in
+ *    int4_bf16.c:
+ *        sum_k x_k w_k = scale * sum_k x_k q_k + (offset - 8 scale) * sum_k x_k
+ *    with q_k the 4-bit code (0..15).
+ * 2. Each row's group of 32 activations is written as 16-bit integers times a power of two,
+ *    2^(e - 15), e the exponent of the group's largest |x|. A bf16 number has 8 significant
+ *    bits, so every activation within 2^7 of the group's largest is exact; smaller ones are
+ *    rounded to a multiple of 2^(e - 15), an error below 2^-15 of the largest. That is the
+ *    one rounding this kernel adds; the bf16 result rounds at 2^-8 of itself.
+ * 3. The products of codes and 16-bit activations are summed with VPMADDWD (16 products
+ *    per instruction, into 32-bit integers, with no conversion of codes to floats): a group
+ *    sums at most 32 x 15 x 2^15 < 2^24, so the integer sums are exact, and so is their
+ *    conversion to fp32. Integer sums do not depend on their order, and the fp32 steps per
+ *    group (times scale and 2^(e - 15), plus the offset term) are the same for every row, so
+ *    a row's result never depends on the rows beside it.
  *
  * Layout: the weights are PyTorch's own packing (aten._convert_weight_to_int4pack_for_cpu,
  * AVX2 variant), so the same buffers serve both kernels. For each block of 32 output
@@ -18,6 +30,7 @@
  * Built on first use by src/models/int4_kernel.py (gcc -O3 -mavx2 -mfma -fopenmp).
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,54 +38,109 @@
 #include "bf16.h"
 
 #define GROUP 32   /* weights per (scale, offset) pair */
-#define MAX_ROWS 4 /* rows of x multiplied per unpacked weight vector (16 registers) */
+#define MAX_ROWS 2 /* rows per pass over a block: 2 x 4 sums + 4 code vectors in 16 registers */
 
-/* `rows` rows (at most MAX_ROWS) times 16 output columns: the 8 whose codes are the low
- * nibbles of 8 bytes of each k's 16 (`strip` points at them for k = 0), starting at
- * column n_low, and the 8 in their high nibbles, starting at n_low + 16. `rows` is a
- * constant at each call site, so every sum stays in a register. */
-static inline __attribute__((always_inline)) void rows_times_columns(
-    const int rows, const float *x, const float *x_sums, const uint8_t *strip,
-    const uint16_t *scales_offsets, uint16_t *out, int64_t N, int64_t K, int64_t n_low) {
+/* One row's group of GROUP bf16 activations as int16 numbers `codes` times `unit` (a power
+ * of two), and the group's sum `sum` (for the offset term). */
+static void activations_as_int16(const uint16_t *x, int16_t *codes, float *unit, float *sum) {
+    __m256 values[4], largest = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int v = 0; v < 4; v++) {
+        __m128i bits = _mm_loadu_si128((const __m128i *)(x + 8 * v));
+        values[v] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+        total = _mm256_add_ps(total, values[v]);
+        largest = _mm256_max_ps(largest, _mm256_and_ps(values[v], magnitude));
+    }
+    float lanes[8] __attribute__((aligned(32))), most = 0.0f, added = 0.0f;
+    _mm256_store_ps(lanes, total);
+    for (int i = 0; i < 8; i++) added += lanes[i];
+    _mm256_store_ps(lanes, largest); /* max_ps drops a NaN: the sum above keeps it */
+    for (int i = 0; i < 8; i++) most = fmaxf(most, lanes[i]);
+    *sum = added;
+    if (!isfinite(added) || most == 0.0f) {
+        /* Zeros stay zeros; an inf or NaN is in the sum, which carries it into the results. */
+        *unit = 1.0f;
+        memset(codes, 0, sizeof(int16_t) * GROUP);
+        return;
+    }
+    int exponent;
+    frexpf(most, &exponent); /* most < 2^exponent, so every |x| / unit < 2^15 */
+    if (exponent < -100) {
+        /* Below 2^-100, 2^(15 - exponent) is no float: scale each number on its own. */
+        *unit = ldexpf(1.0f, exponent - 15);
+        for (int k = 0; k < GROUP; k++)
+            codes[k] = (int16_t)lrintf(ldexpf(bf16_to_float(x[k]), 15 - exponent));
+        return;
+    }
+    *unit = ldexpf(1.0f, exponent - 15);
+    /* x times 2^(15 - exponent) is exact; the conversion rounds to nearest even. */
+    const __m256 up = _mm256_set1_ps(ldexpf(1.0f, 15 - exponent));
+    for (int v = 0; v < 4; v += 2) {
+        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(values[v], up));
+        __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(values[v + 1], up));
+        /* packs works within 128-bit lanes: put the four quarters back in order */
+        __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+        _mm256_storeu_si256((__m256i *)(codes + 8 * v), packed);
+    }
+}
+
+/* `rows` rows (at most MAX_ROWS) times the 32 output columns of one block (`strip` points
+ * at its bytes for k = 0, column n0 first). `rows` is a constant at each call site, so
+ * every sum stays in a register. */
+static inline __attribute__((always_inline)) void rows_times_block(
+    const int rows, const int16_t *x, const float *units, const float *x_sums,
+    const uint8_t *strip, const uint16_t *scales_offsets, uint16_t *out, int64_t N, int64_t K,
+    int64_t n0) {
     const int64_t groups = K / GROUP;
-    const int64_t n[2] = {n_low, n_low + 16};
-    float total[2][MAX_ROWS][8] __attribute__((aligned(32))) = {{{0}}};
-    /* Each row's sums run over k in the same order whatever the number of rows beside it,
-     * so a row's result never depends on the batch it is in. */
+    const __m256i low_nibble = _mm256_set1_epi16(15);
+    /* total[r][c]: row r, columns n0 + 8c .. n0 + 8c + 7 */
+    float total[MAX_ROWS][4][8] __attribute__((aligned(32))) = {{{0}}};
     for (int64_t g = 0; g < groups; g++) {
-        __m256 sums[2][MAX_ROWS];
-        for (int v = 0; v < 2; v++)
-            for (int r = 0; r < rows; r++) sums[v][r] = _mm256_setzero_ps();
-        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k++) {
+        __m256i sums[MAX_ROWS][4];
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < 4; c++) sums[r][c] = _mm256_setzero_si256();
+        for (int64_t k = g * GROUP; k < (g + 1) * GROUP; k += 2) {
             /* The weights stream from memory: ask for them 512 rows (8 KB) ahead. */
             _mm_prefetch((const char *)(strip + (k + 512) * 16), _MM_HINT_T0);
-            __m256i bytes =
-                _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(strip + k * 16)));
-            __m256 w[2] = {_mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15))),
-                           _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4))};
+            __m128i at_k = _mm_loadu_si128((const __m128i *)(strip + k * 16));
+            __m128i at_next = _mm_loadu_si128((const __m128i *)(strip + (k + 1) * 16));
+            /* 16-bit words pairing byte d of k with byte d of k + 1, as VPMADDWD pairs the
+             * activations x_k, x_k+1: bytes 0-7 in one vector, 8-15 in the other. */
+            __m256i pairs[2] = {_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(at_k, at_next)),
+                                _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(at_k, at_next))};
+            __m256i q[4] = {_mm256_and_si256(pairs[0], low_nibble),  /* columns 0-7 */
+                            _mm256_and_si256(pairs[1], low_nibble),  /* 8-15 */
+                            _mm256_srli_epi16(pairs[0], 4),          /* 16-23 */
+                            _mm256_srli_epi16(pairs[1], 4)};         /* 24-31 */
             for (int r = 0; r < rows; r++) {
-                __m256 x_k = _mm256_broadcast_ss(x + r * K + k);
-                for (int v = 0; v < 2; v++) sums[v][r] = _mm256_fmadd_ps(w[v], x_k, sums[v][r]);
+                int32_t x_pair; /* x[r][k], x[r][k + 1] as one 32-bit lane */
+                memcpy(&x_pair, x + r * K + k, sizeof x_pair);
+                __m256i x_both = _mm256_set1_epi32(x_pair);
+                for (int c = 0; c < 4; c++)
+                    sums[r][c] = _mm256_add_epi32(sums[r][c], _mm256_madd_epi16(q[c], x_both));
             }
         }
         /* 8 (scale, offset) bf16 pairs per vector: one 32-bit lane each, scale in the low
          * half; bf16 -> fp32 is a shift into the high half. */
-        for (int v = 0; v < 2; v++) {
-            __m256i pair = _mm256_loadu_si256((const __m256i *)(scales_offsets + (g * N + n[v]) * 2));
+        for (int c = 0; c < 4; c++) {
+            __m256i pair = _mm256_loadu_si256(
+                (const __m256i *)(scales_offsets + (g * N + n0 + 8 * c) * 2));
             __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
             __m256 offset = _mm256_castsi256_ps(
                 _mm256_and_si256(pair, _mm256_set1_epi32((int)0xFFFF0000u)));
             __m256 weight_of_zero = _mm256_fmadd_ps(_mm256_set1_ps(-8.0f), scale, offset);
             for (int r = 0; r < rows; r++) {
-                __m256 t = _mm256_fmadd_ps(sums[v][r], scale, _mm256_load_ps(total[v][r]));
-                _mm256_store_ps(total[v][r], _mm256_fmadd_ps(
+                __m256 unit_scale = _mm256_mul_ps(scale, _mm256_set1_ps(units[r * groups + g]));
+                __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][c]), unit_scale,
+                                           _mm256_load_ps(total[r][c]));
+                _mm256_store_ps(total[r][c], _mm256_fmadd_ps(
                     _mm256_set1_ps(x_sums[r * groups + g]), weight_of_zero, t));
             }
         }
     }
-    for (int v = 0; v < 2; v++)
-        for (int r = 0; r < rows; r++)
-            for (int c = 0; c < 8; c++) out[r * N + n[v] + c] = float_to_bf16(total[v][r][c]);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 4; c++)
+            for (int i = 0; i < 8; i++) out[r * N + n0 + 8 * c + i] = float_to_bf16(total[r][c][i]);
 }
 
 /* out (M, N) bf16 = x (M, K) bf16 @ W^T; N a multiple of 32, K of 32. Returns 0, or -1 if
@@ -80,39 +148,39 @@ static inline __attribute__((always_inline)) void rows_times_columns(
 int int4_bf16_matmul(const uint16_t *x, const uint8_t *packed, const uint16_t *scales_offsets,
                      uint16_t *out, int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t groups = K / GROUP;
-    float *x_float = malloc(sizeof(float) * M * K);
-    float *x_sums = malloc(sizeof(float) * M * groups); /* sum of each row's group of x */
-    if (x_float == NULL || x_sums == NULL) {
-        free(x_float);
+    int16_t *x_codes = malloc(sizeof(int16_t) * M * K);
+    float *units = malloc(sizeof(float) * M * groups);
+    float *x_sums = malloc(sizeof(float) * M * groups);
+    if (x_codes == NULL || units == NULL || x_sums == NULL) {
+        free(x_codes);
+        free(units);
         free(x_sums);
         return -1;
     }
-    for (int64_t i = 0; i < M * groups; i++) {
-        float sum = 0.0f;
-        for (int k = 0; k < GROUP; k++) sum += x_float[i * GROUP + k] = bf16_to_float(x[i * GROUP + k]);
-        x_sums[i] = sum;
-    }
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * groups; i++)
+        activations_as_int16(x + i * GROUP, x_codes + i * GROUP, units + i, x_sums + i);
 
-    /* A task is half a block: columns 0-7 and 16-23 in bytes 0-7 of each k, 8-15 and
-     * 24-31 in bytes 8-15; MAX_ROWS rows at a time. */
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t task = 0; task < N / 16; task++) {
-        const int64_t block = task / 2, half = task % 2;
-        const uint8_t *strip = packed + block * K * 16 + half * 8;
-        const int64_t n_low = block * 32 + half * 8;
+    /* A task is a block of 32 columns, MAX_ROWS rows at a time: each weight byte is loaded
+     * once per pass and serves every column it holds. */
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < N / 32; block++) {
+        const uint8_t *strip = packed + block * K * 16;
         for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-            const float *xr = x_float + m0 * K;
-            const float *sr = x_sums + m0 * groups;
+            const int16_t *xr = x_codes + m0 * K;
+            const float *ur = units + m0 * groups, *sr = x_sums + m0 * groups;
             uint16_t *o = out + m0 * N;
-            switch (M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS) {
-#define CASE(R) \
-    case R: rows_times_columns(R, xr, sr, strip, scales_offsets, o, N, K, n_low); break;
-                CASE(1) CASE(2) CASE(3) CASE(4)
-#undef CASE
-            }
+            if (M - m0 >= 2)
+                rows_times_block(2, xr, ur, sr, strip, scales_offsets, o, N, K, block * 32);
+            else
+                rows_times_block(1, xr, ur, sr, strip, scales_offsets, o, N, K, block * 32);
         }
     }
-    free(x_float);
+    }
+    free(x_codes);
+    free(units);
     free(x_sums);
     return 0;
 }
