@@ -93,7 +93,7 @@ def run_decode(new_tokens: int, repetitions: int, perplexity_examples: int) -> d
         if quantization == "int4":  # as served: the GGUF file's own 4-bit codes
             keep_file_codes(model, folder)
         model = quantize_model(model, quantization)
-        use_kernels(model, kernels, kernels, kernels, folder.parent)  # INT4/NORM/ROPE_KERNEL
+        use_kernels(model, folder.parent, kernels, kernels, kernels, kernels)  # *_KERNEL settings
         return model
 
     # (name, model factory); PRECISION / QUANTIZE / ENGINE select each row in the app.

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     # else PyTorch's; "pytorch" always uses PyTorch's. Same numbers up to rounding below
     # bf16's.
     int4_kernel: Literal["auto", "pytorch"] = "auto"
+    # INT8_KERNEL: "auto" multiplies int8 layers (the output layer of int4 and int8 models
+    # included) with our C kernel (src/models/int8_kernel.py) where PyTorch runs its AVX2 one
+    # and a compiler allows, else PyTorch's; "pytorch" always uses PyTorch's. Same numbers up
+    # to rounding below bf16's.
+    int8_kernel: Literal["auto", "pytorch"] = "auto"
     # NORM_KERNEL: "auto" computes the RMSNorms of a bf16 model in one C call each when
     # decoding (src/models/norm_kernel.py; any CPU, a compiler once), "pytorch" in PyTorch's
     # operations. The same steps in the same precision.

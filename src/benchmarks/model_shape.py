@@ -95,7 +95,7 @@ def measure_model_shape(
     ours = ours.to(torch.bfloat16)
     measure("scratch engine bf16", ours, engine=True)
     quantize_model(ours, "int4")
-    use_kernels(ours, "auto", "auto", "auto", kernel_cache_dir)
+    use_kernels(ours, kernel_cache_dir)
     measure("scratch engine bf16 + int4", ours, engine=True)
     return {
         "shape": dict(shape),

@@ -1,5 +1,5 @@
-"""What this CPU is and which instruction sets it reports (Linux's /proc/cpuinfo): the int4
-kernel checks the flags it needs, and the benchmark prints them beside every table."""
+"""What this CPU is and which instruction sets it reports (Linux's /proc/cpuinfo): our int4 and
+int8 kernels check the flags they need, and the benchmark prints them beside every table."""
 
 from __future__ import annotations
 
@@ -29,6 +29,18 @@ def cpu_flags() -> list[str] | None:
     """The CPU's flags, or None where /proc/cpuinfo cannot be read (not Linux)."""
     flags = _cpuinfo_field("flags")
     return None if flags is None else flags.split()
+
+
+def x86_kernel_unavailable(features: tuple[str, ...]) -> str | None:
+    """Why a C kernel of ours for x86-64 Linux that needs the instruction sets ``features``
+    (as /proc/cpuinfo names them) cannot run on this machine, or None if it can."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"they are for x86-64 Linux, not {platform.system()} {platform.machine()}"
+    flags = cpu_flags()
+    if flags is None:
+        return "cannot read /proc/cpuinfo"
+    missing = [feature for feature in features if feature not in flags]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
 
 
 def cpu_description() -> str:

@@ -112,8 +112,9 @@ def load_for_inference(
     loaded.description += "; " + choices_explained(
         settings, requested, kind, loaded.engine, why_not, file_quantization(folder), measured
     )
-    for kernel in use_kernels(loaded.model, settings.int4_kernel, settings.norm_kernel,
-                              settings.rope_kernel, Path(settings.model_cache_dir)):  # fmt: skip
+    for kernel in use_kernels(loaded.model, Path(settings.model_cache_dir), settings.int4_kernel,
+                              settings.int8_kernel, settings.norm_kernel,
+                              settings.rope_kernel):  # fmt: skip
         loaded.description += f" ({kernel})"
     loaded.folder, loaded.source, loaded.quantization = folder, source, quantization
     loaded.adapter = Path(adapter) if adapter is not None else None

@@ -27,14 +27,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from src.models.cpu_info import cpu_flags
+from src.models.cpu_info import x86_kernel_unavailable
 from src.models.native import KERNELS_DIR, CSource, load_function
 
 logger = logging.getLogger(__name__)
@@ -80,11 +79,6 @@ def kernel_source() -> KernelSource | None:
 
 def unavailable_reason() -> str | None:
     """Why no kernel of ours can run on this machine, or None if one can."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"they are for x86-64 Linux, not {platform.system()} {platform.machine()}"
-    flags = cpu_flags()
-    if flags is None:
-        return "cannot read /proc/cpuinfo"
     # PyTorch packs for the instruction set it dispatches to, which ATEN_CPU_CAPABILITY can
     # lower; each kernel reads one packing.
     kernel = kernel_source()
@@ -92,11 +86,10 @@ def unavailable_reason() -> str | None:
         from src.models.quantize import int4_packing
 
         ours = " and ".join(packing.upper() for packing in KERNEL_SOURCES)
-        return f"PyTorch packs int4 weights for {int4_packing().upper()} here; ours read {ours}'s"
-    missing = [feature for feature in kernel.cpu_features if feature not in flags]
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
-    return None
+        return x86_kernel_unavailable(()) or (
+            f"PyTorch packs int4 weights for {int4_packing().upper()} here; ours read {ours}'s"
+        )
+    return x86_kernel_unavailable(kernel.cpu_features)
 
 
 @functools.cache

@@ -82,25 +82,34 @@ def load_function(cache_dir: Path, kernel: CSource, name: str) -> tuple[object |
 def our_kernels() -> list[CSource]:
     """Every C kernel of the project (each module that has one lists its sources)."""
     from src.models.int4_kernel import KERNEL_SOURCES
+    from src.models.int8_kernel import INT8_AVX2_SOURCE
     from src.models.norm_kernel import RMS_NORM_SOURCE
     from src.models.rope_kernel import ROPE_CACHE_SOURCE
 
-    return [*KERNEL_SOURCES.values(), RMS_NORM_SOURCE, ROPE_CACHE_SOURCE]
+    return [*KERNEL_SOURCES.values(), INT8_AVX2_SOURCE, RMS_NORM_SOURCE, ROPE_CACHE_SOURCE]
 
 
 def use_kernels(
-    model: Any, int4_kernel: str, norm_kernel: str, rope_kernel: str, cache_dir: Path
+    model: Any,
+    cache_dir: Path,
+    int4_kernel: str = "auto",
+    int8_kernel: str = "auto",
+    norm_kernel: str = "auto",
+    rope_kernel: str = "auto",
 ) -> list[str]:
-    """The settings INT4_KERNEL, NORM_KERNEL and ROPE_KERNEL applied to ``model``: each layer
-    gets our C kernel where the setting is "auto" and it can run. What is in use, described."""
+    """The settings INT4_KERNEL, INT8_KERNEL, NORM_KERNEL and ROPE_KERNEL applied to
+    ``model``: each layer gets our C kernel where the setting is "auto" and it can run. What
+    is in use, described."""
     from src.models.int4_kernel import kernel_source
     from src.models.norm_kernel import use_norm_kernel
-    from src.models.quantize import use_int4_kernel
+    from src.models.quantize import use_int4_kernel, use_int8_kernel
     from src.models.rope_kernel import use_rope_kernel
 
     in_use = []
     if use_int4_kernel(model, int4_kernel, cache_dir):
         in_use.append(f"our {kernel_source().instructions} int4 kernel")
+    if use_int8_kernel(model, int8_kernel, cache_dir):
+        in_use.append("our AVX2 integer int8 kernel")
     if use_norm_kernel(model, norm_kernel, cache_dir):
         in_use.append("RMSNorm in C")
     if use_rope_kernel(model, rope_kernel, cache_dir):

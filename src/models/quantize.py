@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -47,6 +48,7 @@ from src.models.single_steps import in_single_steps
 
 if TYPE_CHECKING:
     from src.models.int4_kernel import Int4Kernel
+    from src.models.int8_kernel import Int8Kernel
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +116,12 @@ class Int8Linear(QuantizedLinear):
         self.weight_int8, scales = symmetric_int8(weight)
         self.scales = scales.squeeze(1).to(torch.bfloat16)
 
+    # Our C kernel (src/models/int8_kernel.py), set by use_int8_kernel; None: PyTorch's.
+    kernel: Int8Kernel | None = None
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and self.scales.dtype == torch.bfloat16:
+            return self.kernel(x, self.weight_int8, self.scales)
         return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
 
 
@@ -265,10 +272,34 @@ def _least_squares(groups: torch.Tensor, codes: torch.Tensor) -> tuple:
 def use_int4_kernel(model: nn.Module, setting: str, cache_dir: Path) -> bool:
     """INT4_KERNEL: "auto" gives every int4 layer our C kernel where it can run here (see
     src/models/int4_kernel.py), "pytorch" PyTorch's. True if ours is in use."""
-    from src.models.int4_kernel import can_run, load_int4_kernel
+    from src.models import int4_kernel
 
-    layers = [layer for layer in model.modules() if isinstance(layer, Int4Linear)]
-    kernel = load_int4_kernel(Path(cache_dir)) if setting == "auto" and layers else None
+    return _use_kernel(model, Int4Linear, setting, cache_dir, int4_kernel.load_int4_kernel,
+                       int4_kernel.can_run)  # fmt: skip
+
+
+def use_int8_kernel(model: nn.Module, setting: str, cache_dir: Path) -> bool:
+    """INT8_KERNEL: "auto" gives every int8 layer (the output layer included) our C kernel
+    where it can run here (see src/models/int8_kernel.py), "pytorch" PyTorch's. True if ours
+    is in use."""
+    from src.models import int8_kernel
+
+    return _use_kernel(model, Int8Linear, setting, cache_dir, int8_kernel.load_int8_kernel,
+                       int8_kernel.can_run)  # fmt: skip
+
+
+def _use_kernel(
+    model: nn.Module,
+    layer_class: type[QuantizedLinear],
+    setting: str,
+    cache_dir: Path,
+    load: Callable[[Path], object | None],
+    can_run: Callable[[int, int], bool],
+) -> bool:
+    """The kernel ``load`` gives (on "auto") on each ``layer_class`` layer of ``model`` whose
+    shape it takes; PyTorch's on the others. True if ours is in use."""
+    layers = [layer for layer in model.modules() if isinstance(layer, layer_class)]
+    kernel = load(Path(cache_dir)) if setting == "auto" and layers else None
     for layer in layers:
         layer.kernel = kernel if can_run(layer.out_features, layer.in_features) else None
     return kernel is not None

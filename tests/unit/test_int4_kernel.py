@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from src.models import int4_kernel, native
+from src.models import cpu_info, int4_kernel, native
 from src.models.int4_kernel import can_run, load_int4_kernel, unavailable_reason
 from src.models.quantize import Int4Linear, quantize_model, use_int4_kernel
 from src.models.transformer import Transformer, TransformerConfig
@@ -180,9 +180,9 @@ def test_each_packing_gets_the_kernel_that_reads_it_where_the_cpu_has_its_instru
 ):
     avx2_cpu = ["fpu", "avx2", "fma"]
     avx512_cpu = [*avx2_cpu, "avx512f", "avx512bw", "avx512vl", "avx512_bf16"]
-    monkeypatch.setattr(int4_kernel.platform, "system", lambda: "Linux")
-    monkeypatch.setattr(int4_kernel.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(int4_kernel, "cpu_flags", lambda: avx512_cpu)
+    monkeypatch.setattr(cpu_info.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(cpu_info.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_info, "cpu_flags", lambda: avx512_cpu)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert unavailable_reason() is None
     assert int4_kernel.kernel_source().name == "int4_bf16"
@@ -191,16 +191,16 @@ def test_each_packing_gets_the_kernel_that_reads_it_where_the_cpu_has_its_instru
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert unavailable_reason() is None
     assert int4_kernel.kernel_source().name == "int4_avx2"
-    monkeypatch.setattr(int4_kernel, "cpu_flags", lambda: avx512_cpu[:2])  # no FMA
+    monkeypatch.setattr(cpu_info, "cpu_flags", lambda: avx512_cpu[:2])  # no FMA
     assert unavailable_reason() == "this CPU lacks fma"
-    monkeypatch.setattr(int4_kernel, "cpu_flags", lambda: avx2_cpu)
+    monkeypatch.setattr(cpu_info, "cpu_flags", lambda: avx2_cpu)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert unavailable_reason() == "this CPU lacks avx512f, avx512bw, avx512vl, avx512_bf16"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     assert "packs int4 weights for DEFAULT here; ours read AVX512 and AVX2's" in (
         unavailable_reason()
     )
-    monkeypatch.setattr(int4_kernel.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(cpu_info.platform, "machine", lambda: "aarch64")
     assert "x86-64 Linux" in unavailable_reason()
 
 

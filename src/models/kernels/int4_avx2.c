@@ -9,11 +9,10 @@
  *    int4_bf16.c:
  *        sum_k x_k w_k = scale * sum_k x_k q_k + (offset - 8 scale) * sum_k x_k
  *    with q_k the 4-bit code (0..15).
- * 2. Each row's group of 32 activations is written as 16-bit integers times a power of two,
- *    2^(e - 15), e the exponent of the group's largest |x|. A bf16 number has 8 significant
- *    bits, so every activation within 2^7 of the group's largest is exact; smaller ones are
- *    rounded to a multiple of 2^(e - 15), an error below 2^-15 of the largest. That is the
- *    one rounding this kernel adds; the bf16 result rounds at 2^-8 of itself.
+ * 2. Each row's group of 32 activations is written as 16-bit integers times a power of two
+ *    (int16_activations.h): exact for every activation within 2^7 of the group's largest,
+ *    an error below 2^-15 of the largest for smaller ones. That is the one rounding this
+ *    kernel adds; the bf16 result rounds at 2^-8 of itself.
  * 3. The products of codes and 16-bit activations are summed with VPMADDWD (16 products
  *    per instruction, into 32-bit integers, with no conversion of codes to floats): a group
  *    sums at most 32 x 15 x 2^15 < 2^24, so the integer sums are exact, and so is their
@@ -30,59 +29,15 @@
  * Built on first use by src/models/int4_kernel.py (gcc -O3 -mavx2 -mfma -fopenmp).
  */
 #include <immintrin.h>
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
+#include "int16_activations.h"
 
 #define GROUP 32   /* weights per (scale, offset) pair */
 #define MAX_ROWS 2 /* rows per pass over a block: 2 x 4 sums + 4 code vectors in 16 registers */
-
-/* One row's group of GROUP bf16 activations as int16 numbers `codes` times `unit` (a power
- * of two), and the group's sum `sum` (for the offset term). */
-static void activations_as_int16(const uint16_t *x, int16_t *codes, float *unit, float *sum) {
-    __m256 values[4], largest = _mm256_setzero_ps(), total = _mm256_setzero_ps();
-    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    for (int v = 0; v < 4; v++) {
-        __m128i bits = _mm_loadu_si128((const __m128i *)(x + 8 * v));
-        values[v] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-        total = _mm256_add_ps(total, values[v]);
-        largest = _mm256_max_ps(largest, _mm256_and_ps(values[v], magnitude));
-    }
-    float lanes[8] __attribute__((aligned(32))), most = 0.0f, added = 0.0f;
-    _mm256_store_ps(lanes, total);
-    for (int i = 0; i < 8; i++) added += lanes[i];
-    _mm256_store_ps(lanes, largest); /* max_ps drops a NaN: the sum above keeps it */
-    for (int i = 0; i < 8; i++) most = fmaxf(most, lanes[i]);
-    *sum = added;
-    if (!isfinite(added) || most == 0.0f) {
-        /* Zeros stay zeros; an inf or NaN is in the sum, which carries it into the results. */
-        *unit = 1.0f;
-        memset(codes, 0, sizeof(int16_t) * GROUP);
-        return;
-    }
-    int exponent;
-    frexpf(most, &exponent); /* most < 2^exponent, so every |x| / unit < 2^15 */
-    if (exponent < -100) {
-        /* Below 2^-100, 2^(15 - exponent) is no float: scale each number on its own. */
-        *unit = ldexpf(1.0f, exponent - 15);
-        for (int k = 0; k < GROUP; k++)
-            codes[k] = (int16_t)lrintf(ldexpf(bf16_to_float(x[k]), 15 - exponent));
-        return;
-    }
-    *unit = ldexpf(1.0f, exponent - 15);
-    /* x times 2^(15 - exponent) is exact; the conversion rounds to nearest even. */
-    const __m256 up = _mm256_set1_ps(ldexpf(1.0f, 15 - exponent));
-    for (int v = 0; v < 4; v += 2) {
-        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(values[v], up));
-        __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(values[v + 1], up));
-        /* packs works within 128-bit lanes: put the four quarters back in order */
-        __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
-        _mm256_storeu_si256((__m256i *)(codes + 8 * v), packed);
-    }
-}
 
 /* `rows` rows (at most MAX_ROWS) times the 32 output columns of one block (`strip` points
  * at its bytes for k = 0, column n0 first). `rows` is a constant at each call site, so
