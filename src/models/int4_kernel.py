@@ -10,8 +10,8 @@ the inner sum:
   kernel for one row, 1.3x for 8 rows and 1.6x for 16 and for prompts;
 - ``kernels/int4_avx2.c`` for the other x86-64 CPUs with AVX2 and FMA, on 16-bit integer
   multiply-adds (activations written as int16 numbers times a power of two per group of
-  32, exact for all but the ones far below the group's largest): 1.8-2.3x PyTorch's AVX2
-  kernel for one row, 1.5-1.8x for more.
+  32, exact for all but the ones far below the group's largest): 1.7-2.4x PyTorch's AVX2
+  kernel for one row, 1.25-1.95x for more.
 
 Their numbers are PyTorch's kernel's up to the order of fp32 additions and, for the AVX2
 one, that rounding of small activations, which moves results less than bf16's rounding of
