@@ -69,6 +69,12 @@ def tiny_gpt2_path(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_path
     return folder
 
 
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder for a module's tests of a C kernel: each library is built once."""
+    return tmp_path_factory.mktemp("kernel_cache")
+
+
 @pytest.fixture(scope="session")
 def bundled_model_path() -> Path:
     return ensure_bundled_model(REPO_MODEL_CACHE)

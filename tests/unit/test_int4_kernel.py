@@ -12,8 +12,9 @@ from torch import nn
 
 from src.models import cpu_info, int4_kernel, native
 from src.models.int4_kernel import can_run, load_int4_kernel, unavailable_reason
-from src.models.quantize import Int4Linear, quantize_model, use_int4_kernel
-from src.models.transformer import Transformer, TransformerConfig
+from src.models.quantize import Int4Linear, use_int4_kernel
+from src.models.transformer import Transformer
+from tests import kernel_checks
 
 pytestmark = pytest.mark.unit
 
@@ -26,12 +27,6 @@ def pytorch_product(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(
         x, layer.packed, layer.group_size, layer.scales_and_offsets
     )
-
-
-@pytest.fixture(scope="module")
-def kernel_cache(tmp_path_factory):
-    """One cache folder for the product tests: the library is built once for all of them."""
-    return tmp_path_factory.mktemp("kernel_cache")
 
 
 @needs_kernel
@@ -74,47 +69,22 @@ def layer_with_known_weights(in_features: int, out_features: int, seed: int):
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 5])
 def test_our_kernel_is_as_exact_as_a_bf16_result_allows(kernel_cache, rows):
-    """Against the exact product (fp64) of the weights as stored, with activations whose
-    magnitudes span 2^20 within each group of 32 (the AVX2 kernel writes a group as 16-bit
-    integers times a power of two, so it rounds the smallest ones): every result is within
-    half a bf16 step of the exact one, plus 2^-15 of each group's largest activation times
-    its weights' magnitudes (that rounding), plus fp32 rounding. Activations rounded to 8
-    bits, or a power of two one too large, would be far outside."""
+    """Activations whose magnitudes span 2^20 within each group of 32: the AVX2 kernel
+    writes a group as 16-bit integers times a power of two, so it rounds the smallest."""
     layer, weight = layer_with_known_weights(576, 960, seed=rows)
     torch.manual_seed(rows)
-    magnitudes = 2.0 ** torch.randint(-20, 1, (rows, 576)).float()
-    x = (torch.randn(rows, 576) * magnitudes).bfloat16()
+    x = kernel_checks.activations_spanning_2_to_the_20(rows, 576)
     ours = load_int4_kernel(kernel_cache)(x, layer.packed, layer.scales_and_offsets, 960)
-    exact = x.double() @ weight.T
-    largest = x.double().abs().reshape(rows, -1, 32).amax(dim=-1)  # (rows, K / 32)
-    activation_rounding = (largest * 2**-15) @ weight.abs().reshape(960, -1, 32).sum(-1).T
-    fp32_rounding = 2**-16 * (x.double().abs() @ weight.abs().T)
-    bound = exact.abs() * 2**-8 + (activation_rounding + fp32_rounding) * 1.01
-    assert ((ours.double() - exact).abs() <= bound).all()
+    kernel_checks.assert_within_bf16_of_exact(ours, x, weight)
 
 
 @needs_kernel
-def test_our_kernel_keeps_zeros_nans_and_extreme_magnitudes(kernel_cache):
+def test_our_kernel_keeps_zeros_nans_infs_and_extreme_magnitudes(kernel_cache):
     layer, weight = layer_with_known_weights(576, 128, seed=0)
     torch.manual_seed(0)
-    x = torch.randn(5, 576)
-    x[0] = 0.0
-    x[1, 100] = float("nan")
-    x[4, 7] = float("inf")
-    x[2] *= 1e-33  # activations near the bottom of bf16's range
-    x[3] *= 1e36  # and near its top
-    x = x.bfloat16()
+    x = kernel_checks.special_rows(576)
     ours = load_int4_kernel(kernel_cache)(x, layer.packed, layer.scales_and_offsets, 128)
-    assert torch.equal(ours[0], torch.zeros(128, dtype=torch.bfloat16))
-    assert ours[1].isnan().all()  # a NaN spoils its own row, as in PyTorch's kernel
-    theirs = pytorch_product(layer, x)
-    assert torch.equal(ours[4].isinf(), theirs[4].isinf()) and ours[4].isinf().all()
-    exact = x.double() @ weight.T
-    for row in (2, 3):
-        scale = exact[row].abs().max()
-        torch.testing.assert_close(
-            ours[row].double(), exact[row], rtol=2**-7, atol=float(scale) * 2**-7
-        )
+    kernel_checks.assert_special_rows_kept(ours, pytorch_product(layer, x), x.double() @ weight.T)
 
 
 @needs_kernel
@@ -145,10 +115,7 @@ def test_the_library_is_built_once_and_then_reused(tmp_path):
 
 
 def tiny_int4_model() -> Transformer:
-    config = TransformerConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=64,
-                               intermediate_size=128, positions="rope", norm="rmsnorm",
-                               mlp="swiglu", max_position_embeddings=64)  # fmt: skip
-    return quantize_model(Transformer(config).to(torch.bfloat16), "int4")
+    return kernel_checks.tiny_quantized_model("int4")
 
 
 @needs_kernel
@@ -205,17 +172,17 @@ def test_each_packing_gets_the_kernel_that_reads_it_where_the_cpu_has_its_instru
 
 
 def test_a_failed_build_falls_back_to_pytorchs_kernel(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(int4_kernel, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(native, "compiler", lambda: "/bin/false")  # exits 1, builds nothing
-    load_int4_kernel.cache_clear()
-    with caplog.at_level(logging.INFO, logger="src.models.int4_kernel"):
-        assert load_int4_kernel(tmp_path) is None
-    assert "the build failed" in caplog.text
     model = tiny_int4_model()
-    assert not use_int4_kernel(model, "auto", tmp_path)
-    x = torch.randn(8, 64).bfloat16()
-    assert model.blocks[0].mlp.gate_up(x).shape == (8, 256)  # PyTorch's kernel still serves
-    load_int4_kernel.cache_clear()
+    kernel_checks.assert_a_failed_build_falls_back(
+        int4_kernel,
+        load_int4_kernel,
+        use_int4_kernel,
+        model,
+        model.blocks[0].mlp.gate_up,
+        tmp_path,
+        monkeypatch,
+        caplog,
+    )
 
 
 @needs_kernel

@@ -3,28 +3,21 @@ on the same weights and scales, for one row up to many, and as close to the exac
 a bf16 result allows; INT8_KERNEL picks it per layer (the output layer included); and where
 it cannot run, PyTorch's kernel stays, never an error."""
 
-import logging
-
 import pytest
 import torch
 from torch import nn
 
-from src.models import cpu_info, int8_kernel, native
+from src.models import cpu_info, int8_kernel
 from src.models.int8_kernel import can_run, load_int8_kernel, unavailable_reason
-from src.models.quantize import Int8DynamicLinear, Int8Linear, quantize_model, use_int8_kernel
-from src.models.transformer import Transformer, TransformerConfig
+from src.models.quantize import Int8DynamicLinear, Int8Linear, use_int8_kernel
+from src.models.transformer import Transformer
+from tests import kernel_checks
 
 pytestmark = pytest.mark.unit
 
 needs_kernel = pytest.mark.skipif(
     unavailable_reason() is not None, reason=f"our int8 kernel cannot run: {unavailable_reason()}"
 )
-
-
-@pytest.fixture(scope="module")
-def kernel_cache(tmp_path_factory):
-    """One cache folder for the product tests: the library is built once for all of them."""
-    return tmp_path_factory.mktemp("kernel_cache")
 
 
 def layer_with_known_weights(in_features: int, out_features: int, seed: int):
@@ -62,49 +55,24 @@ def test_our_kernel_multiplies_like_pytorchs(kernel_cache, in_features, out_feat
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 4])
 def test_our_kernel_is_as_exact_as_a_bf16_result_allows(kernel_cache, rows):
-    """Against the exact product (fp64) of the weights as stored, with activations whose
-    magnitudes span 2^20 within each group of 32: every result is within half a bf16 step
-    of the exact one, plus 2^-15 of each group's largest activation times its weights'
-    magnitudes (the rounding to 16-bit integers), plus fp32 rounding."""
+    """Activations whose magnitudes span 2^20 within each group of 32, which the kernel
+    writes as 16-bit integers times a power of two."""
     layer, weight = layer_with_known_weights(576, 1536, seed=rows)
-    magnitudes = 2.0 ** torch.randint(-20, 1, (rows, 576)).float()
-    x = (torch.randn(rows, 576) * magnitudes).bfloat16()
-    ours = load_int8_kernel(kernel_cache)(x, layer.weight_int8, layer.scales).double()
-    exact = x.double() @ weight.T
-    largest = x.double().abs().reshape(rows, -1, 32).amax(dim=-1)  # (rows, K / 32)
-    activation_rounding = (largest * 2**-15) @ weight.abs().reshape(1536, -1, 32).sum(-1).T
-    fp32_rounding = 2**-16 * (x.double().abs() @ weight.abs().T)
-    bound = exact.abs() * 2**-8 + (activation_rounding + fp32_rounding) * 1.01
-    assert ((ours - exact).abs() <= bound).all()
+    x = kernel_checks.activations_spanning_2_to_the_20(rows, 576)
+    ours = load_int8_kernel(kernel_cache)(x, layer.weight_int8, layer.scales)
+    kernel_checks.assert_within_bf16_of_exact(ours, x, weight)
 
 
 @needs_kernel
 def test_our_kernel_keeps_zeros_nans_infs_and_extreme_magnitudes(kernel_cache):
     layer, weight = layer_with_known_weights(576, 64, seed=0)
-    x = torch.randn(5, 576)
-    x[0] = 0.0
-    x[1, 100] = float("nan")
-    x[4, 7] = float("inf")
-    x[2] *= 1e-33  # activations near the bottom of bf16's range
-    x[3] *= 1e36  # and near its top
-    x = x.bfloat16()
+    x = kernel_checks.special_rows(576)
     ours = load_int8_kernel(kernel_cache)(x, layer.weight_int8, layer.scales)
-    theirs = pytorch_product(layer, x)
-    assert torch.equal(ours[0], torch.zeros(64, dtype=torch.bfloat16))
-    assert ours[1].isnan().all()  # a NaN spoils its own row, as in PyTorch's kernel
-    assert torch.equal(ours[4].isinf(), theirs[4].isinf()) and ours[4].isinf().any()
-    assert torch.equal(ours[4].isnan(), theirs[4].isnan())  # where a weight is 0: inf x 0
-    exact = x.double() @ weight.T
-    for row in (2, 3):
-        scale = float(exact[row].abs().max())
-        torch.testing.assert_close(ours[row].double(), exact[row], rtol=2**-7, atol=scale * 2**-7)
+    kernel_checks.assert_special_rows_kept(ours, pytorch_product(layer, x), x.double() @ weight.T)
 
 
 def tiny_int8_model() -> Transformer:
-    config = TransformerConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=64,
-                               intermediate_size=128, positions="rope", norm="rmsnorm",
-                               mlp="swiglu", max_position_embeddings=64)  # fmt: skip
-    return quantize_model(Transformer(config).to(torch.bfloat16), "int8")
+    return kernel_checks.tiny_quantized_model("int8")
 
 
 @needs_kernel
@@ -149,13 +117,14 @@ def test_our_kernel_runs_where_pytorch_runs_its_avx2_kernel(monkeypatch):
 
 
 def test_a_failed_build_falls_back_to_pytorchs_kernel(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(int8_kernel, "unavailable_reason", lambda: None)
-    monkeypatch.setattr(native, "compiler", lambda: "/bin/false")  # exits 1, builds nothing
-    load_int8_kernel.cache_clear()
-    with caplog.at_level(logging.INFO, logger="src.models.int8_kernel"):
-        assert load_int8_kernel(tmp_path) is None
-    assert "the build failed" in caplog.text
     model = tiny_int8_model()
-    assert not use_int8_kernel(model, "auto", tmp_path)
-    assert model.lm_head(torch.randn(1, 64).bfloat16()).shape == (1, 64)
-    load_int8_kernel.cache_clear()
+    kernel_checks.assert_a_failed_build_falls_back(
+        int8_kernel,
+        load_int8_kernel,
+        use_int8_kernel,
+        model,
+        model.lm_head,
+        tmp_path,
+        monkeypatch,
+        caplog,
+    )

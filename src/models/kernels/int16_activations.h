@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -60,6 +61,42 @@ static inline void activations_as_int16(const uint16_t *x, int16_t *codes, float
         __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
         _mm256_storeu_si256((__m256i *)(codes + 8 * v), packed);
     }
+}
+
+/* Every row of an (M, K) bf16 matrix as int16 codes (M, K), and per group of
+ * ACTIVATION_GROUP its unit and sum (M, K / ACTIVATION_GROUP). */
+typedef struct {
+    int16_t *codes;
+    float *units;
+    float *sums;
+} Int16Activations;
+
+/* Room for M rows of K activations; 0, or -1 (nothing held) if out of memory. */
+static inline int int16_activations_alloc(Int16Activations *a, int64_t M, int64_t K) {
+    a->codes = malloc(sizeof(int16_t) * M * K);
+    a->units = malloc(sizeof(float) * M * (K / ACTIVATION_GROUP));
+    a->sums = malloc(sizeof(float) * M * (K / ACTIVATION_GROUP));
+    if (a->codes != NULL && a->units != NULL && a->sums != NULL) return 0;
+    free(a->codes);
+    free(a->units);
+    free(a->sums);
+    return -1;
+}
+
+static inline void int16_activations_free(Int16Activations *a) {
+    free(a->codes);
+    free(a->units);
+    free(a->sums);
+}
+
+/* Fill `a` from x (M, K): call inside an OpenMP parallel region (its groups are shared out
+ * among the threads, which wait for each other at the end). */
+static inline void int16_activations_fill(Int16Activations *a, const uint16_t *x, int64_t M,
+                                          int64_t K) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * (K / ACTIVATION_GROUP); i++)
+        activations_as_int16(x + i * ACTIVATION_GROUP, a->codes + i * ACTIVATION_GROUP,
+                             a->units + i, a->sums + i);
 }
 
 #endif

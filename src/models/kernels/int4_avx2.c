@@ -30,7 +30,6 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -103,39 +102,27 @@ static inline __attribute__((always_inline)) void rows_times_block(
 int int4_bf16_matmul(const uint16_t *x, const uint8_t *packed, const uint16_t *scales_offsets,
                      uint16_t *out, int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t groups = K / GROUP;
-    int16_t *x_codes = malloc(sizeof(int16_t) * M * K);
-    float *units = malloc(sizeof(float) * M * groups);
-    float *x_sums = malloc(sizeof(float) * M * groups);
-    if (x_codes == NULL || units == NULL || x_sums == NULL) {
-        free(x_codes);
-        free(units);
-        free(x_sums);
-        return -1;
-    }
+    Int16Activations a;
+    if (int16_activations_alloc(&a, M, K) != 0) return -1;
 #pragma omp parallel num_threads(threads)
     {
+        int16_activations_fill(&a, x, M, K);
+        /* A task is a block of 32 columns, MAX_ROWS rows at a time: each weight byte is loaded
+         * once per pass and serves every column it holds. */
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < M * groups; i++)
-        activations_as_int16(x + i * GROUP, x_codes + i * GROUP, units + i, x_sums + i);
-
-    /* A task is a block of 32 columns, MAX_ROWS rows at a time: each weight byte is loaded
-     * once per pass and serves every column it holds. */
-#pragma omp for schedule(static)
-    for (int64_t block = 0; block < N / 32; block++) {
-        const uint8_t *strip = packed + block * K * 16;
-        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-            const int16_t *xr = x_codes + m0 * K;
-            const float *ur = units + m0 * groups, *sr = x_sums + m0 * groups;
-            uint16_t *o = out + m0 * N;
-            if (M - m0 >= 2)
-                rows_times_block(2, xr, ur, sr, strip, scales_offsets, o, N, K, block * 32);
-            else
-                rows_times_block(1, xr, ur, sr, strip, scales_offsets, o, N, K, block * 32);
+        for (int64_t block = 0; block < N / 32; block++) {
+            const uint8_t *strip = packed + block * K * 16;
+            for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+                const int16_t *xr = a.codes + m0 * K;
+                const float *ur = a.units + m0 * groups, *sr = a.sums + m0 * groups;
+                uint16_t *o = out + m0 * N;
+                if (M - m0 >= 2)
+                    rows_times_block(2, xr, ur, sr, strip, scales_offsets, o, N, K, block * 32);
+                else
+                    rows_times_block(1, xr, ur, sr, strip, scales_offsets, o, N, K, block * 32);
+            }
         }
     }
-    }
-    free(x_codes);
-    free(units);
-    free(x_sums);
+    int16_activations_free(&a);
     return 0;
 }

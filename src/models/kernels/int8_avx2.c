@@ -20,7 +20,6 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -88,31 +87,20 @@ static inline void row_times_columns(const uint16_t *x, const int16_t *codes, co
 int int8_bf16_matmul(const uint16_t *x, const int8_t *w, const uint16_t *scales, uint16_t *out,
                      int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t groups = K / GROUP;
-    int16_t *codes = malloc(sizeof(int16_t) * M * K);
-    float *units = malloc(sizeof(float) * M * groups);
-    float *x_sums = malloc(sizeof(float) * M * groups);
-    if (codes == NULL || units == NULL || x_sums == NULL) {
-        free(codes);
-        free(units);
-        free(x_sums);
-        return -1;
-    }
+    Int16Activations a;
+    if (int16_activations_alloc(&a, M, K) != 0) return -1;
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < M * groups; i++)
-            activations_as_int16(x + i * GROUP, codes + i * GROUP, units + i, x_sums + i);
+        int16_activations_fill(&a, x, M, K);
         /* A task is COLUMNS columns for every row: their weights (COLUMNS x K bytes) come
          * from memory once and stay in the L1 cache for the rows after the first. */
 #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < N; n0 += COLUMNS)
             for (int64_t m = 0; m < M; m++)
-                row_times_columns(x + m * K, codes + m * K, units + m * groups,
-                                  x_sums + m * groups, w + n0 * K, scales + n0, out + m * N + n0,
+                row_times_columns(x + m * K, a.codes + m * K, a.units + m * groups,
+                                  a.sums + m * groups, w + n0 * K, scales + n0, out + m * N + n0,
                                   K);
     }
-    free(codes);
-    free(units);
-    free(x_sums);
+    int16_activations_free(&a);
     return 0;
 }
