@@ -78,6 +78,12 @@ def bot_messages(driver) -> list[str]:
     )
 
 
+def as_shown(markdown: str) -> str:
+    """A reply's text as the browser shows it: emphasis and code marks drawn rather than
+    written, whitespace collapsed."""
+    return " ".join(markdown.replace("*", "").replace("`", "").split())
+
+
 def send(driver, text: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -223,15 +229,15 @@ def test_replies_are_rated_edited_chosen_and_kept_across_a_reload(browser, serve
             "FROM feedback f JOIN replies r ON r.id = f.reply_id "
             "LEFT JOIN replies p ON p.id = f.preferred_id ORDER BY f.id"
         ).fetchall()
-    # The store keeps replies exactly as generated; the browser's rendering trims the
-    # whitespace a sampled reply may end with, so compare the visible text.
-    visible = [tuple(x.strip() if isinstance(x, str) else x for x in row) for row in rows]
-    assert visible[0] == ("bad", "true but dull", "ui", original, None, None)
-    edit = "The Moon is **slowly** drifting away from the `Earth`."  # stored as typed
-    assert visible[1][3:] == (original, edit, "edit")
-    assert visible[2][4:] == (candidate.strip(), "candidate")
-    assert (visible[3][0], visible[3][3]) == ("good", candidate.strip())
+    # The store keeps replies exactly as generated, Markdown included; the browser draws
+    # that Markdown and trims whitespace, so the generated replies are compared as shown.
+    assert rows[0][:3] == ("bad", "true but dull", "ui") and rows[3][0] == "good"
     assert [row[2] for row in rows] == ["ui"] * 4
+    assert as_shown(rows[0][3]) == as_shown(original) and rows[0][4:] == (None, None)
+    edit = "The Moon is **slowly** drifting away from the `Earth`."  # stored as typed
+    assert as_shown(rows[1][3]) == as_shown(original) and rows[1][4:] == (edit, "edit")
+    assert as_shown(rows[2][4]) == as_shown(candidate) and rows[2][5] == "candidate"
+    assert as_shown(rows[3][3]) == as_shown(candidate)
 
     click(browser, "delete")
     wait_for(lambda: not any(x.startswith("Moon facts") for x in conversation_labels(browser)))
