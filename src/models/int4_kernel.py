@@ -24,7 +24,6 @@ keep PyTorch's kernel: never an error.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 from src.models.cpu_info import x86_kernel_unavailable
-from src.models.native import KERNELS_DIR, CSource, load_function
+from src.models.native import KERNELS_DIR, CSource, bf16_matmul, load_function
 
 logger = logging.getLogger(__name__)
 
@@ -102,23 +101,8 @@ def load_int4_kernel(cache_dir: Path) -> Int4Kernel | None:
     if reason:
         logger.info("INT4_KERNEL: using PyTorch's int4 kernel (ours cannot run: %s)", reason)
         return None
-    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    function.restype = ctypes.c_int
-
-    def int4_matmul(
-        x: torch.Tensor, packed: torch.Tensor, scales_and_offsets: torch.Tensor, n: int
-    ) -> torch.Tensor:
-        """x (..., K) bf16 times the (n, K) int4 weights: (..., n) bf16."""
-        x = x.contiguous()
-        out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-        rows, threads = x.numel() // x.shape[-1], torch.get_num_threads()
-        status = function(x.data_ptr(), packed.data_ptr(), scales_and_offsets.data_ptr(),
-                          out.data_ptr(), rows, n, x.shape[-1], threads)  # fmt: skip
-        if status != 0:
-            raise MemoryError("int4 kernel: out of memory")
-        return out
-
-    return int4_matmul
+    # (x, packed, scales_and_offsets, n): x (..., K) bf16 times the (n, K) int4 weights
+    return bf16_matmul(function, "int4 kernel")
 
 
 def can_run(out_features: int, in_features: int) -> bool:

@@ -18,7 +18,6 @@ kernel, never an error.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from src.models.cpu_info import x86_kernel_unavailable
-from src.models.native import KERNELS_DIR, CSource, load_function
+from src.models.native import KERNELS_DIR, CSource, bf16_matmul, load_function
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +57,11 @@ def load_int8_kernel(cache_dir: Path) -> Int8Kernel | None:
     if reason:
         logger.info("INT8_KERNEL: using PyTorch's int8 kernel (ours cannot run: %s)", reason)
         return None
-    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    function.restype = ctypes.c_int
+    matmul = bf16_matmul(function, "int8 kernel")
 
     def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """x (..., K) bf16 times the (N, K) int8 weights, each row scaled: (..., N) bf16."""
-        x = x.contiguous()
-        n = weight.shape[0]
-        out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-        rows, threads = x.numel() // x.shape[-1], torch.get_num_threads()
-        status = function(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), out.data_ptr(),
-                          rows, n, x.shape[-1], threads)  # fmt: skip
-        if status != 0:
-            raise MemoryError("int8 kernel: out of memory")
-        return out
+        return matmul(x, weight, scales, weight.shape[0])
 
     return int8_matmul
 

@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,28 @@ def load_function(cache_dir: Path, kernel: CSource, name: str) -> tuple[object |
         return None, f"the build failed: {exc.stderr.strip()[-500:]}"
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
         return None, f"the build failed: {exc}"
+
+
+def bf16_matmul(function: Any, label: str) -> Callable[..., Any]:
+    """A C matrix kernel of ours, ``int f(x, weights, scales, out, M, N, K, threads)`` (bf16
+    x and out; 0, or -1 when out of memory), as ``(x, weights, scales, n) -> y``: x (..., K)
+    bf16, y (..., n) bf16."""
+    import torch
+
+    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    function.restype = ctypes.c_int
+
+    def matmul(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, n: int):
+        x = x.contiguous()
+        out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+        rows, threads = x.numel() // x.shape[-1], torch.get_num_threads()
+        status = function(x.data_ptr(), weights.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                          rows, n, x.shape[-1], threads)  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"{label}: out of memory")
+        return out
+
+    return matmul
 
 
 def our_kernels() -> list[CSource]:
