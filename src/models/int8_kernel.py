@@ -41,8 +41,8 @@ Int8Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def unavailable_reason() -> str | None:
     """Why our kernel cannot run on this machine, or None if it can."""
     reason = x86_kernel_unavailable(CPU_FEATURES)
-    if reason is None and torch.backends.cpu.get_cpu_capability() != "AVX2":
-        capability = torch.backends.cpu.get_cpu_capability()
+    capability = torch.backends.cpu.get_cpu_capability()
+    if reason is None and capability != "AVX2":
         reason = f"PyTorch runs its {capability} int8 kernel here; ours replaces its AVX2 one"
     return reason
 
