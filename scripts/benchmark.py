@@ -255,6 +255,7 @@ def run_serving(new_tokens: int, clients: list[int], repetitions: int) -> dict:
             env["PREFILL_CHUNK_TOKENS"] = chunking
         with served(env) as (process, url):
             if chunking == "default":
+                api_streams = api_single_streams(url, new_tokens, repetitions)
                 rows = measure_concurrency(
                     url, clients, new_tokens, repetitions, progress=lambda m: print(m, flush=True)
                 )
@@ -266,7 +267,43 @@ def run_serving(new_tokens: int, clients: list[int], repetitions: int) -> dict:
         "rows": rows,
         "peak_memory_mb": memory,
         "mixed_load": mixed,
+        "api_single_stream": api_streams,
     }
+
+
+OUR_SERVER = "our server (default engine)"
+LLAMA_CPP_SERVER = "llama.cpp server (llama_cpp.server, Q4_1 GGUF)"
+
+
+def api_single_streams(url: str, new_tokens: int, repetitions: int) -> list[dict]:
+    """One stream at a time through the OpenAI API: our server at ``url`` and, when
+    llama-cpp-python's server extra is installed, llama.cpp's server on the bundled GGUF file,
+    taking turns (a crash or failure there is a failed row, not a dead benchmark)."""
+    import torch
+
+    from src.benchmarks import llama_cpp
+    from src.benchmarks.api_stream import measure_api_streams
+    from src.benchmarks.decode import dialog_text
+    from src.models.bundled import bundled_gguf_path
+
+    # About LONG_PROMPT_TOKENS in all, with the system message and the chat format's tokens.
+    long_text = dialog_text(bundled_prompts()[1], LONG_PROMPT_TOKENS - 40)
+
+    def measure(servers: dict[str, str]) -> list[dict]:
+        return measure_api_streams(
+            servers, long_text, new_tokens, repetitions, progress=partial(print, flush=True)
+        )
+
+    if not llama_cpp.server_available():
+        print("  serving: no llama.cpp server row (needs llama-cpp-python[server]: "
+              "make setup-llamacpp)", flush=True)  # fmt: skip
+        return measure({OUR_SERVER: url})
+    try:
+        with llama_cpp.served(bundled_gguf_path(), torch.get_num_threads()) as llama_url:
+            return measure({OUR_SERVER: url, LLAMA_CPP_SERVER: llama_url})
+    except llama_cpp.RowFailed as failure:
+        print(f"  serving: the llama.cpp server row failed: {failure}", flush=True)
+        return [*measure({OUR_SERVER: url}), {"name": LLAMA_CPP_SERVER, "failed": str(failure)}]
 
 
 @contextmanager

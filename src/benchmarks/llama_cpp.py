@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,57 @@ def cmake_args(flags: list[str] | None) -> str:
 
 def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
+
+
+def server_available() -> bool:
+    """llama-cpp-python with its server's extra (``llama-cpp-python[server]``)."""
+    return available() and all(
+        importlib.util.find_spec(module) for module in ("sse_starlette", "starlette_context")
+    )
+
+
+@contextmanager
+def served(gguf: Path, threads: int, context: int = 2048, timeout: float = 180) -> Iterator[str]:
+    """llama.cpp's OpenAI-compatible server (``python -m llama_cpp.server``) on ``gguf``, on
+    127.0.0.1 and a free port, as its users start it with the thread count of our rows: its
+    URL once it answers; stopped afterwards. Raises ``RowFailed`` if it does not start."""
+    from src.benchmarks.processes import free_port, stop, wait_until_ready
+
+    port = free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
+               "--n_threads", str(threads), "--n_threads_batch", str(threads),
+               "--n_ctx", str(context), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        log = Path(folder) / "server.log"
+        with open(log, "wb") as output:
+            process = subprocess.Popen(command, stdout=output, stderr=output)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            try:
+                wait_until_ready(url, process, timeout, path="/v1/models")
+            except RuntimeError as exc:
+                process.poll()
+                raise RowFailed(exit_reason(process.returncode, log.read_text())) from exc
+            try:
+                yield url
+            except Exception as exc:  # a crash mid-stream: say how the server ended
+                with suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=5)  # its connections close before it is reaped
+                if process.returncode is not None:
+                    raise RowFailed(exit_reason(process.returncode, log.read_text())) from exc
+                raise
+        finally:
+            stop(process)
+
+
+def exit_reason(returncode: int | None, output: str) -> str:
+    """Why a llama.cpp process ended: the signal that killed it, or its exit status and the
+    last line it wrote."""
+    if returncode is None:
+        return "did not start in time"
+    if returncode < 0:
+        return f"llama.cpp crashed ({signal.Signals(-returncode).name})"
+    return f"exit status {returncode}: {(output.strip().splitlines() or ['no message'])[-1]}"
 
 
 def load(gguf: Path, threads: int, context: int = 2048, logits_all: bool = False) -> Any:
@@ -157,11 +209,8 @@ def measure_in_subprocess(
             )
         except subprocess.TimeoutExpired as exc:
             raise RowFailed(f"no result after {timeout:.0f} s") from exc
-        if done.returncode < 0:
-            raise RowFailed(f"llama.cpp crashed ({signal.Signals(-done.returncode).name})")
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            raise RowFailed(f"exit status {done.returncode}: {last}")
+            raise RowFailed(exit_reason(done.returncode, done.stderr))
         return json.loads(result.read_text())
 
 

@@ -66,14 +66,16 @@ def start_server(
     return process, f"http://127.0.0.1:{port}"
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> float:
-    """Seconds until /health answers 200."""
+def wait_until_ready(
+    url: str, process: subprocess.Popen, timeout: float = 180, path: str = "/health"
+) -> float:
+    """Seconds until ``path`` answers 200."""
     started = time.perf_counter()
     while time.perf_counter() - started < timeout:
         if process.poll() is not None:
             raise RuntimeError("the server exited during start-up")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return time.perf_counter() - started
         except httpx.TransportError:
             pass

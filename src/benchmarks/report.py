@@ -81,6 +81,8 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         if serving.get("mixed_load"):
             lines += mixed_load_markdown(serving["mixed_load"])
+        if serving.get("api_single_stream"):
+            lines += api_stream_markdown(serving["api_single_stream"], rounds)
     structured = results.get("structured")
     if structured:
         free = structured["rows"][0]["tokens_per_second"]
@@ -193,7 +195,7 @@ def model_shape_markdown(shape: dict[str, Any]) -> list[str]:
 def mixed_load_markdown(rows: list[dict[str, Any]]) -> list[str]:
     """Short chats arriving one by one with a long prompt among them, per PREFILL_CHUNK_TOKENS."""
     return [
-        f"**Mixed load**: {rows[0]['clients']} short chats arriving 0.25 s apart, and a pasted "
+        f"**Mixed load**: {rows[0]['clients']:.0f} short chats arriving 0.25 s apart, and a pasted "
         "text of about 1,000 tokens arriving among them (medians of the rounds):",
         "",
         *table(
@@ -214,6 +216,44 @@ def mixed_load_markdown(rows: list[dict[str, Any]]) -> list[str]:
                 ]
                 for row in rows
             ],
+        ),
+        "",
+    ]
+
+
+def api_stream_markdown(rows: list[dict[str, Any]], rounds: int) -> list[str]:
+    """One stream at a time through the OpenAI API, our server and llama.cpp's; speed ratios
+    against llama.cpp's when its row is there."""
+    llama = next((r for r in rows if "llama.cpp" in r["name"] and "failed" not in r), None)
+    prompt = next((r["long_prompt_tokens"] for r in rows if r.get("long_prompt_tokens")), "-")
+
+    def cells(row: dict[str, Any]) -> list[str]:
+        if "failed" in row:
+            return [row["name"], f"failed: {row['failed']}", "-", "-", "-", "-"]
+        ratio = f"{row['tokens_per_second'] / llama['tokens_per_second']:.2f}x" if llama else "-"
+        return [
+            row["name"],
+            f"{row['tokens_per_second']:.1f}",
+            ratio,
+            f"{row['first_token_seconds']:.3f}",
+            f"{row['long_prompt_first_token_seconds']:.3f}",
+            str(row["tokens"]),
+        ]
+
+    return [
+        "**One stream through the OpenAI API** (`/v1/chat/completions`, streamed, greedy, the "
+        f"same requests to each server in turn; medians of {rounds}):",
+        "",
+        *table(
+            [
+                "server",
+                "tokens/s",
+                "vs llama.cpp",
+                "first token (s)",
+                f"first token, {prompt}-token prompt (s)",
+                "tokens",
+            ],
+            [cells(row) for row in rows],
         ),
         "",
     ]

@@ -79,8 +79,8 @@ async def post_sse(url: str, path: str, body: dict):
         while size := int((await reader.readline()).strip() or b"0", 16):
             pending += (await reader.readexactly(size + 2))[:-2]
             *lines, pending = pending.split(b"\n")  # the last piece may be an unfinished line
-            for line in lines:
-                if (event := sse.read(line.decode())) is not None:
+            for line in lines:  # (server-sent events may end their lines with \r\n)
+                if (event := sse.read(line.decode().removesuffix("\r"))) is not None:
                     yield event
     finally:
         writer.close()

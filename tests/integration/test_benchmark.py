@@ -128,7 +128,7 @@ def test_training_section_runs_both_trainers_on_the_same_batches(converted_bundl
 def test_serving_structured_and_cold_start_sections(converted_bundled_model, tmp_path):
     """The API under concurrent clients (a real uvicorn, real streams), JSON-schema replies
     against free ones, and the cold starts of the CLI and the server, at the smallest sizes."""
-    _, data = run_benchmark(
+    result, data = run_benchmark(
         tmp_path,
         *("--sections", "serving,structured,cold", "--clients", "1,3", "--new-tokens", "16"),
         *("--repetitions", "2"),
@@ -153,9 +153,22 @@ def test_serving_structured_and_cold_start_sections(converted_bundled_model, tmp
         assert 0 < row["first_token_p50"] <= row["first_token_p95"]
         assert 0 < row["longest_pause_p50"] <= row["longest_pause_max"]
         assert row["long_prompt_first_token"] > 0 and row["aggregate_tokens_per_second"] > 0
+    # One stream through the OpenAI API; llama.cpp's server beside ours when its extra is in.
+    api = serving["api_single_stream"]
+    with_llama_cpp = llama_cpp.server_available()
+    assert [row["name"] for row in api][: 1 + with_llama_cpp] == [
+        "our server (default engine)",
+        *(["llama.cpp server (llama_cpp.server, Q4_1 GGUF)"] * with_llama_cpp),
+    ]
+    assert ("no llama.cpp server row" in result.stdout) != with_llama_cpp
+    ours = api[0]
+    assert 0 < ours["tokens"] <= 16 and ours["text"] and ours["tokens_per_second"] > 0
+    assert ours["first_token_seconds"] > 0 and 450 <= ours["long_prompt_tokens"] <= 550
     assert cold["cli_first_token_seconds"] > 0 and cold["repetitions"] == 2
     assert 0 < cold["server_ready_seconds"] <= cold["server_first_token_seconds"]
     table = (tmp_path / "benchmark.md").read_text()
     assert "medians of 2 rounds" in table and "**Cold start**" in table
     assert "**Mixed load**" in table and "| 256 (default) |" in table
+    assert "**One stream through the OpenAI API**" in table
+    assert "| our server (default engine) |" in table
     assert "**Structured outputs**" in table and "| JSON schema (grammar mask) |" in table
