@@ -75,9 +75,11 @@ def assert_a_failed_build_falls_back(
         load.cache_clear()
 
 
-def tiny_quantized_model(method: str) -> Transformer:
-    """A one-layer bf16 model quantised with ``method`` ("int4" or "int8")."""
-    config = TransformerConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=64,
-                               intermediate_size=128, positions="rope", norm="rmsnorm",
-                               mlp="swiglu", max_position_embeddings=64)  # fmt: skip
+def tiny_quantized_model(method: str, layers: int = 1, **changes) -> Transformer:
+    """A bf16 model of ``layers`` blocks quantised with ``method`` ("int4" or "int8"), its
+    configuration with ``changes``."""
+    config = TransformerConfig(**{**dict(vocab_size=64, n_layer=layers, n_head=2, n_kv_head=1,
+                               n_embd=64, intermediate_size=128, positions="rope",
+                               norm="rmsnorm", mlp="swiglu", max_position_embeddings=64),
+                               **changes})  # fmt: skip
     return quantize_model(Transformer(config).to(torch.bfloat16), method)

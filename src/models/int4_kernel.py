@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from src.models.cpu_info import x86_kernel_unavailable
-from src.models.native import KERNELS_DIR, CSource, bf16_matmul, load_function
+from src.models.native import KERNELS_DIR, Bf16Matmul, CSource, load_function
 
 logger = logging.getLogger(__name__)
 
-Int4Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (x, packed, scales_and_offsets, out_features) -> y
+Int4Kernel = Bf16Matmul
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,7 @@ def load_int4_kernel(cache_dir: Path) -> Int4Kernel | None:
         logger.info("INT4_KERNEL: using PyTorch's int4 kernel (ours cannot run: %s)", reason)
         return None
     # (x, packed, scales_and_offsets, n): x (..., K) bf16 times the (n, K) int4 weights
-    return bf16_matmul(function, "int4 kernel")
+    return Bf16Matmul(function, "int4 kernel")
 
 
 def can_run(out_features: int, in_features: int) -> bool:

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from src.models.cpu_info import x86_kernel_unavailable
-from src.models.native import KERNELS_DIR, CSource, bf16_matmul, load_function
+from src.models.native import KERNELS_DIR, Bf16Matmul, CSource, load_function
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +34,8 @@ CPU_FEATURES = ("avx2", "fma")
 COLUMNS_PER_TASK = 8  # the C file's COLUMNS
 GROUP = 32  # activations per power of two
 
-Int8Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (x, weight_int8, scales, out_features) -> y
+Int8Kernel = Bf16Matmul
 
 
 def unavailable_reason() -> str | None:
@@ -49,7 +49,7 @@ def unavailable_reason() -> str | None:
 
 @functools.cache
 def load_int8_kernel(cache_dir: Path) -> Int8Kernel | None:
-    """Our kernel as a function ``(x, weight_int8, scales) -> y``, or None (logged) where it
+    """Our kernel as a function ``(x, weight_int8, scales, n) -> y``, or None (logged) where it
     cannot run. Built at most once per process and cache folder."""
     reason = unavailable_reason()
     if reason is None:
@@ -57,13 +57,8 @@ def load_int8_kernel(cache_dir: Path) -> Int8Kernel | None:
     if reason:
         logger.info("INT8_KERNEL: using PyTorch's int8 kernel (ours cannot run: %s)", reason)
         return None
-    matmul = bf16_matmul(function, "int8 kernel")
-
-    def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """x (..., K) bf16 times the (N, K) int8 weights, each row scaled: (..., N) bf16."""
-        return matmul(x, weight, scales, weight.shape[0])
-
-    return int8_matmul
+    # (x, weight_int8, scales, n): x (..., K) bf16 times the (n, K) int8 weights, each row scaled
+    return Bf16Matmul(function, "int8 kernel")
 
 
 def can_run(out_features: int, in_features: int) -> bool:

@@ -14,7 +14,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,36 +79,40 @@ def load_function(cache_dir: Path, kernel: CSource, name: str) -> tuple[object |
         return None, f"the build failed: {exc}"
 
 
-def bf16_matmul(function: Any, label: str) -> Callable[..., Any]:
+class Bf16Matmul:
     """A C matrix kernel of ours, ``int f(x, weights, scales, out, M, N, K, threads)`` (bf16
-    x and out; 0, or -1 when out of memory), as ``(x, weights, scales, n) -> y``: x (..., K)
-    bf16, y (..., n) bf16."""
-    import torch
+    x and out; 0, or -1 when out of memory), called as ``(x, weights, scales, n) -> y``: x
+    (..., K) bf16, y (..., n) bf16. ``address`` is the C function's, for C code that calls
+    it (norm_then_matmul.c)."""
 
-    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    function.restype = ctypes.c_int
+    def __init__(self, function: Any, label: str) -> None:
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        function.restype = ctypes.c_int
+        self.function, self.label = function, label
+        self.address = ctypes.cast(function, ctypes.c_void_p).value
 
-    def matmul(x: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, n: int):
+    def __call__(self, x: Any, weights: Any, scales: Any, n: int) -> Any:
+        import torch
+
         x = x.contiguous()
         out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
         rows, threads = x.numel() // x.shape[-1], torch.get_num_threads()
-        status = function(x.data_ptr(), weights.data_ptr(), scales.data_ptr(), out.data_ptr(),
-                          rows, n, x.shape[-1], threads)  # fmt: skip
+        status = self.function(x.data_ptr(), weights.data_ptr(), scales.data_ptr(),
+                               out.data_ptr(), rows, n, x.shape[-1], threads)  # fmt: skip
         if status != 0:
-            raise MemoryError(f"{label}: out of memory")
+            raise MemoryError(f"{self.label}: out of memory")
         return out
-
-    return matmul
 
 
 def our_kernels() -> list[CSource]:
     """Every C kernel of the project (each module that has one lists its sources)."""
     from src.models.int4_kernel import KERNEL_SOURCES
     from src.models.int8_kernel import INT8_AVX2_SOURCE
-    from src.models.norm_kernel import RMS_NORM_SOURCE
+    from src.models.norm_kernel import NORM_THEN_MATMUL_SOURCE, RMS_NORM_SOURCE
     from src.models.rope_kernel import ROPE_CACHE_SOURCE
 
-    return [*KERNEL_SOURCES.values(), INT8_AVX2_SOURCE, RMS_NORM_SOURCE, ROPE_CACHE_SOURCE]
+    return [*KERNEL_SOURCES.values(), INT8_AVX2_SOURCE, RMS_NORM_SOURCE,
+            NORM_THEN_MATMUL_SOURCE, ROPE_CACHE_SOURCE]  # fmt: skip
 
 
 def use_kernels(

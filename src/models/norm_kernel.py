@@ -1,11 +1,16 @@
-"""NORM_KERNEL=auto: the RMSNorm of bf16 rows in one C call (src/models/kernels/rms_norm.c).
+"""NORM_KERNEL=auto: the RMSNorm of bf16 rows in one C call (src/models/kernels/rms_norm.c),
+and, where the product after it is one of our C kernels, in that product's call.
 
 Decoding one token of a small model is mostly small operations, and PyTorch spends more time
 dispatching an RMSNorm's half-dozen of them than computing it. The C function does the same
-steps in the same precision in one call (the C file says how); on a 2-core AMD EPYC it took
+steps in the same precision in one call (rms_norm.h says how); on a 2-core AMD EPYC it took
 the default engine from about 24 to 28 tokens/s (the README's Performance section). Used
 where the model decodes (no gradients), in bf16, with Llama's weighting; everywhere else,
 and where it cannot be built, PyTorch computes the norm as before.
+
+A call into C still costs more than a norm's arithmetic, so each block's two norms go into
+the call of the product that follows them (qkv after the first, gate-up after the second,
+with the residual addition before it): ``norm_then_matmul.c``, the same numbers bit for bit.
 """
 
 from __future__ import annotations
@@ -20,12 +25,16 @@ import torch
 from torch import nn
 
 from src.models.native import KERNELS_DIR, CSource, load_function
+from src.models.quantize import QuantizedLinear
 
 logger = logging.getLogger(__name__)
 
 RMS_NORM_SOURCE = CSource(KERNELS_DIR / "rms_norm.c")
+NORM_THEN_MATMUL_SOURCE = CSource(KERNELS_DIR / "norm_then_matmul.c")
 
 NormKernel = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (norm, layer, x, delta) -> (layer(norm(x + delta)), x + delta): see load_norm_then_matmul.
+NormThenMatmul = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @functools.cache
@@ -52,14 +61,67 @@ def load_norm_kernel(cache_dir: Path) -> NormKernel | None:
     return rms_norm
 
 
+@functools.cache
+def load_norm_then_matmul(cache_dir: Path) -> NormThenMatmul | None:
+    """The C function as ``norm_then_matmul`` below, or None (logged) where it cannot be
+    built. Built at most once per process and cache folder."""
+    function, reason = load_function(Path(cache_dir), NORM_THEN_MATMUL_SOURCE, "norm_then_matmul")
+    if function is None:
+        logger.info("NORM_KERNEL: norms in calls of their own (ours cannot run: %s)", reason)
+        return None
+    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 3 + [
+        ctypes.c_int64] * 3 + [ctypes.c_int]  # fmt: skip
+    function.restype = ctypes.c_int
+
+    def norm_then_matmul(
+        norm: nn.Module, layer: nn.Module, x: torch.Tensor, delta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``layer(norm(x + delta))`` and ``x + delta`` (``x`` itself without ``delta``) in
+        one C call, for bf16 ``x`` where ``fusable(norm, layer)``."""
+        kernel, weights, scales = layer.kernel_operands()
+        x = x.contiguous()
+        if delta is None:
+            total, delta_pointer, total_pointer = x, None, None
+        else:
+            delta, total = delta.contiguous(), torch.empty_like(x)
+            delta_pointer, total_pointer = delta.data_ptr(), total.data_ptr()
+        out = torch.empty(*x.shape[:-1], layer.out_features, dtype=torch.bfloat16)
+        width = x.shape[-1]
+        status = function(kernel.address, x.data_ptr(), delta_pointer, total_pointer,
+                          norm.weight.data_ptr(), norm.eps, weights.data_ptr(), scales.data_ptr(),
+                          out.data_ptr(), x.numel() // width, layer.out_features, width,
+                          torch.get_num_threads())  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"{kernel.label} after a norm: out of memory")
+        return out, total
+
+    return norm_then_matmul
+
+
+def fusable(norm: nn.Module, layer: nn.Module) -> bool:
+    """Whether ``norm`` runs in C and ``layer`` multiplies through one of our C kernels, so
+    that the two can be one call: a LoRA-wrapped or PyTorch-kernel layer cannot."""
+    return (
+        getattr(norm, "kernel", None) is not None
+        and isinstance(layer, QuantizedLinear)
+        and layer.kernel_operands() is not None
+    )
+
+
 def use_norm_kernel(model: nn.Module, setting: str, cache_dir: Path) -> bool:
     """NORM_KERNEL: "auto" gives every RMSNorm of ``model`` with bf16 weights and Llama's
-    weighting the C kernel, "pytorch" leaves them all to PyTorch. True if ours is in use."""
-    from src.models.transformer import RMSNorm
+    weighting the C kernel, and every block the C call of a norm and the product after it
+    (which it uses where ``fusable``); "pytorch" leaves them all to PyTorch. True if ours is
+    in use."""
+    from src.models.transformer import Block, RMSNorm
 
     norms = [module for module in model.modules() if isinstance(module, RMSNorm)]
     applies = {id(n) for n in norms if n.style == "llama" and n.weight.dtype == torch.bfloat16}
     kernel = load_norm_kernel(Path(cache_dir)) if setting == "auto" and applies else None
     for norm in norms:
         norm.kernel = kernel if id(norm) in applies else None
+    then_matmul = load_norm_then_matmul(Path(cache_dir)) if kernel is not None else None
+    for block in model.modules():
+        if isinstance(block, Block):
+            block.norm_then_matmul = then_matmul
     return kernel is not None

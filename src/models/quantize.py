@@ -49,6 +49,7 @@ from src.models.single_steps import in_single_steps
 if TYPE_CHECKING:
     from src.models.int4_kernel import Int4Kernel
     from src.models.int8_kernel import Int8Kernel
+    from src.models.native import Bf16Matmul
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,11 @@ class QuantizedLinear(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def kernel_operands(self) -> tuple[Bf16Matmul, torch.Tensor, torch.Tensor] | None:
+        """Our C kernel and the two buffers it reads, where this layer multiplies through it
+        (and has no bias); None where PyTorch's kernel does the work."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Conversions only where the dtypes differ: a no-op .to() still costs a dispatch, and
         # a decoding step runs this four times per layer.
@@ -121,8 +127,13 @@ class Int8Linear(QuantizedLinear):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and self.scales.dtype == torch.bfloat16:
-            return self.kernel(x, self.weight_int8, self.scales)
+            return self.kernel(x, self.weight_int8, self.scales, self.out_features)
         return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
+
+    def kernel_operands(self) -> tuple[Int8Kernel, torch.Tensor, torch.Tensor] | None:
+        if self.kernel is None or self.scales.dtype != torch.bfloat16 or self.bias is not None:
+            return None
+        return self.kernel, self.weight_int8, self.scales
 
 
 @functools.cache
@@ -213,6 +224,11 @@ class Int4Linear(QuantizedLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group_size, self.scales_and_offsets
         )
+
+    def kernel_operands(self) -> tuple[Int4Kernel, torch.Tensor, torch.Tensor] | None:
+        if self.kernel is None or self.bias is not None:
+            return None
+        return self.kernel, self.packed, self.scales_and_offsets
 
 
 def int4_packing() -> str:

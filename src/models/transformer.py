@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.models.norm_kernel import NormThenMatmul, fusable
 from src.models.rope_kernel import RopeKernel
 from src.models.single_steps import in_single_steps
 
@@ -580,9 +581,19 @@ class Attention(nn.Module):
         cache: KVCache | None,
         written_out: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, T, _ = x.shape
+        return self.attend_qkv(self.qkv(x), mask, rotary, cache, written_out)
+
+    def attend_qkv(
+        self,
+        qkv: torch.Tensor,
+        mask: torch.Tensor | None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        written_out: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rest of ``forward`` from the qkv projection's output (B, T, qkv width)."""
+        B, T, _ = qkv.shape
         q_width, kv_width = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        qkv = self.qkv(x)
         if self.rotates_into_cache(qkv, rotary, cache, written_out):
             q, k, v = self.rope_kernel(qkv, *rotary, cache.layers[self.layer_index],
                                        self.n_head, self.n_kv_head)  # fmt: skip
@@ -740,14 +751,18 @@ class MLP(nn.Module):
         self.down = nn.Linear(hidden, config.n_embd, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "swiglu":
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-            return self.down(F.silu(gate) * up)
-        if self.kind == "geglu":  # Gemma: the gate through GELU (tanh approximation)
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-            return self.down(F.gelu(gate, approximate="tanh") * up)
+        if self.kind in ("swiglu", "geglu"):
+            return self.gated(self.gate_up(x))
         # GPT-2 uses the tanh approximation of GELU ("gelu_new").
         return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+    def gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The rest of ``forward`` from the gate-up projection's output (..., 2 hidden)."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        if self.kind == "swiglu":
+            return self.down(F.silu(gate) * up)
+        # Gemma: the gate through GELU (tanh approximation)
+        return self.down(F.gelu(gate, approximate="tanh") * up)
 
 
 class Block(nn.Module):
@@ -764,7 +779,18 @@ class Block(nn.Module):
             self.attention_out_norm = make_norm(config)
             self.mlp_out_norm = make_norm(config)
 
+    # Each norm in the C call of the product after it (src/models/norm_kernel.py), set by
+    # NORM_KERNEL; used where both are ours (``fuses``).
+    norm_then_matmul: NormThenMatmul | None = None
+
     def forward(self, x, mask, rotary, cache, written_out):
+        if self.fuses(x):
+            # The same steps as below, bit for bit, in fewer calls: norm1 inside the qkv
+            # product's call, and the residual addition and norm2 inside gate-up's.
+            qkv, _ = self.norm_then_matmul(self.norm1, self.attention.qkv, x)
+            attended, weights = self.attention.attend_qkv(qkv, mask, rotary, cache, written_out)
+            gate_up, x = self.norm_then_matmul(self.norm2, self.mlp.gate_up, x, attended)
+            return x + self.mlp.gated(gate_up), weights
         attended, weights = self.attention(self.norm1(x), mask, rotary, cache, written_out)
         if self.sandwich:
             attended = self.attention_out_norm(attended)
@@ -773,6 +799,19 @@ class Block(nn.Module):
         if self.sandwich:
             transformed = self.mlp_out_norm(transformed)
         return x + transformed, weights
+
+    def fuses(self, x: torch.Tensor) -> bool:
+        """Whether this call goes through ``norm_then_matmul``: a bf16 step without gradients,
+        no sandwich norms, and both norms and both products (qkv, gate-up) ours."""
+        return (
+            self.norm_then_matmul is not None
+            and x.dtype == torch.bfloat16
+            and not self.sandwich
+            and not torch.is_grad_enabled()
+            and hasattr(self.mlp, "gate_up")
+            and fusable(self.norm1, self.attention.qkv)
+            and fusable(self.norm2, self.mlp.gate_up)
+        )
 
 
 # ------------------------------------------------------------------------------------------

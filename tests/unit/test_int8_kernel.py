@@ -39,7 +39,7 @@ def test_our_kernel_multiplies_like_pytorchs(kernel_cache, in_features, out_feat
     layer, _ = layer_with_known_weights(in_features, out_features, seed=rows)
     x = (torch.randn(rows, in_features) * 3).bfloat16()
     kernel = load_int8_kernel(kernel_cache)
-    ours = kernel(x, layer.weight_int8, layer.scales).float()
+    ours = kernel(x, layer.weight_int8, layer.scales, layer.out_features).float()
     theirs = pytorch_product(layer, x).float()
     # Both round fp32 sums of the same products to bf16, summed in another order (ours with
     # the smallest activations rounded to 16-bit integers): at most one bf16 step apart, and
@@ -48,7 +48,7 @@ def test_our_kernel_multiplies_like_pytorchs(kernel_cache, in_features, out_feat
     assert (ours != theirs).float().mean() < 0.05
     # Each row on its own gives the same numbers as within the batch, wherever it sits.
     for row in range(rows):
-        alone = kernel(x[row : row + 1], layer.weight_int8, layer.scales)
+        alone = kernel(x[row : row + 1], layer.weight_int8, layer.scales, layer.out_features)
         assert torch.equal(alone.float(), ours[row : row + 1])
 
 
@@ -59,7 +59,7 @@ def test_our_kernel_is_as_exact_as_a_bf16_result_allows(kernel_cache, rows):
     writes as 16-bit integers times a power of two."""
     layer, weight = layer_with_known_weights(576, 1536, seed=rows)
     x = kernel_checks.activations_spanning_2_to_the_20(rows, 576)
-    ours = load_int8_kernel(kernel_cache)(x, layer.weight_int8, layer.scales)
+    ours = load_int8_kernel(kernel_cache)(x, layer.weight_int8, layer.scales, layer.out_features)
     kernel_checks.assert_within_bf16_of_exact(ours, x, weight)
 
 
@@ -67,7 +67,7 @@ def test_our_kernel_is_as_exact_as_a_bf16_result_allows(kernel_cache, rows):
 def test_our_kernel_keeps_zeros_nans_infs_and_extreme_magnitudes(kernel_cache):
     layer, weight = layer_with_known_weights(576, 64, seed=0)
     x = kernel_checks.special_rows(576)
-    ours = load_int8_kernel(kernel_cache)(x, layer.weight_int8, layer.scales)
+    ours = load_int8_kernel(kernel_cache)(x, layer.weight_int8, layer.scales, layer.out_features)
     kernel_checks.assert_special_rows_kept(ours, pytorch_product(layer, x), x.double() @ weight.T)
 
 
