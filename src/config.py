@@ -81,9 +81,10 @@ class Settings(BaseSettings):
     # and a compiler allows, else PyTorch's; "pytorch" always uses PyTorch's. Same numbers up
     # to rounding below bf16's.
     int8_kernel: Literal["auto", "pytorch"] = "auto"
-    # NORM_KERNEL: "auto" computes the RMSNorms of a bf16 model in one C call each when
-    # decoding (src/models/norm_kernel.py; any CPU, a compiler once), "pytorch" in PyTorch's
-    # operations. The same steps in the same precision.
+    # NORM_KERNEL: "auto" computes the RMSNorms of a bf16 model in C when decoding, one call
+    # each or inside the call of our int4/int8 product after it (src/models/norm_kernel.py;
+    # any CPU, a compiler once), "pytorch" in PyTorch's operations. The same steps in the
+    # same precision.
     norm_kernel: Literal["auto", "pytorch"] = "auto"
     # ROPE_KERNEL: "auto" rotates q and k and writes the KV cache of a bf16 decoding step in
     # one C call per layer (src/models/rope_kernel.py; any CPU, a compiler once), "pytorch" in
