@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -77,6 +78,25 @@ def load_function(cache_dir: Path, kernel: CSource, name: str) -> tuple[object |
         return None, f"the build failed: {exc.stderr.strip()[-500:]}"
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
         return None, f"the build failed: {exc}"
+
+
+def load_typed_function(
+    cache_dir: Path,
+    kernel: CSource,
+    name: str,
+    argtypes: list[Any],
+    restype: Any,
+    logger: logging.Logger,
+    fallback: str,
+) -> Any | None:
+    """``load_function`` with the C function's ctypes signature set; None where it cannot be
+    built, logged as "``fallback`` (ours cannot run: why)"."""
+    function, reason = load_function(Path(cache_dir), kernel, name)
+    if function is None:
+        logger.info("%s (ours cannot run: %s)", fallback, reason)
+        return None
+    function.argtypes, function.restype = argtypes, restype
+    return function
 
 
 class Bf16Matmul:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from src.models.native import KERNELS_DIR, CSource, load_function
+from src.models.native import KERNELS_DIR, CSource, load_typed_function
 from src.models.quantize import QuantizedLinear
 
 logger = logging.getLogger(__name__)
@@ -41,13 +41,11 @@ NormThenMatmul = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 def load_norm_kernel(cache_dir: Path) -> NormKernel | None:
     """The C RMSNorm as ``(x, weight, eps) -> normalised x``, or None (logged) where it
     cannot be built. Built at most once per process and cache folder."""
-    function, reason = load_function(Path(cache_dir), RMS_NORM_SOURCE, "rms_norm_bf16")
+    signature = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+    function = load_typed_function(cache_dir, RMS_NORM_SOURCE, "rms_norm_bf16", signature, None,
+                                   logger, "NORM_KERNEL: PyTorch computes RMSNorm")  # fmt: skip
     if function is None:
-        logger.info("NORM_KERNEL: PyTorch computes RMSNorm (ours cannot run: %s)", reason)
         return None
-    function.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float,
-                                                                         ctypes.c_int]  # fmt: skip
-    function.restype = None
 
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """weight * bf16(x / sqrt(mean(x^2) + eps)) over the last dimension of bf16 ``x``."""
@@ -65,13 +63,13 @@ def load_norm_kernel(cache_dir: Path) -> NormKernel | None:
 def load_norm_then_matmul(cache_dir: Path) -> NormThenMatmul | None:
     """The C function as ``norm_then_matmul`` below, or None (logged) where it cannot be
     built. Built at most once per process and cache folder."""
-    function, reason = load_function(Path(cache_dir), NORM_THEN_MATMUL_SOURCE, "norm_then_matmul")
-    if function is None:
-        logger.info("NORM_KERNEL: norms in calls of their own (ours cannot run: %s)", reason)
-        return None
-    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 3 + [
+    signature = [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 3 + [
         ctypes.c_int64] * 3 + [ctypes.c_int]  # fmt: skip
-    function.restype = ctypes.c_int
+    function = load_typed_function(cache_dir, NORM_THEN_MATMUL_SOURCE, "norm_then_matmul",
+                                   signature, ctypes.c_int, logger,
+                                   "NORM_KERNEL: norms in calls of their own")  # fmt: skip
+    if function is None:
+        return None
 
     def norm_then_matmul(
         norm: nn.Module, layer: nn.Module, x: torch.Tensor, delta: torch.Tensor | None = None

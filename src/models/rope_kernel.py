@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.models.native import KERNELS_DIR, CSource, load_function
+from src.models.native import KERNELS_DIR, CSource, load_typed_function
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +37,11 @@ RopeKernel = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 def load_rope_kernel(cache_dir: Path) -> RopeKernel | None:
     """The C function as ``rotate_into_cache`` below, or None (logged) where it cannot be
     built. Built at most once per process and cache folder."""
-    function, reason = load_function(Path(cache_dir), ROPE_CACHE_SOURCE, "rotate_into_cache")
+    function = load_typed_function(cache_dir, ROPE_CACHE_SOURCE, "rotate_into_cache",
+                                   [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7, None, logger,
+                                   "ROPE_KERNEL: PyTorch rotates q and k")  # fmt: skip
     if function is None:
-        logger.info("ROPE_KERNEL: PyTorch rotates q and k (ours cannot run: %s)", reason)
         return None
-    function.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7
-    function.restype = None
 
     def rotate_into_cache(
         qkv: torch.Tensor,
