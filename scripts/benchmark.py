@@ -282,14 +282,21 @@ def api_single_streams(url: str, new_tokens: int, repetitions: int) -> list[dict
     import torch
 
     from src.benchmarks import llama_cpp
-    from src.benchmarks.api_stream import measure_api_streams
+    from src.benchmarks.api_stream import (
+        LLAMA_CPP_GREEDY,
+        OUR_GREEDY,
+        ApiServer,
+        ServerFailed,
+        measure_api_streams,
+    )
     from src.benchmarks.decode import dialog_text
     from src.models.bundled import bundled_gguf_path
 
     # About LONG_PROMPT_TOKENS in all, with the system message and the chat format's tokens.
     long_text = dialog_text(bundled_prompts()[1], LONG_PROMPT_TOKENS - 40)
+    ours = ApiServer(OUR_SERVER, url, OUR_GREEDY)
 
-    def measure(servers: dict[str, str]) -> list[dict]:
+    def measure(servers: list[ApiServer]) -> list[dict]:
         return measure_api_streams(
             servers, long_text, new_tokens, repetitions, progress=partial(print, flush=True)
         )
@@ -297,13 +304,15 @@ def api_single_streams(url: str, new_tokens: int, repetitions: int) -> list[dict
     if not llama_cpp.server_available():
         print("  serving: no llama.cpp server row (needs llama-cpp-python[server]: "
               "make setup-llamacpp)", flush=True)  # fmt: skip
-        return measure({OUR_SERVER: url})
+        return measure([ours])
     try:
         with llama_cpp.served(bundled_gguf_path(), torch.get_num_threads()) as llama_url:
-            return measure({OUR_SERVER: url, LLAMA_CPP_SERVER: llama_url})
-    except llama_cpp.RowFailed as failure:
+            return measure([ours, ApiServer(LLAMA_CPP_SERVER, llama_url, LLAMA_CPP_GREEDY)])
+    except (llama_cpp.RowFailed, ServerFailed) as failure:
+        if isinstance(failure, ServerFailed) and failure.name != LLAMA_CPP_SERVER:
+            raise  # ours failed: that is a bug to see, not a row to skip
         print(f"  serving: the llama.cpp server row failed: {failure}", flush=True)
-        return [*measure({OUR_SERVER: url}), {"name": LLAMA_CPP_SERVER, "failed": str(failure)}]
+        return [*measure([ours]), {"name": LLAMA_CPP_SERVER, "failed": str(failure)}]
 
 
 @contextmanager

@@ -98,17 +98,23 @@ def served(gguf: Path, threads: int, context: int = 2048, timeout: float = 180) 
                 wait_until_ready(url, process, timeout, path="/v1/models")
             except RuntimeError as exc:
                 process.poll()
-                raise RowFailed(exit_reason(process.returncode, log.read_text())) from exc
+                raise RowFailed(exit_reason(process.returncode, read_log(log))) from exc
             try:
                 yield url
             except Exception as exc:  # a crash mid-stream: say how the server ended
                 with suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=5)  # its connections close before it is reaped
                 if process.returncode is not None:
-                    raise RowFailed(exit_reason(process.returncode, log.read_text())) from exc
+                    raise RowFailed(exit_reason(process.returncode, read_log(log))) from exc
                 raise
+            if process.poll() is not None:  # ended during the last request, which still ended
+                raise RowFailed(exit_reason(process.returncode, read_log(log)))
         finally:
             stop(process)
+
+
+def read_log(log: Path) -> str:
+    return log.read_text(errors="replace")
 
 
 def exit_reason(returncode: int | None, output: str) -> str:

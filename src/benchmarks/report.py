@@ -225,6 +225,8 @@ def api_stream_markdown(rows: list[dict[str, Any]], rounds: int) -> list[str]:
     """One stream at a time through the OpenAI API, our server and llama.cpp's; speed ratios
     against llama.cpp's when its row is there."""
     llama = next((r for r in rows if "llama.cpp" in r["name"] and "failed" not in r), None)
+    if llama is not None and llama["tokens_per_second"] <= 0:
+        llama = None  # nothing to compare with (a reply of one token)
     prompt = next((r["long_prompt_tokens"] for r in rows if r.get("long_prompt_tokens")), "-")
 
     def cells(row: dict[str, Any]) -> list[str]:

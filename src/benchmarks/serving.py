@@ -76,7 +76,7 @@ async def post_sse(url: str, path: str, body: dict):
             raise RuntimeError(f"POST {path}: {status.strip()} {await reader.read(300)!r}")
         sse = SSEReader()
         pending = b""
-        while size := int((await reader.readline()).strip() or b"0", 16):
+        while size := int(await chunk_size_line(reader), 16):
             pending += (await reader.readexactly(size + 2))[:-2]
             *lines, pending = pending.split(b"\n")  # the last piece may be an unfinished line
             for line in lines:  # (server-sent events may end their lines with \r\n)
@@ -84,6 +84,15 @@ async def post_sse(url: str, path: str, body: dict):
                     yield event
     finally:
         writer.close()
+
+
+async def chunk_size_line(reader: asyncio.StreamReader) -> bytes:
+    """The size line of the next chunk of a chunked body; a server that closes the connection
+    before the last (empty) chunk has ended the stream early."""
+    line = await reader.readline()
+    if not line:
+        raise ConnectionError("the server closed the connection mid-stream")
+    return line.strip() or b"0"
 
 
 def measure_concurrency(

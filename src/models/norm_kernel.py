@@ -75,7 +75,7 @@ def load_norm_then_matmul(cache_dir: Path) -> NormThenMatmul | None:
         norm: nn.Module, layer: nn.Module, x: torch.Tensor, delta: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``layer(norm(x + delta))`` and ``x + delta`` (``x`` itself without ``delta``) in
-        one C call, for bf16 ``x`` where ``fusable(norm, layer)``."""
+        one C call, for ``x`` the norm's kernel takes and a ``fusable`` layer."""
         kernel, weights, scales = layer.kernel_operands()
         x = x.contiguous()
         if delta is None:
@@ -96,14 +96,10 @@ def load_norm_then_matmul(cache_dir: Path) -> NormThenMatmul | None:
     return norm_then_matmul
 
 
-def fusable(norm: nn.Module, layer: nn.Module) -> bool:
-    """Whether ``norm`` runs in C and ``layer`` multiplies through one of our C kernels, so
-    that the two can be one call: a LoRA-wrapped or PyTorch-kernel layer cannot."""
-    return (
-        getattr(norm, "kernel", None) is not None
-        and isinstance(layer, QuantizedLinear)
-        and layer.kernel_operands() is not None
-    )
+def fusable(layer: nn.Module) -> bool:
+    """Whether ``layer`` multiplies through one of our C kernels alone (no bias), so that the
+    norm before it can run in the same call: a LoRA-wrapped or PyTorch-kernel layer cannot."""
+    return isinstance(layer, QuantizedLinear) and layer.kernel_operands() is not None
 
 
 def use_norm_kernel(model: nn.Module, setting: str, cache_dir: Path) -> bool:

@@ -126,12 +126,15 @@ class Int8Linear(QuantizedLinear):
     kernel: Int8Kernel | None = None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and self.scales.dtype == torch.bfloat16:
+        if self.uses_our_kernel():
             return self.kernel(x, self.weight_int8, self.scales, self.out_features)
         return torch.ops.aten._weight_int8pack_mm(x, self.weight_int8, self.scales)
 
+    def uses_our_kernel(self) -> bool:
+        return self.kernel is not None and self.scales.dtype == torch.bfloat16
+
     def kernel_operands(self) -> tuple[Int8Kernel, torch.Tensor, torch.Tensor] | None:
-        if self.kernel is None or self.scales.dtype != torch.bfloat16 or self.bias is not None:
+        if not self.uses_our_kernel() or self.bias is not None:
             return None
         return self.kernel, self.weight_int8, self.scales
 
@@ -166,6 +169,11 @@ class Int8DynamicLinear(Int8Linear):
     Used for the output layer only: quantising the inputs of the other layers this way costs
     SmolLM2 5% perplexity (their activations have outlier channels that one scale per row
     flattens)."""
+
+    def kernel_operands(self) -> None:
+        # Its product depends on the number of rows (int8 activations from a few on): only
+        # its own matmul may decide, so no other call takes its kernel.
+        return None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         few_rows = x.shape[0] < INT8_ACTIVATION_MIN_ROWS or in_single_steps()

@@ -322,13 +322,18 @@ class RMSNorm(nn.Module):
     kernel: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+        if self.uses_kernel(x):
             return self.kernel(x, self.weight, self.eps)
         # x / sqrt(mean(x^2) + eps), computed in fp32 whatever the input dtype, as in Llama.
         # PyTorch's fused rms_norm gives the same numbers as writing it out in five operations,
         # in one: this runs twice per layer for every token.
         normalised = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return norm_weighted(normalised, self.weight, self.style, x.dtype)
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether the C kernel normalises ``x``: bf16, and no gradients (training needs
+        PyTorch's backward pass)."""
+        return self.kernel is not None and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
 
 
 def norm_weighted(
@@ -801,16 +806,17 @@ class Block(nn.Module):
         return x + transformed, weights
 
     def fuses(self, x: torch.Tensor) -> bool:
-        """Whether this call goes through ``norm_then_matmul``: a bf16 step without gradients,
-        no sandwich norms, and both norms and both products (qkv, gate-up) ours."""
+        """Whether this call goes through ``norm_then_matmul``: no sandwich norms, both norms
+        in C for ``x`` (bf16, no gradients) and both products (qkv, gate-up) ours."""
         return (
             self.norm_then_matmul is not None
-            and x.dtype == torch.bfloat16
             and not self.sandwich
-            and not torch.is_grad_enabled()
+            and isinstance(self.norm1, RMSNorm)
+            and self.norm1.uses_kernel(x)
+            and self.norm2.uses_kernel(x)
             and hasattr(self.mlp, "gate_up")
-            and fusable(self.norm1, self.attention.qkv)
-            and fusable(self.norm2, self.mlp.gate_up)
+            and fusable(self.attention.qkv)
+            and fusable(self.mlp.gate_up)
         )
 
 

@@ -10,7 +10,12 @@ import textwrap
 import pytest
 
 from src.benchmarks import llama_cpp
-from src.benchmarks.api_stream import measure_api_streams
+from src.benchmarks.api_stream import (
+    LLAMA_CPP_GREEDY,
+    ApiServer,
+    ServerFailed,
+    measure_api_streams,
+)
 from src.benchmarks.report import markdown
 
 STAND_IN = """
@@ -37,15 +42,26 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if {crash!r} == "decode" and request["max_tokens"] > 4:
+        timed = request["max_tokens"] > 4  # not the warm-up
+        if {crash!r} == "decode" and timed:
             os.kill(os.getpid(), signal.SIGSEGV)
+        greedy = request["temperature"] == 0 and request.get("repeat_penalty") == 1.0
+        if ({crash!r} == "error" and timed) or not greedy:
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         words = [{{"delta": {{"role": "assistant"}}}}]
         words += [{{"delta": {{"content": f" w{{i}}"}}}} for i in range(request["max_tokens"])]
-        for data in [*(json.dumps({{"choices": [word]}}) for word in words), "[DONE]"]:
+        events = [*(json.dumps({{"choices": [word]}}) for word in words), "[DONE]"]
+        for index, data in enumerate(events):
+            if {crash!r} == "midway" and timed and index == 3:  # after two words
+                self.wfile.flush()
+                os.kill(os.getpid(), signal.SIGSEGV)
             event = f"data: {{data}}\\r\\n\\r\\n".encode()
             self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(event), event))
         self.wfile.write(b"0\\r\\n\\r\\n")
@@ -72,7 +88,7 @@ def test_the_server_is_started_on_the_file_with_our_threads_and_measured_like_ou
 ):
     stand_in(tmp_path, monkeypatch)
     with llama_cpp.served(tmp_path / "m.gguf", threads=2) as url:
-        (row,) = measure_api_streams({"llama.cpp": url}, "a long text", 6, 2, progress=str)
+        (row,) = measure_api_streams(llama(url), "a long text", 6, 2, progress=str)
     assert row["name"] == "llama.cpp" and row["tokens"] == 6  # no usage: one chunk per token
     assert row["text"] == " w0 w1 w2 w3 w4 w5" and row["long_prompt_tokens"] is None
     assert row["tokens_per_second"] > 0 and row["first_token_seconds"] > 0
@@ -89,12 +105,16 @@ def test_the_server_gets_the_file_and_the_thread_count(tmp_path, monkeypatch):
         assert served_model(url) == f"{tmp_path / 'm.gguf'} threads=3"
 
 
-@pytest.mark.parametrize("when", ["start", "decode"])
+def llama(url: str) -> list[ApiServer]:
+    return [ApiServer("llama.cpp", url, LLAMA_CPP_GREEDY)]
+
+
+@pytest.mark.parametrize("when", ["start", "decode", "midway"])
 def test_a_crash_fails_the_row_by_name(tmp_path, monkeypatch, when):
     stand_in(tmp_path, monkeypatch, crash=when)
     crashed = pytest.raises(llama_cpp.RowFailed, match=r"crashed \(SIGSEGV\)")
     with crashed as failure, llama_cpp.served(tmp_path / "m.gguf", threads=2) as url:
-        measure_api_streams({"llama.cpp": url}, "text", 8, 1, progress=str)
+        measure_api_streams(llama(url), "text", 8, 1, progress=str)
     ours = {"name": "ours", "tokens_per_second": 20.0, "first_token_seconds": 0.1,
             "long_prompt_first_token_seconds": 2.0, "long_prompt_tokens": 500,
             "tokens": 8}  # fmt: skip
@@ -103,6 +123,18 @@ def test_a_crash_fails_the_row_by_name(tmp_path, monkeypatch, when):
     assert "| llama.cpp | failed: llama.cpp crashed (SIGSEGV) | - | - | - | - |" in table
     assert "| ours | 20.0 | - | 0.100 | 2.000 | 8 |" in table  # no llama.cpp speed to compare
     assert "first token, 500-token prompt (s)" in table
+
+
+def test_an_error_answer_names_the_server_that_gave_it(tmp_path, monkeypatch):
+    """A server that answers 500 (alive, so not a crash) fails as that server's request."""
+    stand_in(tmp_path, monkeypatch, crash="error")
+    with llama_cpp.served(tmp_path / "m.gguf", threads=2) as url:
+        with pytest.raises(ServerFailed, match="500") as failure:
+            measure_api_streams(llama(url), "text", 8, 1, progress=str)
+        assert failure.value.name == "llama.cpp"
+        # Without its greedy fields (temperature 0, no repetition penalty) it refuses too.
+        with pytest.raises(ServerFailed):
+            measure_api_streams([ApiServer("x", url, {})], "text", 8, 1, progress=str)
 
 
 def serving_with(api_rows: list[dict]) -> dict:
